@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Breaks each protocol on purpose and checks that a loom model catches it.
+
+For every mutant below: copy the crate to a scratch directory, apply one
+textual edit to the protocol, run the named loom test, and require it to FAIL.
+A mutant that survives (its test passes) means a loom model we still owe, and
+this script exits non-zero. An edit whose text is no longer found also fails,
+so the list cannot silently go stale when the code changes.
+
+Usage: python3 scripts/loom-mutants.py [NAME_SUBSTRING]
+Shares ./target with the normal build, so only toctou itself recompiles.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, file, old text, new text, loom test target, test name filter)
+MUTANTS = [
+    (
+        "seed bug: check-then-act instead of the EMPTY->RUNNING compare-exchange",
+        "src/once.rs",
+        """        match self
+            .state
+            .compare_exchange(EMPTY, RUNNING, Ordering::Acquire, Ordering::Acquire)
+        {""",
+        """        let seen = self.state.load(Ordering::Acquire);
+        let claimed = if seen == EMPTY {
+            self.state.store(RUNNING, Ordering::Relaxed);
+            Ok(seen)
+        } else {
+            Err(seen)
+        };
+        match claimed {""",
+        "loom_singleton",
+        "two_threads_race_get_or_init",
+    ),
+    (
+        "fast path load weakened from Acquire to Relaxed",
+        "src/once.rs",
+        "self.state.load(Ordering::Acquire) == READY",
+        "self.state.load(Ordering::Relaxed) == READY",
+        "loom_singleton",
+        "two_threads_race_get_or_init",
+    ),
+    (
+        "finish() forgets to wake parked waiters",
+        "src/once.rs",
+        "            self.waiters.notify_all();\n",
+        "",
+        "loom_singleton",
+        "waiter_parks_and_is_woken",
+    ),
+    (
+        "waiter parks without re-checking the state under the queue lock",
+        "src/once.rs",
+        "            if state & STATE_MASK != RUNNING {\n                return false;\n            }\n",
+        "",
+        "loom_singleton",
+        "waiter_parks_and_is_woken",
+    ),
+    (
+        "wait queue evaluates should_park before taking the lock",
+        "src/wait.rs",
+        """        let id = {
+            let mut list = self.list.lock();
+            if !should_park() {
+                return;
+            }""",
+        """        let park = should_park();
+        let id = {
+            let mut list = self.list.lock();
+            if !park {
+                return;
+            }""",
+        "loom_singleton",
+        "waiter_parks_and_is_woken",
+    ),
+    (
+        "failed init does not give the claim back (stays RUNNING)",
+        "src/once.rs",
+        "        self.once.finish(EMPTY);\n",
+        "",
+        "loom_singleton",
+        "failing_init_then_successful_init",
+    ),
+    (
+        "cancelled async init does not give the claim back",
+        "src/once.rs",
+        "        self.once.finish(EMPTY);\n",
+        "",
+        "loom_singleton",
+        "async_init_dropped_mid_init_async_takes_over",
+    ),
+    (
+        "async waiter is not re-registered with a waker (lost wake-up)",
+        "src/wait.rs",
+        "                this.id = Some(list.push(Unpark::Task(cx.waker().clone())));\n",
+        "                this.id = Some(list.push(Unpark::Thread(sync::current())));\n",
+        "loom_singleton",
+        "sync_and_async_callers_race",
+    ),
+]
+
+
+def run_mutant(scratch, target_dir, mutant):
+    name, path, old, new, test, filt = mutant
+    if os.path.exists(scratch):
+        shutil.rmtree(scratch)
+    os.makedirs(scratch)
+    for entry in ("Cargo.toml", "Cargo.lock", "README.md", "src", "loom-tests", "benches",
+                  "tests", "examples"):
+        src = os.path.join(ROOT, entry)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(scratch, entry))
+        elif os.path.exists(src):
+            shutil.copy(src, os.path.join(scratch, entry))
+    file = os.path.join(scratch, path)
+    text = open(file).read()
+    if text.count(old) != 1:
+        print(f"STALE    {name}: the text to break is not found exactly once in {path}")
+        return False
+    open(file, "w").write(text.replace(old, new))
+    env = dict(os.environ, RUSTFLAGS="--cfg toctou_loom", CARGO_TARGET_DIR=target_dir)
+    cmd = ["cargo", "test", "--release", "--test", test, "--", "--exact", filt]
+    proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    if "error[E" in out or "could not compile" in out:
+        print(f"BROKEN   {name}: the mutant does not compile\n{out[-3000:]}")
+        return False
+    if proc.returncode == 0:
+        print(f"SURVIVED {name}: {test}::{filt} passed on broken code")
+        return False
+    lines = out.splitlines()
+    at = next((i for i, line in enumerate(lines) if "panicked at" in line), None)
+    reason = lines[at + 1].strip() if at is not None and at + 1 < len(lines) else "test failed"
+
+    print(f"caught   {name}\n         by {test}::{filt}: {reason[:160]}")
+    return True
+
+
+def main():
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    target_dir = os.path.join(ROOT, "target")
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for mutant in MUTANTS:
+            if only in mutant[0]:
+                ok &= run_mutant(os.path.join(tmp, "crate"), target_dir, mutant)
+    print("all mutants caught" if ok else "some mutants were NOT caught")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

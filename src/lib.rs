@@ -1,0 +1,121 @@
+//! Concurrency primitives that make check-then-act races impossible by
+//! construction.
+//!
+//! A time-of-check to time-of-use (TOCTOU) race is two steps that must be one:
+//! `if instance is None: instance = build()`, `if key not in locks: locks[key]
+//! = Lock()`, "is the server running? no? start it". Two threads pass the check
+//! before either acts, and the service ends up with four orchestrators, two
+//! model servers on one port, or duplicate sequence numbers. Each `toctou`
+//! primitive makes the check and the act one atomic step, and the loom suite in
+//! the repository checks every interleaving of that step.
+//!
+//! # Primitives
+//!
+//! | you wrote | use |
+//! |---|---|
+//! | `if INSTANCE is None: INSTANCE = Build()` (a global singleton) | [`Singleton<T>`] |
+//! | a global built from a function on first use | [`Lazy<T, F>`] |
+//!
+//! # Quick start
+//!
+//! ```
+//! use toctou::{Lazy, Singleton};
+//!
+//! struct Orchestrator;
+//!
+//! static ORCHESTRATOR: Singleton<Orchestrator> = Singleton::new();
+//! static DEFAULT_PORT: Lazy<u16> = Lazy::new(|| 10507);
+//!
+//! let a = ORCHESTRATOR.get_or_init(|| Orchestrator);
+//! let b = ORCHESTRATOR.get_or_init(|| unreachable!("built once"));
+//! assert!(std::ptr::eq(a, b));
+//! assert_eq!(*DEFAULT_PORT, 10507);
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **No poisoning.** A panicking initialiser leaves the cell empty and
+//!   retryable; the panic reaches the caller that ran it.
+//! - **Errors are not cached.** A failed fallible initialiser leaves the cell
+//!   empty; one waiting caller runs its own.
+//! - **Cancellation-safe async.** Dropping an initialising future hands the
+//!   work to one waiter; dropping a waiting future leaves nothing behind.
+//!   The async API is runtime-agnostic: the crate depends on no runtime.
+//! - **Reentrancy panics, never deadlocks.** An initialiser that calls back
+//!   into its own cell on the same thread gets a panic naming the type and the
+//!   place the cell was declared.
+//! - **Fast path is one load.** Reading an initialised cell is one `Acquire`
+//!   load and a branch, like `std::sync::OnceLock`.
+//!
+//! # Model checking your own code: `--cfg toctou_loom`
+//!
+//! Every atomic, lock and park inside `toctou` comes from one internal sync
+//! layer. Build with `RUSTFLAGS="--cfg toctou_loom"` and that layer maps to
+//! [loom](https://docs.rs/loom), so a loom model of **your** code explores
+//! the interleavings of **our** real protocol too. The cfg is namespaced: a
+//! `--cfg loom` elsewhere in your tree does not switch `toctou`.
+//!
+//! Under `toctou_loom`, constructors are not `const` (loom's primitives are
+//! not), so create cells inside the model rather than in a `static`. Add loom
+//! to your crate for that cfg:
+//!
+//! ```toml
+//! [target.'cfg(toctou_loom)'.dev-dependencies]
+//! loom = "0.7"
+//! ```
+//!
+//! and write the model so that it also runs as a plain test:
+//!
+//! ```
+//! #[cfg(toctou_loom)]
+//! use loom::{model, sync::Arc, thread};
+//! #[cfg(not(toctou_loom))]
+//! use std::{sync::Arc, thread};
+//! #[cfg(not(toctou_loom))]
+//! fn model(f: impl Fn()) {
+//!     f()
+//! }
+//!
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use toctou::Singleton;
+//!
+//! // Your code: a registry that must be built once.
+//! fn registry(cell: &Singleton<Vec<&'static str>>, builds: &AtomicUsize) -> usize {
+//!     cell.get_or_init(|| {
+//!         builds.fetch_add(1, Ordering::Relaxed);
+//!         vec!["openai", "anthropic"]
+//!     })
+//!     .len()
+//! }
+//!
+//! model(|| {
+//!     let cell = Arc::new(Singleton::new());
+//!     let builds = Arc::new(AtomicUsize::new(0));
+//!     let other = {
+//!         let (cell, builds) = (cell.clone(), builds.clone());
+//!         thread::spawn(move || registry(&cell, &builds))
+//!     };
+//!     assert_eq!(registry(&cell, &builds), 2);
+//!     assert_eq!(other.join().unwrap(), 2);
+//!     assert_eq!(builds.load(Ordering::Relaxed), 1, "built exactly once");
+//! });
+//! ```
+//!
+//! Run it with `RUSTFLAGS="--cfg toctou_loom" cargo test --release`. The
+//! repository's `loom-tests/downstream.rs` is this model, run by our CI.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod once;
+mod reentry;
+mod singleton;
+mod sync;
+mod wait;
+
+pub use singleton::{Lazy, Singleton};
+
+/// The README's examples, compiled and run as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

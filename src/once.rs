@@ -1,0 +1,184 @@
+//! The once-initialisation protocol, without the value: a state word plus the
+//! shared [`WaitQueue`].
+//!
+//! [`Singleton`](crate::Singleton) is a thin shell around [`Once`] that adds the
+//! value slot; keyed primitives can hold one `Once` per key.
+//!
+//! # States
+//!
+//! ```text
+//!            try_begin (CAS)             InitGuard::complete
+//!   EMPTY ─────────────────────▶ RUNNING ──────────────────────▶ READY
+//!     ▲                             │
+//!     └─────────────────────────────┘
+//!        InitGuard dropped (error, panic, cancelled future)
+//! ```
+//!
+//! `WAITERS` is a flag bit beside the state: set (under the queue lock) by a
+//! caller that is about to park on a `RUNNING` cell, and cleared by whichever
+//! transition leaves `RUNNING`, which then wakes everybody. Wake-all is what
+//! makes takeover simple and cancellation-safe: every waiter re-runs the
+//! `EMPTY → RUNNING` CAS, exactly one wins and runs its own initialiser, the
+//! rest wait again. No "you are next" token can be lost with a cancelled waiter.
+//!
+//! The `EMPTY → RUNNING` compare-exchange is the check-and-claim in one atomic
+//! step. It is what replaces the seeds' `if instance is None: instance = ...`.
+
+use std::future::Future;
+
+use crate::sync::{AtomicUsize, Ordering, loom_const_fn};
+use crate::wait::WaitQueue;
+
+const EMPTY: usize = 0;
+const RUNNING: usize = 1;
+const READY: usize = 2;
+const STATE_MASK: usize = 0b11;
+const WAITERS: usize = 0b100;
+
+/// What [`Once::try_begin`] found.
+pub(crate) enum Begin<'a> {
+    /// The value is published; reading it is safe.
+    Ready,
+    /// The caller won the claim and must initialise, then call
+    /// [`InitGuard::complete`]. Dropping the guard gives the claim back.
+    Owner(InitGuard<'a>),
+    /// Another initialiser is running.
+    Running,
+}
+
+/// The once protocol's state word and wait queue.
+pub(crate) struct Once {
+    state: AtomicUsize,
+    waiters: WaitQueue,
+}
+
+impl Once {
+    loom_const_fn! {
+        pub(crate) fn new() -> Self {
+            Self {
+                state: AtomicUsize::new(EMPTY),
+                waiters: WaitQueue::new(),
+            }
+        }
+    }
+
+    /// Whether the value is published. The fast path: one load and a compare.
+    #[inline(always)]
+    pub(crate) fn is_ready(&self) -> bool {
+        // Acquire: pairs with the Release swap in `InitGuard::complete`, so a
+        // caller that sees READY also sees the value written before it.
+        self.state.load(Ordering::Acquire) == READY
+    }
+
+    /// Whether an initialiser is running right now (for `Debug`; racy by nature).
+    pub(crate) fn is_running(&self) -> bool {
+        // Relaxed: an informational snapshot that publishes nothing.
+        self.state.load(Ordering::Relaxed) & STATE_MASK == RUNNING
+    }
+
+    /// Tries to claim the right to initialise: the atomic check-and-claim.
+    pub(crate) fn try_begin(&self) -> Begin<'_> {
+        // Success ordering Acquire: pairs with the Release swap in
+        // `InitGuard::drop` of a previous, failed attempt, so the new
+        // initialiser sees everything the failed one did before giving up.
+        // Failure ordering Acquire: a READY read must see the value (pairs with
+        // the Release swap in `complete`, as in `is_ready`).
+        match self
+            .state
+            .compare_exchange(EMPTY, RUNNING, Ordering::Acquire, Ordering::Acquire)
+        {
+            Ok(_) => Begin::Owner(InitGuard { once: self }),
+            Err(state) if state == READY => Begin::Ready,
+            Err(_) => Begin::Running,
+        }
+    }
+
+    /// Called under the wait-queue lock by a caller about to park: records
+    /// the waiter in the state word, or says not to park because the state
+    /// already left `RUNNING`.
+    fn park_if_running(&self) -> bool {
+        // Relaxed throughout: the queue mutex orders this against the
+        // notifier's lock-and-drain, and the caller re-reads the state with
+        // Acquire (in `try_begin`) after waking.
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            if state & STATE_MASK != RUNNING {
+                return false;
+            }
+            if state & WAITERS != 0 {
+                return true;
+            }
+            match self.state.compare_exchange_weak(
+                state,
+                state | WAITERS,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => state = actual,
+            }
+        }
+    }
+
+    /// Parks the current thread until the running initialiser finishes,
+    /// fails or is cancelled. Returns at once if none is running. Spurious
+    /// returns are possible; callers loop on [`try_begin`](Self::try_begin).
+    pub(crate) fn wait(&self) {
+        self.waiters.wait(|| self.park_if_running());
+    }
+
+    /// The async form of [`wait`](Self::wait); never blocks the executor.
+    pub(crate) fn wait_async(&self) -> impl Future<Output = ()> + '_ {
+        self.waiters.wait_async(|| self.park_if_running())
+    }
+
+    /// Leaves `RUNNING` for `to` and wakes the waiters if any parked.
+    fn finish(&self, to: usize) {
+        // Release: publishes the value (`to == READY`) or the failed attempt's
+        // effects (`to == EMPTY`) to the Acquire loads in `is_ready` and
+        // `try_begin`. The swap also reads the WAITERS bit atomically with the
+        // transition, so a waiter either set it before (we notify) or its
+        // `park_if_running` sees the new state (it does not park).
+        let prev = self.state.swap(to, Ordering::Release);
+        debug_assert_eq!(prev & STATE_MASK, RUNNING, "finish() outside RUNNING");
+        if prev & WAITERS != 0 {
+            self.waiters.notify_all();
+        }
+    }
+
+    /// Resets a published cell to `EMPTY` through exclusive access.
+    pub(crate) fn reset_mut(&mut self) {
+        // Relaxed: `&mut self` excludes every other access.
+        self.state.store(EMPTY, Ordering::Relaxed);
+    }
+
+    /// Whether the value is published, through exclusive access.
+    pub(crate) fn is_ready_mut(&mut self) -> bool {
+        // Relaxed: `&mut self` excludes every other access; any earlier
+        // publication happened-before the `&mut` borrow was obtained.
+        self.state.load(Ordering::Relaxed) == READY
+    }
+}
+
+/// Proof of a won claim. Completing publishes; dropping gives the claim back
+/// and wakes the waiters, one of which takes over.
+#[must_use = "dropping the guard abandons the initialisation"]
+pub(crate) struct InitGuard<'a> {
+    once: &'a Once,
+}
+
+impl InitGuard<'_> {
+    /// Publishes the value the owner wrote: `RUNNING → READY`.
+    pub(crate) fn complete(self) {
+        let once = self.once;
+        std::mem::forget(self);
+        once.finish(READY);
+    }
+}
+
+impl Drop for InitGuard<'_> {
+    fn drop(&mut self) {
+        // Error, panic or cancellation: `RUNNING → EMPTY`, so a waiter retries.
+        self.once.finish(EMPTY);
+    }
+}

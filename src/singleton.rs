@@ -1,0 +1,657 @@
+//! [`Singleton<T>`] and [`Lazy<T, F>`]: double-checked init cells, sync and async.
+//!
+//! The protocol lives in [`crate::once`]; this module adds the value slot, the
+//! public API and the reentrancy check.
+
+use std::any::type_name;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::ops::Deref;
+use std::panic::{Location, RefUnwindSafe, UnwindSafe};
+
+use crate::once::{Begin, Once};
+use crate::reentry;
+use crate::sync::{UnsafeCell, loom_const_fn};
+
+/// A thread-safe cell that is initialised at most once, on first use: the
+/// double-checked singleton done right.
+///
+/// Like [`std::sync::OnceLock`], with these differences:
+///
+/// - [`get_or_try_init`](Self::get_or_try_init) (fallible init) works on
+///   stable Rust.
+/// - [`get_or_init_async`](Self::get_or_init_async) and
+///   [`get_or_try_init_async`](Self::get_or_try_init_async) initialise from a
+///   future, on any runtime, and sync and async callers may race on the same
+///   cell.
+/// - Calling back into the same cell from inside its own initialiser, on the
+///   same thread, panics with a message naming the type and the place the cell
+///   was declared. `OnceLock` and `once_cell` deadlock instead.
+///
+/// # Semantics under concurrency
+///
+/// - **Exactly one successful init.** The initialiser runs on one thread at a
+///   time, and at most one run succeeds. Every caller gets a reference to that
+///   one value.
+/// - **Waiting parks.** Callers that find an init in progress park the thread
+///   (sync) or return `Pending` (async); nobody spins.
+/// - **Errors are not stored.** If the initialiser returns `Err`, that caller
+///   gets the error, the cell stays empty, and one waiting caller runs its own
+///   initialiser.
+/// - **Panics do not poison.** A panic in the initialiser propagates to its
+///   caller, the cell stays empty, and one waiting caller retries.
+/// - **Cancellation is safe.** If the future of an async initialiser is
+///   dropped, the cell stays empty and one waiting caller (sync or async)
+///   takes over.
+/// - **Reentrancy panics** instead of deadlocking (see above). The check costs
+///   nothing on the initialised fast path.
+///
+/// # Fast path
+///
+/// On an initialised cell, [`get`](Self::get) and the `get_or_*` methods do
+/// one `Acquire` load and a branch: no store, no lock, no read-modify-write.
+///
+/// # Example: the seed's orchestrator
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use toctou::Singleton;
+///
+/// struct Orchestrator {
+///     sessions: Mutex<HashMap<u64, String>>,
+/// }
+///
+/// static ORCHESTRATOR: Singleton<Orchestrator> = Singleton::new();
+///
+/// fn orchestrator() -> &'static Orchestrator {
+///     ORCHESTRATOR.get_or_init(|| Orchestrator { sessions: Mutex::new(HashMap::new()) })
+/// }
+///
+/// let handles: Vec<_> = (0..10)
+///     .map(|_| std::thread::spawn(|| orchestrator() as *const Orchestrator as usize))
+///     .collect();
+/// let addrs: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+/// assert!(addrs.windows(2).all(|w| w[0] == w[1]), "one instance for every thread");
+/// ```
+///
+/// # Model checking
+///
+/// Under `RUSTFLAGS="--cfg toctou_loom"`, `Singleton::new` is not `const`
+/// (loom's primitives are not), so build cells inside `loom::model` instead
+/// of in a `static`. See the crate docs.
+// `repr(C)` with the value first: a pointer to the cell is a pointer to the
+// value, so the fast path returns the cell's own address (no offset add on
+// the load-compare-return chain; measured in benches/singleton.rs).
+#[repr(C)]
+pub struct Singleton<T> {
+    value: UnsafeCell<MaybeUninit<T>>,
+    once: Once,
+    declared_at: &'static Location<'static>,
+    /// `MaybeUninit<T>` does not tell the drop checker that we own a `T`.
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: shared access hands out `&T` to many threads (so `T: Sync`), and the
+// value may be created on one thread and dropped or taken on another (so
+// `T: Send`). All other shared state is atomics and a mutex.
+unsafe impl<T: Send + Sync> Sync for Singleton<T> {}
+
+// No poisoning: a panicking initialiser leaves the cell empty, never broken.
+impl<T: RefUnwindSafe + UnwindSafe> RefUnwindSafe for Singleton<T> {}
+impl<T: UnwindSafe> UnwindSafe for Singleton<T> {}
+
+impl<T> Singleton<T> {
+    loom_const_fn! {
+        /// Creates an empty cell. `const`, so it works in a `static`.
+        ///
+        /// The caller's location is recorded (`#[track_caller]`) and named in
+        /// the reentrancy panic message.
+        ///
+        /// Under `--cfg toctou_loom` this is not a `const fn`.
+        ///
+        /// ```
+        /// static CONFIG: toctou::Singleton<String> = toctou::Singleton::new();
+        /// assert!(CONFIG.get().is_none());
+        /// ```
+        #[must_use]
+        #[track_caller]
+        pub fn new() -> Self {
+            Self::declared_at(Location::caller())
+        }
+    }
+
+    loom_const_fn! {
+        /// An empty cell whose reentrancy message names `declared_at`.
+        fn declared_at(declared_at: &'static Location<'static>) -> Self {
+            Self {
+                once: Once::new(),
+                value: UnsafeCell::new(MaybeUninit::uninit()),
+                declared_at,
+                _owns: PhantomData,
+            }
+        }
+    }
+
+    /// Returns the value if the cell is initialised. Never initialises, never
+    /// waits.
+    ///
+    /// ```
+    /// let cell = toctou::Singleton::new();
+    /// assert_eq!(cell.get(), None);
+    /// cell.get_or_init(|| 7);
+    /// assert_eq!(cell.get(), Some(&7));
+    /// ```
+    #[inline]
+    pub fn get(&self) -> Option<&T> {
+        if self.once.is_ready() {
+            // SAFETY: `is_ready` observed READY with Acquire.
+            Some(unsafe { self.get_unchecked() })
+        } else {
+            None
+        }
+    }
+
+    /// Whether the cell holds a value. Never waits.
+    ///
+    /// ```
+    /// let cell = toctou::Singleton::new();
+    /// assert!(!cell.is_initialized());
+    /// cell.set(1).unwrap();
+    /// assert!(cell.is_initialized());
+    /// ```
+    #[inline]
+    pub fn is_initialized(&self) -> bool {
+        self.once.is_ready()
+    }
+
+    /// Returns the value, initialising it with `f` if the cell is empty.
+    ///
+    /// If another thread is initialising, this parks until it finishes. If
+    /// that initialiser panics (or, for async ones, is cancelled), one of the
+    /// waiters runs its own `f`. `f` runs at most once successfully across all
+    /// threads.
+    ///
+    /// # Panics
+    ///
+    /// Propagates a panic of `f`; the cell stays empty and retryable. Panics if
+    /// called from inside this cell's own initialiser on the same thread
+    /// (reentrancy), which would otherwise deadlock.
+    ///
+    /// ```
+    /// let cell = toctou::Singleton::new();
+    /// assert_eq!(*cell.get_or_init(|| 92), 92);
+    /// assert_eq!(*cell.get_or_init(|| unreachable!()), 92);
+    /// ```
+    #[inline]
+    pub fn get_or_init(&self, f: impl FnOnce() -> T) -> &T {
+        match self.get_or_try_init(|| Ok::<T, Infallible>(f())) {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Returns the value, initialising it with the fallible `f` if the cell is
+    /// empty.
+    ///
+    /// On `Err`, the cell stays empty and the error goes to this caller only;
+    /// one waiting caller then runs its own `f`. This is
+    /// `OnceLock::get_or_try_init`, which is still unstable in std.
+    ///
+    /// # Panics
+    ///
+    /// As [`get_or_init`](Self::get_or_init).
+    ///
+    /// ```
+    /// let cell = toctou::Singleton::new();
+    /// assert_eq!(cell.get_or_try_init(|| "not yet".parse::<u32>()).ok(), None);
+    /// assert!(!cell.is_initialized(), "errors are not stored");
+    /// assert_eq!(cell.get_or_try_init(|| "42".parse::<u32>()), Ok(&42));
+    /// ```
+    #[inline]
+    pub fn get_or_try_init<E>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
+        if let Some(value) = self.get() {
+            return Ok(value);
+        }
+        self.init_slow(f)
+    }
+
+    #[cold]
+    fn init_slow<E>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
+        loop {
+            match self.once.try_begin() {
+                // SAFETY: `try_begin` observed READY with Acquire.
+                Begin::Ready => return Ok(unsafe { self.get_unchecked() }),
+                Begin::Owner(guard) => {
+                    let value = {
+                        let _mark = reentry::Mark::enter(self.addr());
+                        // On `Err` or unwind, `guard` drops: back to EMPTY.
+                        f()?
+                    };
+                    // SAFETY: we own the RUNNING claim.
+                    return Ok(unsafe { self.publish(guard, value) });
+                }
+                Begin::Running => {
+                    self.assert_not_reentrant();
+                    self.once.wait();
+                }
+            }
+        }
+    }
+
+    /// Returns the value, initialising it with the future returned by `f` if
+    /// the cell is empty.
+    ///
+    /// Runtime-agnostic: waiting for another initialiser returns `Pending` and
+    /// never blocks the executor thread. Sync callers of
+    /// [`get_or_init`](Self::get_or_init) on the same cell wait for this
+    /// initialiser and vice versa.
+    ///
+    /// # Cancellation
+    ///
+    /// If this future is dropped while its initialiser is running, the
+    /// initialiser is dropped too, the cell stays empty, and one waiting
+    /// caller (sync or async) takes over. Dropping a waiting future leaves
+    /// nothing behind.
+    ///
+    /// # Panics
+    ///
+    /// As [`get_or_init`](Self::get_or_init); reentrancy is detected while the
+    /// initialiser's future is being polled.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// static CLIENT: toctou::Singleton<String> = toctou::Singleton::new();
+    ///
+    /// async fn connect() -> String {
+    ///     "connected".to_owned()
+    /// }
+    ///
+    /// block_on(async {
+    ///     assert_eq!(CLIENT.get_or_init_async(connect).await, "connected");
+    /// });
+    /// ```
+    pub async fn get_or_init_async<F, Fut>(&self, f: F) -> &T
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let init = move || {
+            let fut = f();
+            async move { Ok::<T, Infallible>(fut.await) }
+        };
+        match self.get_or_try_init_async(init).await {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The fallible form of [`get_or_init_async`](Self::get_or_init_async).
+    ///
+    /// On `Err`, the cell stays empty, this caller gets the error, and one
+    /// waiting caller runs its own initialiser.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let cell = toctou::Singleton::new();
+    /// block_on(async {
+    ///     let failed = cell.get_or_try_init_async(|| async { Err("down") }).await;
+    ///     assert_eq!(failed, Err("down"));
+    ///     let ok = cell.get_or_try_init_async(|| async { Ok::<_, &str>(5) }).await;
+    ///     assert_eq!(ok, Ok(&5));
+    /// });
+    /// ```
+    pub async fn get_or_try_init_async<F, Fut, E>(&self, f: F) -> Result<&T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if let Some(value) = self.get() {
+            return Ok(value);
+        }
+        loop {
+            match self.once.try_begin() {
+                // SAFETY: `try_begin` observed READY with Acquire.
+                Begin::Ready => return Ok(unsafe { self.get_unchecked() }),
+                Begin::Owner(guard) => {
+                    let addr = self.addr();
+                    let fut = {
+                        let _mark = reentry::Mark::enter(addr);
+                        f()
+                    };
+                    let mut fut = std::pin::pin!(fut);
+                    // The reentrancy mark is held only while the initialiser
+                    // is polled, never across a suspension: other tasks on
+                    // this thread may wait for the cell in the meantime.
+                    let value = std::future::poll_fn(|cx| {
+                        let _mark = reentry::Mark::enter(addr);
+                        fut.as_mut().poll(cx)
+                    })
+                    // Cancelled here, or `Err` below: `guard` drops, back to EMPTY.
+                    .await?;
+                    // SAFETY: we own the RUNNING claim.
+                    return Ok(unsafe { self.publish(guard, value) });
+                }
+                Begin::Running => {
+                    self.assert_not_reentrant();
+                    self.once.wait_async().await;
+                }
+            }
+        }
+    }
+
+    /// Initialises the cell with `value` if it is empty.
+    ///
+    /// Returns `Err(value)` if the cell was already initialised. If another
+    /// initialiser is running, this waits for it (as `OnceLock::set` does) and
+    /// then returns `Err(value)` if it succeeded.
+    ///
+    /// ```
+    /// let cell = toctou::Singleton::new();
+    /// assert_eq!(cell.set(1), Ok(()));
+    /// assert_eq!(cell.set(2), Err(2));
+    /// ```
+    pub fn set(&self, value: T) -> Result<(), T> {
+        let mut value = Some(value);
+        self.get_or_init(|| {
+            value
+                .take()
+                .expect("the initialiser runs at most once per call")
+        });
+        match value {
+            None => Ok(()),
+            Some(value) => Err(value),
+        }
+    }
+
+    /// Mutable access to the value, if initialised. `&mut self` proves that no
+    /// other thread can observe the cell, so nothing is synchronised.
+    ///
+    /// ```
+    /// let mut cell = toctou::Singleton::new();
+    /// cell.set(String::from("a")).unwrap();
+    /// cell.get_mut().unwrap().push('b');
+    /// assert_eq!(cell.get().map(String::as_str), Some("ab"));
+    /// ```
+    pub fn get_mut(&mut self) -> Option<&mut T> {
+        if self.once.is_ready_mut() {
+            // SAFETY: READY means the slot was written and published, and
+            // `&mut self` excludes every other access.
+            Some(unsafe { self.value.get_mut().assume_init_mut() })
+        } else {
+            None
+        }
+    }
+
+    /// Takes the value out, leaving the cell empty and reusable.
+    ///
+    /// ```
+    /// let mut cell = toctou::Singleton::new();
+    /// cell.set(3).unwrap();
+    /// assert_eq!(cell.take(), Some(3));
+    /// assert_eq!(cell.get(), None);
+    /// ```
+    pub fn take(&mut self) -> Option<T> {
+        if self.once.is_ready_mut() {
+            self.once.reset_mut();
+            // SAFETY: the slot was initialised (READY), and the state is now
+            // EMPTY, so nothing will read or drop the old value again.
+            Some(unsafe { self.value.get_mut().assume_init_read() })
+        } else {
+            None
+        }
+    }
+
+    /// Consumes the cell and returns its value, if any.
+    ///
+    /// ```
+    /// let cell = toctou::Singleton::new();
+    /// cell.set("x").unwrap();
+    /// assert_eq!(cell.into_inner(), Some("x"));
+    /// ```
+    pub fn into_inner(mut self) -> Option<T> {
+        self.take()
+    }
+
+    /// Writes `value` and publishes it.
+    ///
+    /// # Safety
+    ///
+    /// `guard` must be this cell's RUNNING claim (from `self.once.try_begin`).
+    unsafe fn publish(&self, guard: crate::once::InitGuard<'_>, value: T) -> &T {
+        // SAFETY: the RUNNING claim makes us the only thread that touches the
+        // slot; readers wait for READY, which `complete` publishes after this
+        // write (Release).
+        self.value.with_mut(|slot| unsafe { (*slot).write(value) });
+        guard.complete();
+        // SAFETY: we published READY ourselves, after the write above.
+        unsafe { self.get_unchecked() }
+    }
+
+    /// # Safety
+    ///
+    /// The caller must have observed READY with Acquire ordering (or hold
+    /// `&mut self` on a READY cell).
+    #[inline]
+    unsafe fn get_unchecked(&self) -> &T {
+        // SAFETY: READY is only stored (Release, in `InitGuard::complete`)
+        // after the slot is written, and the caller's Acquire load saw it.
+        // Nothing writes the slot again while shared references exist: only
+        // `take`/`get_mut`/drop do, and they need `&mut self`.
+        self.value.with(|slot| unsafe { (*slot).assume_init_ref() })
+    }
+
+    /// The identity of this cell for the reentrancy check.
+    fn addr(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Called when the cell is busy: if the busy initialiser is our own
+    /// thread's, waiting would deadlock, so panic with a clear message.
+    #[cold]
+    #[track_caller]
+    fn assert_not_reentrant(&self) {
+        if reentry::is_initialising(self.addr()) {
+            panic!(
+                "reentrant initialisation of toctou::Singleton<{}> declared at {}: \
+                 its initialiser called back into the same cell on the same thread, \
+                 which would deadlock",
+                type_name::<T>(),
+                self.declared_at,
+            );
+        }
+    }
+}
+
+impl<T> Drop for Singleton<T> {
+    fn drop(&mut self) {
+        if self.once.is_ready_mut() {
+            // SAFETY: READY means initialised; `&mut self` means exclusive,
+            // and the cell is never used again.
+            unsafe { self.value.get_mut().assume_init_drop() }
+        }
+    }
+}
+
+impl<T> Default for Singleton<T> {
+    #[track_caller]
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> From<T> for Singleton<T> {
+    /// A cell that is already initialised with `value`.
+    #[track_caller]
+    fn from(value: T) -> Self {
+        let cell = Self::new();
+        if cell.set(value).is_err() {
+            unreachable!("a new cell is empty");
+        }
+        cell
+    }
+}
+
+impl<T: Clone> Clone for Singleton<T> {
+    /// A new cell holding a clone of the value, if any. Never waits.
+    fn clone(&self) -> Self {
+        let cell = Self::declared_at(self.declared_at);
+        if let Some(value) = self.get() {
+            let _ = cell.set(value.clone());
+        }
+        cell
+    }
+}
+
+impl<T: PartialEq> PartialEq for Singleton<T> {
+    /// Compares the values (`None` when empty), like `OnceLock`.
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl<T: Eq> Eq for Singleton<T> {}
+
+impl<T: fmt::Debug> Singleton<T> {
+    /// `name(value)`, `name(<initializing>)` or `name(<uninit>)`; never blocks.
+    fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut t = f.debug_tuple(name);
+        match self.get() {
+            Some(value) => t.field(value),
+            None if self.once.is_running() => t.field(&format_args!("<initializing>")),
+            None => t.field(&format_args!("<uninit>")),
+        };
+        t.finish()
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Singleton<T> {
+    /// Never blocks: prints the value, `<initializing>` or `<uninit>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_as("Singleton", f)
+    }
+}
+
+/// A value initialised on first access, from a function stored with it:
+/// `static CONFIG: Lazy<Config> = Lazy::new(load_config);`.
+///
+/// Like [`std::sync::LazyLock`] and `once_cell::sync::Lazy`, with one
+/// difference: `F` is `Fn`, not `FnOnce`, so **a panic in `F` leaves the
+/// `Lazy` retryable**. The panic propagates to the caller that ran `F`, and
+/// the next access (or a waiting thread) calls `F` again. `LazyLock` poisons
+/// instead: every later access panics.
+///
+/// All the [`Singleton`] semantics apply: one successful init, waiters park,
+/// and reentrant access from inside `F` panics instead of deadlocking.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use toctou::Lazy;
+///
+/// static PORTS: Lazy<HashMap<&str, u16>> = Lazy::new(|| HashMap::from([("phi-4", 10507)]));
+///
+/// assert_eq!(PORTS["phi-4"], 10507);
+/// ```
+#[repr(C)] // the cell, and so the value, first: see `Singleton`.
+pub struct Lazy<T, F = fn() -> T> {
+    cell: Singleton<T>,
+    init: F,
+}
+
+impl<T, F: Fn() -> T> Lazy<T, F> {
+    loom_const_fn! {
+        /// Creates a `Lazy` that initialises itself with `f` on first access.
+        /// `const`, so it works in a `static` (not under `--cfg toctou_loom`).
+        ///
+        /// ```
+        /// static GREETING: toctou::Lazy<String> = toctou::Lazy::new(|| "hello".to_uppercase());
+        /// assert_eq!(*GREETING, "HELLO");
+        /// ```
+        #[must_use]
+        #[track_caller]
+        pub fn new(f: F) -> Self {
+            Self {
+                cell: Singleton::new(),
+                init: f,
+            }
+        }
+    }
+
+    /// Forces initialisation and returns the value. Equivalent to `&*this`.
+    ///
+    /// # Panics
+    ///
+    /// Propagates a panic of `F` (the `Lazy` stays retryable), and panics on
+    /// reentrant access from inside `F`.
+    ///
+    /// ```
+    /// let lazy = toctou::Lazy::new(|| 2 + 2);
+    /// assert_eq!(*toctou::Lazy::force(&lazy), 4);
+    /// ```
+    #[inline]
+    pub fn force(this: &Self) -> &T {
+        this.cell.get_or_init(|| (this.init)())
+    }
+}
+
+impl<T, F> Lazy<T, F> {
+    /// Returns the value if already initialised. Never initialises or waits.
+    ///
+    /// ```
+    /// let lazy = toctou::Lazy::new(|| 1);
+    /// assert_eq!(toctou::Lazy::get(&lazy), None);
+    /// let _ = *lazy;
+    /// assert_eq!(toctou::Lazy::get(&lazy), Some(&1));
+    /// ```
+    #[inline]
+    pub fn get(this: &Self) -> Option<&T> {
+        this.cell.get()
+    }
+
+    /// Consumes the `Lazy`: `Ok(value)` if it was initialised, else
+    /// `Err(f)`, like `LazyLock::into_inner`.
+    ///
+    /// ```
+    /// let lazy = toctou::Lazy::new(|| 1);
+    /// assert!(toctou::Lazy::into_inner(lazy).is_err());
+    /// ```
+    pub fn into_inner(this: Self) -> Result<T, F> {
+        let Lazy { cell, init } = this;
+        cell.into_inner().ok_or(init)
+    }
+}
+
+impl<T, F: Fn() -> T> Deref for Lazy<T, F> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        Lazy::force(self)
+    }
+}
+
+impl<T: Default> Default for Lazy<T> {
+    /// A `Lazy` that initialises to `T::default()`.
+    #[track_caller]
+    fn default() -> Self {
+        Lazy::new(T::default)
+    }
+}
+
+impl<T: fmt::Debug, F> fmt::Debug for Lazy<T, F> {
+    /// Never blocks and never forces initialisation.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.cell.fmt_as("Lazy", f)
+    }
+}

@@ -1,0 +1,130 @@
+//! The sync layer: the only module that names `std` or `loom` primitives.
+//!
+//! Every atomic, lock, park/unpark and thread-local that a primitive uses comes
+//! from here. In normal builds it maps to `std`. Under
+//! `RUSTFLAGS="--cfg toctou_loom"` it maps to [`loom`](https://docs.rs/loom), so
+//! that the loom models in `loom-tests/` (and a downstream user's own models)
+//! explore every interleaving of our real protocol, not a copy of it.
+//!
+//! The cfg is namespaced (`toctou_loom`, not `loom`), as crossbeam does, so a
+//! user's `--cfg loom` does not switch every crate in their dependency tree.
+//!
+//! The API surface is the intersection of the two back-ends:
+//! - [`UnsafeCell`] exposes loom's closure-based `with`/`with_mut`, so loom can
+//!   check every access to the guarded data for causality.
+//! - [`Mutex`] ignores poisoning: none of our critical sections can leave the
+//!   protected data inconsistent, so a poisoned flag carries no information.
+//! - Constructors are `const` only in std builds (loom's are not); use
+//!   [`loom_const_fn!`](crate::sync::loom_const_fn) to declare a function that
+//!   is `const` exactly when the back-end allows it.
+
+#[cfg(not(toctou_loom))]
+mod imp {
+    pub(crate) use std::sync::atomic::{AtomicUsize, Ordering};
+    pub(crate) use std::sync::{Mutex as RawMutex, MutexGuard};
+    pub(crate) use std::thread::{Thread, current, park};
+    pub(crate) use std::thread_local;
+}
+
+#[cfg(toctou_loom)]
+mod imp {
+    pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+    pub(crate) use loom::sync::{Mutex as RawMutex, MutexGuard};
+    pub(crate) use loom::thread::{Thread, current, park};
+    pub(crate) use loom::thread_local;
+}
+
+pub(crate) use imp::{AtomicUsize, MutexGuard, Ordering, Thread, current, park, thread_local};
+
+/// Declares a function that is `const fn` in std builds and a plain `fn`
+/// under `toctou_loom`, where loom's constructors are not `const`.
+macro_rules! loom_const_fn {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident $($rest:tt)*) => {
+        #[cfg(not(toctou_loom))]
+        $(#[$attr])* $vis const fn $name $($rest)*
+        #[cfg(toctou_loom)]
+        $(#[$attr])* $vis fn $name $($rest)*
+    };
+}
+pub(crate) use loom_const_fn;
+
+/// A mutex without poisoning, over `std::sync::Mutex` or `loom::sync::Mutex`.
+#[derive(Debug, Default)]
+pub(crate) struct Mutex<T>(imp::RawMutex<T>);
+
+impl<T> Mutex<T> {
+    loom_const_fn! {
+        pub(crate) fn new(value: T) -> Self {
+            Self(imp::RawMutex::new(value))
+        }
+    }
+
+    /// Locks the mutex, ignoring poisoning (see the module docs for why).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// An `UnsafeCell` with loom's checked, closure-based access API.
+///
+/// In std builds the closures compile to plain pointer accesses.
+#[cfg(not(toctou_loom))]
+#[derive(Debug, Default)]
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(toctou_loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) const fn new(value: T) -> Self {
+        Self(std::cell::UnsafeCell::new(value))
+    }
+
+    /// Runs `f` with a shared pointer to the contents.
+    #[inline(always)]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+
+    /// Runs `f` with a unique pointer to the contents.
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+
+    /// Exclusive access through `&mut self`: no synchronisation is needed.
+    #[inline(always)]
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        self.0.get_mut()
+    }
+}
+
+#[cfg(toctou_loom)]
+pub(crate) use loom_cell::UnsafeCell;
+
+#[cfg(toctou_loom)]
+mod loom_cell {
+    /// loom's `UnsafeCell`, with a `get_mut` for exclusive access.
+    #[derive(Debug)]
+    pub(crate) struct UnsafeCell<T>(loom::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::cell::UnsafeCell::new(value))
+        }
+
+        pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+            self.0.with(f)
+        }
+
+        pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            self.0.with_mut(f)
+        }
+
+        pub(crate) fn get_mut(&mut self) -> &mut T {
+            // SAFETY: `&mut self` proves no other access to the contents
+            // exists; loom still records this as a write access.
+            self.0.with_mut(|p| unsafe { &mut *p })
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The one waiter queue: parks threads and stores wakers, behind one mutex.
+//!
+//! Every primitive that waits uses this queue, so sync and async callers of the
+//! same primitive wait in the same place and wake each other.
+//!
+//! The protocol is a condition variable with the predicate checked under the
+//! queue lock, which is what rules out lost wake-ups:
+//!
+//! - A waiter locks the queue, evaluates `should_park` and, if it says so,
+//!   enqueues itself before it unlocks. `should_park` is where a primitive
+//!   records "somebody is waiting" in its own state word.
+//! - A notifier first changes the primitive's state, and only then locks the
+//!   queue to drain it ([`WaitQueue::notify_all`]).
+//!
+//! Either the waiter's critical section comes first, and the notifier finds it
+//! in the queue; or the notifier's state change is visible to the waiter's
+//! `should_park` (the mutex orders the two critical sections), and the waiter
+//! does not park. Entries leave the queue only by being notified or by the
+//! waiter cancelling; a cancelled async waiter removes its own entry, so no
+//! ghost stays behind.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use crate::sync::{self, Mutex, Thread, loom_const_fn};
+
+/// How to wake one waiter.
+enum Unpark {
+    Thread(Thread),
+    Task(Waker),
+}
+
+impl Unpark {
+    fn wake(self) {
+        match self {
+            Unpark::Thread(thread) => thread.unpark(),
+            Unpark::Task(waker) => waker.wake(),
+        }
+    }
+}
+
+/// The queue's contents: waiters in arrival order, each with a unique id.
+struct WaitList {
+    next_id: u64,
+    waiters: Vec<(u64, Unpark)>,
+}
+
+impl WaitList {
+    fn push(&mut self, unpark: Unpark) -> u64 {
+        let id = self.next_id;
+        // u64 ids do not wrap in practice (one per wait, 2^64 waits).
+        self.next_id += 1;
+        self.waiters.push((id, unpark));
+        id
+    }
+
+    fn position(&self, id: u64) -> Option<usize> {
+        self.waiters.iter().position(|(i, _)| *i == id)
+    }
+}
+
+/// A queue of parked threads and pending tasks.
+pub(crate) struct WaitQueue {
+    list: Mutex<WaitList>,
+}
+
+impl WaitQueue {
+    loom_const_fn! {
+        pub(crate) fn new() -> Self {
+            Self {
+                list: Mutex::new(WaitList {
+                    next_id: 0,
+                    waiters: Vec::new(),
+                }),
+            }
+        }
+    }
+
+    /// Parks the current thread until it is notified.
+    ///
+    /// `should_park` runs under the queue lock. If it returns `false`, this
+    /// returns at once. Otherwise the thread is enqueued and parks until a
+    /// [`notify_all`](Self::notify_all) removes it; spurious unparks are
+    /// absorbed here. Callers re-check their state after this returns.
+    pub(crate) fn wait(&self, should_park: impl FnOnce() -> bool) {
+        let id = {
+            let mut list = self.list.lock();
+            if !should_park() {
+                return;
+            }
+            list.push(Unpark::Thread(sync::current()))
+        };
+        loop {
+            sync::park();
+            // Our entry leaves the list only through `notify_all`, which
+            // removes it under the lock before unparking us; the unpark token
+            // is kept if it arrives before `park`, so it cannot be lost.
+            if self.list.lock().position(id).is_none() {
+                return;
+            }
+        }
+    }
+
+    /// The async form of [`wait`](Self::wait): a future that resolves once the
+    /// task has been notified, or at its first poll if `should_park` returns
+    /// `false`. Dropping it before then removes its entry.
+    pub(crate) fn wait_async<P: FnOnce() -> bool>(&self, should_park: P) -> WaitFuture<'_, P> {
+        WaitFuture {
+            queue: self,
+            should_park: Some(should_park),
+            id: None,
+        }
+    }
+
+    /// Wakes every waiter. Call it after the state change the waiters wait
+    /// for is visible, never before.
+    pub(crate) fn notify_all(&self) {
+        let waiters = std::mem::take(&mut self.list.lock().waiters);
+        // Wake outside the lock: a woken thread's first act is to lock it.
+        for (_, unpark) in waiters {
+            unpark.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for WaitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitQueue").finish_non_exhaustive()
+    }
+}
+
+/// Future returned by [`WaitQueue::wait_async`].
+#[must_use = "futures do nothing unless polled"]
+pub(crate) struct WaitFuture<'a, P> {
+    queue: &'a WaitQueue,
+    should_park: Option<P>,
+    id: Option<u64>,
+}
+
+// `WaitFuture` holds no self-references and never pins its fields.
+impl<P> Unpin for WaitFuture<'_, P> {}
+
+impl<P: FnOnce() -> bool> Future for WaitFuture<'_, P> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let mut list = this.queue.list.lock();
+        match this.id {
+            None => {
+                let Some(should_park) = this.should_park.take() else {
+                    // Polled again after completion: stay complete.
+                    return Poll::Ready(());
+                };
+                if !should_park() {
+                    return Poll::Ready(());
+                }
+                this.id = Some(list.push(Unpark::Task(cx.waker().clone())));
+                Poll::Pending
+            }
+            Some(id) => match list.position(id) {
+                Some(at) => {
+                    // Still queued: a spurious poll. Keep the newest waker.
+                    let entry = &mut list.waiters[at].1;
+                    match entry {
+                        Unpark::Task(w) if w.will_wake(cx.waker()) => {}
+                        _ => *entry = Unpark::Task(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+                None => {
+                    this.id = None;
+                    Poll::Ready(())
+                }
+            },
+        }
+    }
+}
+
+impl<P> Drop for WaitFuture<'_, P> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let mut list = self.queue.list.lock();
+            if let Some(at) = list.position(id) {
+                // `remove`, not `swap_remove`: the list stays in arrival order.
+                list.waiters.remove(at);
+            }
+        }
+    }
+}
