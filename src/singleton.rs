@@ -48,6 +48,13 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 ///   takes over.
 /// - **Reentrancy panics** instead of deadlocking (see above). The check costs
 ///   nothing on the initialised fast path.
+/// - **Blocking is explicit.** [`get_or_init`](Self::get_or_init),
+///   [`get_or_try_init`](Self::get_or_try_init) and [`set`](Self::set) block
+///   the calling thread while another initialiser runs; [`get`](Self::get)
+///   and `Debug` never block. In async code use the `_async` forms: a
+///   blocking call on an executor thread stalls that thread, and on a
+///   single-threaded runtime it deadlocks if the running initialiser is a
+///   suspended task on that same thread.
 ///
 /// # Fast path
 ///

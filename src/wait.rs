@@ -189,3 +189,85 @@ impl<P> Drop for WaitFuture<'_, P> {
         }
     }
 }
+
+#[cfg(all(test, not(toctou_loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::task::Wake;
+
+    impl WaitQueue {
+        fn len(&self) -> usize {
+            self.list.lock().waiters.len()
+        }
+    }
+
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, SeqCst);
+        }
+    }
+
+    fn poll<F: Future + Unpin>(fut: &mut F, waker: &Waker) -> Poll<F::Output> {
+        Pin::new(fut).poll(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn cancelled_async_waiter_removes_its_entry() {
+        let queue = WaitQueue::new();
+        let mut waiters: Vec<_> = (0..3).map(|_| queue.wait_async(|| true)).collect();
+        for w in &mut waiters {
+            assert!(poll(w, Waker::noop()).is_pending());
+        }
+        assert_eq!(queue.len(), 3);
+        drop(waiters.remove(1));
+        assert_eq!(queue.len(), 2, "the dropped waiter's entry is gone");
+        drop(waiters);
+        assert_eq!(queue.len(), 0, "no ghosts");
+    }
+
+    #[test]
+    fn async_waiter_completes_only_after_notify() {
+        let queue = WaitQueue::new();
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut waiter = queue.wait_async(|| true);
+        assert!(poll(&mut waiter, &waker).is_pending());
+        assert!(
+            poll(&mut waiter, &waker).is_pending(),
+            "a spurious poll stays queued"
+        );
+        assert_eq!(queue.len(), 1, "re-polling does not enqueue twice");
+        queue.notify_all();
+        assert!(flag.0.load(SeqCst), "notify_all wakes the task");
+        assert!(poll(&mut waiter, &waker).is_ready());
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn should_park_false_means_no_entry() {
+        let queue = WaitQueue::new();
+        let mut waiter = queue.wait_async(|| false);
+        assert!(poll(&mut waiter, Waker::noop()).is_ready());
+        queue.wait(|| false);
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn notify_all_unparks_a_parked_thread() {
+        let queue = Arc::new(WaitQueue::new());
+        let parked = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.wait(|| true))
+        };
+        while queue.len() == 0 {
+            std::thread::yield_now();
+        }
+        queue.notify_all();
+        parked.join().unwrap();
+        assert_eq!(queue.len(), 0);
+    }
+}

@@ -320,6 +320,89 @@ fn thread_safety_bounds() {
     assert_send(&cell.get_or_try_init_async(|| async { Ok::<_, ()>(String::new()) }));
 }
 
+mod without_a_runtime {
+    //! Async paths driven by a minimal thread-parking executor, so that miri
+    //! (which does not run the tokio tests) checks them too.
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct ThreadWaker(thread::Thread);
+
+    impl Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    fn block_on<F: Future>(fut: F) -> F::Output {
+        let mut fut = pin!(fut);
+        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                return out;
+            }
+            thread::park();
+        }
+    }
+
+    #[test]
+    fn async_waiter_is_woken_by_a_sync_initialiser() {
+        static CELL: Singleton<u32> = Singleton::new();
+        let (first, second) = first_then_waiter(
+            |started| {
+                *CELL.get_or_init(|| {
+                    started();
+                    1
+                })
+            },
+            || *block_on(CELL.get_or_init_async(|| async { 2 })),
+        );
+        assert_eq!((first, second), (1, 1));
+    }
+
+    #[test]
+    fn dropped_async_initialiser_hands_over_to_a_parked_sync_waiter() {
+        static CELL: Singleton<u32> = Singleton::new();
+        let mut init = Box::pin(CELL.get_or_init_async(std::future::pending::<u32>));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(init.as_mut().poll(&mut cx).is_pending(), "holds the claim");
+        let waiter = thread::spawn(|| *CELL.get_or_init(|| 9));
+        thread::sleep(Duration::from_millis(20)); // let the waiter park
+        drop(init); // cancellation: the claim is given back
+        assert_eq!(waiter.join().unwrap(), 9);
+    }
+
+    #[test]
+    fn dropped_async_waiters_do_not_disturb_later_waiters() {
+        static CELL: Singleton<u32> = Singleton::new();
+        let (in_init_tx, in_init_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let initialiser = thread::spawn(move || {
+            *CELL.get_or_init(|| {
+                in_init_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                4
+            })
+        });
+        in_init_rx.recv().unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..3 {
+            let mut waiter = Box::pin(CELL.get_or_init_async(|| async { 5 }));
+            assert!(
+                waiter.as_mut().poll(&mut cx).is_pending(),
+                "queued behind the init"
+            );
+            drop(waiter); // cancelled while queued
+        }
+        release_tx.send(()).unwrap();
+        assert_eq!(block_on(CELL.get_or_init_async(|| async { 6 })), &4);
+        assert_eq!(initialiser.join().unwrap(), 4);
+    }
+}
+
 #[cfg(not(miri))]
 mod with_tokio {
     //! Async tests on tokio's multi-threaded runtime (a dev-dependency only).
