@@ -85,6 +85,18 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 /// assert!(addrs.windows(2).all(|w| w[0] == w[1]), "one instance for every thread");
 /// ```
 ///
+/// # Thread safety
+///
+/// `Singleton<T>` is `Sync` exactly when `T: Send + Sync` (the value is
+/// shared by all threads, and may be built on one and dropped on another),
+/// and `Send` when `T: Send`. So a cell of a non-`Sync` type cannot be a
+/// `static`:
+///
+/// ```compile_fail
+/// use std::cell::Cell;
+/// static NOT_SYNC: toctou::Singleton<Cell<u8>> = toctou::Singleton::new();
+/// ```
+///
 /// # Model checking
 ///
 /// Under `RUSTFLAGS="--cfg toctou_loom"`, `Singleton::new` is not `const`
@@ -223,11 +235,13 @@ impl<T> Singleton<T> {
         if let Some(value) = self.get() {
             return Ok(value);
         }
-        self.init_slow(f)
+        self.init_slow("Singleton", f)
     }
 
+    /// The slow path of the sync `get_or_*` methods. `kind` names the public
+    /// type (`Singleton` or `Lazy`) in the reentrancy panic.
     #[cold]
-    fn init_slow<E>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
+    fn init_slow<E>(&self, kind: &'static str, f: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
         loop {
             match self.once.try_begin() {
                 // SAFETY: `try_begin` observed READY with Acquire.
@@ -242,7 +256,7 @@ impl<T> Singleton<T> {
                     return Ok(unsafe { self.publish(guard, value) });
                 }
                 Begin::Running => {
-                    self.assert_not_reentrant();
+                    self.assert_not_reentrant(kind);
                     self.once.wait();
                 }
             }
@@ -351,7 +365,7 @@ impl<T> Singleton<T> {
                     return Ok(unsafe { self.publish(guard, value) });
                 }
                 Begin::Running => {
-                    self.assert_not_reentrant();
+                    self.assert_not_reentrant("Singleton");
                     self.once.wait_async().await;
                 }
             }
@@ -468,10 +482,10 @@ impl<T> Singleton<T> {
     /// thread's, waiting would deadlock, so panic with a clear message.
     #[cold]
     #[track_caller]
-    fn assert_not_reentrant(&self) {
+    fn assert_not_reentrant(&self, kind: &str) {
         if reentry::is_initialising(self.addr()) {
             panic!(
-                "reentrant initialisation of toctou::Singleton<{}> declared at {}: \
+                "reentrant initialisation of toctou::{kind}<{}> declared at {}: \
                  its initialiser called back into the same cell on the same thread, \
                  which would deadlock",
                 type_name::<T>(),
@@ -608,7 +622,16 @@ impl<T, F: Fn() -> T> Lazy<T, F> {
     /// ```
     #[inline]
     pub fn force(this: &Self) -> &T {
-        this.cell.get_or_init(|| (this.init)())
+        if let Some(value) = this.cell.get() {
+            return value;
+        }
+        match this
+            .cell
+            .init_slow("Lazy", || Ok::<T, Infallible>((this.init)()))
+        {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
     }
 }
 

@@ -176,7 +176,7 @@ fn reentrant_get_or_init_panics_with_type_and_declaration_site() {
     let err = catch_unwind(|| *CELL.get_or_init(|| *CELL.get_or_init(|| 1) + 1)).unwrap_err();
     let msg = panic_message(err);
     assert!(msg.contains("reentrant"), "{msg}");
-    assert!(msg.contains("Singleton<u64>"), "{msg}");
+    assert!(msg.contains("toctou::Singleton<u64>"), "{msg}");
     assert!(
         msg.contains(&format!("tests/singleton.rs:{declared_line}")),
         "{msg}"
@@ -190,7 +190,7 @@ fn reentrant_lazy_force_panics() {
     static SELF_REFERENTIAL: Lazy<u32> = Lazy::new(|| *SELF_REFERENTIAL + 1);
     let msg = panic_message(catch_unwind(|| *SELF_REFERENTIAL).unwrap_err());
     assert!(
-        msg.contains("reentrant") && msg.contains("Singleton<u32>"),
+        msg.contains("reentrant") && msg.contains("toctou::Lazy<u32>"),
         "{msg}"
     );
     assert!(msg.contains("tests/singleton.rs"), "{msg}");
