@@ -165,6 +165,19 @@ fn waiter_parks_and_is_woken() {
     });
 }
 
+/// Spawns a thread that polls an async initialiser of `cell` once and then
+/// drops it, as a timeout would. The one poll either claims the init (and
+/// pends forever: `Pending`) or finds the value already published.
+fn spawn_cancelled_init(cell: &Arc<Singleton<usize>>) -> thread::JoinHandle<Poll<usize>> {
+    let cell = cell.clone();
+    thread::spawn(move || {
+        let mut fut = pin!(cell.get_or_init_async(std::future::pending::<usize>));
+        let polled = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        polled.map(|v| *v)
+        // Dropping `fut` here cancels the initialiser.
+    })
+}
+
 /// An async initialiser is polled once (so it holds the claim) and then
 /// dropped, as a timeout would. A sync caller racing it takes over.
 ///
@@ -174,18 +187,7 @@ fn waiter_parks_and_is_woken() {
 fn async_init_dropped_mid_init_sync_takes_over() {
     loom::model(|| {
         let cell = Arc::new(Singleton::new());
-        let canceller = {
-            let cell = cell.clone();
-            thread::spawn(move || {
-                let mut fut = pin!(cell.get_or_init_async(std::future::pending::<usize>));
-                let mut cx = Context::from_waker(Waker::noop());
-                // One poll: either it claims the init and pends forever, or the
-                // other thread already published and it completes.
-                let polled = fut.as_mut().poll(&mut cx).map(|v| *v);
-                // Dropping `fut` here cancels the initialiser.
-                polled
-            })
-        };
+        let canceller = spawn_cancelled_init(&cell);
         let mine = *cell.get_or_init(|| 3);
         assert_eq!(mine, 3);
         match canceller.join().unwrap() {
@@ -202,17 +204,13 @@ fn async_init_dropped_mid_init_sync_takes_over() {
 fn async_init_dropped_mid_init_async_takes_over() {
     loom::model(|| {
         let cell = Arc::new(Singleton::new());
-        let canceller = {
-            let cell = cell.clone();
-            thread::spawn(move || {
-                let mut fut = pin!(cell.get_or_init_async(std::future::pending::<usize>));
-                let mut cx = Context::from_waker(Waker::noop());
-                let _ = fut.as_mut().poll(&mut cx);
-            })
-        };
+        let canceller = spawn_cancelled_init(&cell);
         let mine = loom::future::block_on(cell.get_or_init_async(|| async { 4 }));
         assert_eq!(*mine, 4);
-        canceller.join().unwrap();
+        assert!(matches!(
+            canceller.join().unwrap(),
+            Poll::Pending | Poll::Ready(4)
+        ));
         assert_eq!(cell.get(), Some(&4));
     });
 }

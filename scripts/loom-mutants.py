@@ -8,7 +8,9 @@ this script exits non-zero. An edit whose text is no longer found also fails,
 so the list cannot silently go stale when the code changes.
 
 Usage: python3 scripts/loom-mutants.py [NAME_SUBSTRING]
-Shares ./target with the normal build, so only toctou itself recompiles.
+Builds in target/loom-mutants, never in the normal target directory: cargo
+names a path crate's artifacts independently of where it lives, so a mutant
+built there would be picked up by the next normal build as if it were current.
 """
 import os
 import shutil
@@ -144,7 +146,7 @@ def run_mutant(scratch, target_dir, mutant):
 
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
-    target_dir = os.path.join(ROOT, "target")
+    target_dir = os.path.join(ROOT, "target", "loom-mutants")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for mutant in MUTANTS:
