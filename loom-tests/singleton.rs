@@ -165,6 +165,26 @@ fn waiter_parks_and_is_woken() {
     });
 }
 
+/// `set` racing `get_or_init`: exactly one value lands, and `set` reports
+/// `Err(its value)` exactly when the other thread's value won.
+#[test]
+fn set_races_get_or_init() {
+    loom::model(|| {
+        let cell = Arc::new(Singleton::new());
+        let setter = {
+            let cell = cell.clone();
+            thread::spawn(move || cell.set(1))
+        };
+        let mine = *cell.get_or_init(|| 2);
+        match setter.join().unwrap() {
+            Ok(()) => assert_eq!(mine, 1, "set won, so get_or_init must see its value"),
+            Err(1) => assert_eq!(mine, 2, "set lost, so our value must be stored"),
+            Err(other) => panic!("set returned a value it was not given: {other}"),
+        }
+        assert_eq!(cell.get(), Some(&mine));
+    });
+}
+
 /// Spawns a thread that polls an async initialiser of `cell` once and then
 /// drops it, as a timeout would. The one poll either claims the init (and
 /// pends forever: `Pending`) or finds the value already published.
