@@ -124,12 +124,6 @@ impl WaitQueue {
     }
 }
 
-impl std::fmt::Debug for WaitQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WaitQueue").finish_non_exhaustive()
-    }
-}
-
 /// Future returned by [`WaitQueue::wait_async`].
 #[must_use = "futures do nothing unless polled"]
 pub(crate) struct WaitFuture<'a, P> {
@@ -244,6 +238,36 @@ mod tests {
         queue.notify_all();
         assert!(flag.0.load(SeqCst), "notify_all wakes the task");
         assert!(poll(&mut waiter, &waker).is_ready());
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn repoll_with_a_new_waker_replaces_the_old_one() {
+        let queue = WaitQueue::new();
+        let first = Arc::new(Flag(AtomicBool::new(false)));
+        let second = Arc::new(Flag(AtomicBool::new(false)));
+        let mut waiter = queue.wait_async(|| true);
+        assert!(poll(&mut waiter, &Waker::from(first.clone())).is_pending());
+        // The task moved (say, to another executor): it is polled with a new waker.
+        assert!(poll(&mut waiter, &Waker::from(second.clone())).is_pending());
+        queue.notify_all();
+        assert!(second.0.load(SeqCst), "the newest waker is the one woken");
+        assert!(!first.0.load(SeqCst), "the stale waker was dropped");
+    }
+
+    #[test]
+    fn a_notified_waiter_is_not_confused_with_a_later_one() {
+        // Entries are matched by id: a waiter notified earlier must complete
+        // even though another waiter has queued since.
+        let queue = WaitQueue::new();
+        let mut early = queue.wait_async(|| true);
+        assert!(poll(&mut early, Waker::noop()).is_pending());
+        queue.notify_all();
+        let mut late = queue.wait_async(|| true);
+        assert!(poll(&mut late, Waker::noop()).is_pending());
+        assert!(poll(&mut early, Waker::noop()).is_ready());
+        assert!(poll(&mut late, Waker::noop()).is_pending(), "still queued");
+        drop(late);
         assert_eq!(queue.len(), 0);
     }
 

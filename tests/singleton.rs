@@ -159,6 +159,7 @@ fn lazy_panic_is_retryable_not_poisoned() {
     assert!(catch_unwind(|| *LAZY).is_err());
     assert_eq!(Lazy::get(&LAZY), None);
     assert_eq!(*LAZY, 42, "std's LazyLock would be poisoned here");
+    assert_eq!(Lazy::get(&LAZY), Some(&42));
     assert_eq!(ATTEMPTS.load(SeqCst), 2);
 }
 
@@ -204,6 +205,25 @@ fn initialising_a_different_cell_inside_an_initialiser_is_fine() {
 }
 
 #[test]
+fn waiting_for_another_threads_cell_from_inside_an_initialiser_is_not_reentrancy() {
+    // Thread 1 initialises OUTER and, inside that, needs INNER, which thread 2
+    // is initialising: thread 1 must wait for INNER, not panic. (The
+    // reentrancy check must compare cells, not just "am I initialising?")
+    static INNER: Singleton<u32> = Singleton::new();
+    static OUTER: Singleton<u32> = Singleton::new();
+    let (inner, outer) = first_then_waiter(
+        |started| {
+            *INNER.get_or_init(|| {
+                started();
+                1
+            })
+        },
+        || *OUTER.get_or_init(|| *INNER.get_or_init(|| 10) + 1),
+    );
+    assert_eq!((inner, outer), (1, 2));
+}
+
+#[test]
 fn reentrancy_is_per_thread_not_a_false_positive() {
     // While one thread initialises, another thread asking for the same cell
     // must wait, not panic.
@@ -220,11 +240,49 @@ fn reentrancy_is_per_thread_not_a_false_positive() {
     assert_eq!((first, second), (8, 8));
 }
 
+/// CPU time this thread has used, in clock ticks (usually 10 ms), from
+/// `/proc/thread-self/stat` (fields 14 and 15: utime and stime).
+#[cfg(all(target_os = "linux", not(miri)))]
+fn thread_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+#[cfg(all(target_os = "linux", not(miri)))]
+fn waiters_park_instead_of_spinning() {
+    static CELL: Singleton<u32> = Singleton::new();
+    let (_, waiter_ticks) = first_then_waiter(
+        |started| {
+            *CELL.get_or_init(|| {
+                started();
+                thread::sleep(Duration::from_millis(300));
+                1
+            })
+        },
+        || {
+            let before = thread_cpu_ticks();
+            assert_eq!(*CELL.get_or_init(|| 2), 1);
+            thread_cpu_ticks() - before
+        },
+    );
+    // The waiter waited ~300 ms; a spinning waiter burns ~30 ticks of CPU.
+    assert!(
+        waiter_ticks <= 5,
+        "the waiter used {waiter_ticks} ticks of CPU while waiting"
+    );
+}
+
 #[test]
 fn set_get_mut_take_into_inner() {
     let mut cell = Singleton::new();
     assert_eq!(cell.get_mut(), None);
     assert_eq!(cell.set(String::from("a")), Ok(()));
+    assert!(cell.is_initialized());
     assert_eq!(cell.set(String::from("b")), Err(String::from("b")));
     cell.get_mut().unwrap().push('!');
     assert_eq!(cell.get().map(String::as_str), Some("a!"));
