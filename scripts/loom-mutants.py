@@ -41,6 +41,24 @@ MUTANTS = [
         "two_threads_race_get_or_init",
     ),
     (
+        "seed bug again, against set() racing get_or_init()",
+        "src/once.rs",
+        """        match self
+            .state
+            .compare_exchange(EMPTY, RUNNING, Ordering::Acquire, Ordering::Acquire)
+        {""",
+        """        let seen = self.state.load(Ordering::Acquire);
+        let claimed = if seen == EMPTY {
+            self.state.store(RUNNING, Ordering::Relaxed);
+            Ok(seen)
+        } else {
+            Err(seen)
+        };
+        match claimed {""",
+        "loom_singleton",
+        "set_races_get_or_init",
+    ),
+    (
         "fast path load weakened from Acquire to Relaxed",
         "src/once.rs",
         "self.state.load(Ordering::Acquire) == READY",
