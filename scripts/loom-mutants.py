@@ -20,16 +20,14 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (name, file, old text, new text, loom test target, test name filter)
-MUTANTS = [
-    (
-        "seed bug: check-then-act instead of the EMPTY->RUNNING compare-exchange",
-        "src/once.rs",
-        """        match self
+# Edits used by more than one mutant: (old text, new text).
+# The seeds' bug: the EMPTY->RUNNING compare-exchange split into a check and an act.
+CHECK_THEN_ACT = (
+    """        match self
             .state
             .compare_exchange(EMPTY, RUNNING, Ordering::Acquire, Ordering::Acquire)
         {""",
-        """        let seen = self.state.load(Ordering::Acquire);
+    """        let seen = self.state.load(Ordering::Acquire);
         let claimed = if seen == EMPTY {
             self.state.store(RUNNING, Ordering::Relaxed);
             Ok(seen)
@@ -37,24 +35,23 @@ MUTANTS = [
             Err(seen)
         };
         match claimed {""",
+)
+# A failed or cancelled init that never gives the RUNNING claim back.
+NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
+
+# (name, file, old text, new text, loom test target, test name filter)
+MUTANTS = [
+    (
+        "seed bug: check-then-act instead of the EMPTY->RUNNING compare-exchange",
+        "src/once.rs",
+        *CHECK_THEN_ACT,
         "loom_singleton",
         "two_threads_race_get_or_init",
     ),
     (
         "seed bug again, against set() racing get_or_init()",
         "src/once.rs",
-        """        match self
-            .state
-            .compare_exchange(EMPTY, RUNNING, Ordering::Acquire, Ordering::Acquire)
-        {""",
-        """        let seen = self.state.load(Ordering::Acquire);
-        let claimed = if seen == EMPTY {
-            self.state.store(RUNNING, Ordering::Relaxed);
-            Ok(seen)
-        } else {
-            Err(seen)
-        };
-        match claimed {""",
+        *CHECK_THEN_ACT,
         "loom_singleton",
         "set_races_get_or_init",
     ),
@@ -102,16 +99,14 @@ MUTANTS = [
     (
         "failed init does not give the claim back (stays RUNNING)",
         "src/once.rs",
-        "        self.once.finish(EMPTY);\n",
-        "",
+        *NO_GIVE_BACK,
         "loom_singleton",
         "failing_init_then_successful_init",
     ),
     (
         "cancelled async init does not give the claim back",
         "src/once.rs",
-        "        self.once.finish(EMPTY);\n",
-        "",
+        *NO_GIVE_BACK,
         "loom_singleton",
         "async_init_dropped_mid_init_async_takes_over",
     ),
