@@ -207,7 +207,17 @@ impl<T> Singleton<T> {
     /// ```
     #[inline]
     pub fn get_or_init(&self, f: impl FnOnce() -> T) -> &T {
-        match self.get_or_try_init(|| Ok::<T, Infallible>(f())) {
+        self.get_or_init_as("Singleton", f)
+    }
+
+    /// `get_or_init`, with `kind` naming the public type (`Singleton` or
+    /// `Lazy`) in the reentrancy panic.
+    #[inline]
+    fn get_or_init_as(&self, kind: &'static str, f: impl FnOnce() -> T) -> &T {
+        if let Some(value) = self.get() {
+            return value;
+        }
+        match self.init_slow(kind, || Ok::<T, Infallible>(f())) {
             Ok(value) => value,
             Err(never) => match never {},
         }
@@ -622,16 +632,7 @@ impl<T, F: Fn() -> T> Lazy<T, F> {
     /// ```
     #[inline]
     pub fn force(this: &Self) -> &T {
-        if let Some(value) = this.cell.get() {
-            return value;
-        }
-        match this
-            .cell
-            .init_slow("Lazy", || Ok::<T, Infallible>((this.init)()))
-        {
-            Ok(value) => value,
-            Err(never) => match never {},
-        }
+        this.cell.get_or_init_as("Lazy", || (this.init)())
     }
 }
 
