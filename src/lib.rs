@@ -110,10 +110,13 @@
 mod once;
 mod reentry;
 mod singleton;
+mod singleton_map;
 mod sync;
+mod table;
 mod wait;
 
 pub use singleton::{Lazy, Singleton};
+pub use singleton_map::SingletonMap;
 
 /// The README's examples, compiled and run as doc-tests.
 #[cfg(doctest)]

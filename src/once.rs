@@ -26,6 +26,8 @@
 
 use std::future::Future;
 
+use std::sync::Arc;
+
 use crate::sync::{AtomicUsize, Ordering, loom_const_fn};
 use crate::wait::WaitQueue;
 
@@ -180,5 +182,50 @@ impl Drop for InitGuard<'_> {
     fn drop(&mut self) {
         // Error, panic or cancellation: `RUNNING → EMPTY`, so a waiter retries.
         self.once.finish(EMPTY);
+    }
+}
+
+/// An initialisation that is claimed when it is created and shared through an
+/// `Arc`, for primitives whose claim is published in a map (`SingletonMap`)
+/// rather than by a compare-exchange on a cell.
+///
+/// The creator owns the RUNNING state; waiters clone [`once`](Self::once) and
+/// [`Once::wait`] on it. Dropping the claim without [`complete`](Self::complete)
+/// (on error, panic or cancellation) finishes as EMPTY; both outcomes wake
+/// every waiter, who then re-reads the map, which holds the truth.
+#[must_use = "dropping the claim abandons the initialisation"]
+pub(crate) struct SharedInit {
+    once: Arc<Once>,
+    outcome: usize,
+}
+
+impl SharedInit {
+    pub(crate) fn new() -> Self {
+        Self {
+            once: Arc::new(Once {
+                // Nobody else can see this `Once` yet, so no ordering is needed
+                // to claim it.
+                state: AtomicUsize::new(RUNNING),
+                waiters: WaitQueue::new(),
+            }),
+            outcome: EMPTY,
+        }
+    }
+
+    /// The shared state that waiters wait on.
+    pub(crate) fn once(&self) -> &Arc<Once> {
+        &self.once
+    }
+
+    /// Ends the initialisation as a success and wakes the waiters.
+    pub(crate) fn complete(mut self) {
+        self.outcome = READY;
+        // `drop` finishes with READY.
+    }
+}
+
+impl Drop for SharedInit {
+    fn drop(&mut self) {
+        self.once.finish(self.outcome);
     }
 }

@@ -10,6 +10,7 @@
 //! on the initialised fast path.
 
 use std::cell::RefCell;
+use std::future::Future;
 
 use crate::sync::thread_local;
 
@@ -52,4 +53,21 @@ pub(crate) fn is_initialising(addr: usize) -> bool {
     INITIALISING
         .try_with(|stack| stack.borrow().contains(&addr))
         .unwrap_or(false)
+}
+
+/// Creates the initialiser's future with `make` and polls it to completion,
+/// with the current thread marked as initialising `addr` while `make` runs and
+/// during each poll, never across a suspension: other tasks on this thread may
+/// wait for the same cell in the meantime without a false reentrancy panic.
+pub(crate) async fn poll_marked<F: Future>(addr: usize, make: impl FnOnce() -> F) -> F::Output {
+    let fut = {
+        let _mark = Mark::enter(addr);
+        make()
+    };
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        let _mark = Mark::enter(addr);
+        fut.as_mut().poll(cx)
+    })
+    .await
 }

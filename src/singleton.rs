@@ -356,21 +356,9 @@ impl<T> Singleton<T> {
                 // SAFETY: `try_begin` observed READY with Acquire.
                 Begin::Ready => return Ok(unsafe { self.get_unchecked() }),
                 Begin::Owner(guard) => {
-                    let addr = self.addr();
-                    let fut = {
-                        let _mark = reentry::Mark::enter(addr);
-                        f()
-                    };
-                    let mut fut = std::pin::pin!(fut);
-                    // The reentrancy mark is held only while the initialiser
-                    // is polled, never across a suspension: other tasks on
-                    // this thread may wait for the cell in the meantime.
-                    let value = std::future::poll_fn(|cx| {
-                        let _mark = reentry::Mark::enter(addr);
-                        fut.as_mut().poll(cx)
-                    })
-                    // Cancelled here, or `Err` below: `guard` drops, back to EMPTY.
-                    .await?;
+                    let value = reentry::poll_marked(self.addr(), f)
+                        // Cancelled here, or `Err` below: `guard` drops, back to EMPTY.
+                        .await?;
                     // SAFETY: we own the RUNNING claim.
                     return Ok(unsafe { self.publish(guard, value) });
                 }

@@ -12,8 +12,9 @@
 //! The API surface is the intersection of the two back-ends:
 //! - [`UnsafeCell`] exposes loom's closure-based `with`/`with_mut`, so loom can
 //!   check every access to the guarded data for causality.
-//! - [`Mutex`] ignores poisoning: none of our critical sections can leave the
-//!   protected data inconsistent, so a poisoned flag carries no information.
+//! - [`Mutex`] and [`RwLock`] ignore poisoning: none of our critical sections
+//!   can leave the protected data inconsistent, so a poisoned flag carries no
+//!   information.
 //! - Constructors are `const` only in std builds (loom's are not); use
 //!   [`loom_const_fn!`](crate::sync::loom_const_fn) to declare a function that
 //!   is `const` exactly when the back-end allows it.
@@ -22,6 +23,7 @@
 mod imp {
     pub(crate) use std::sync::atomic::{AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex as RawMutex, MutexGuard};
+    pub(crate) use std::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use std::thread::{Thread, current, park};
     pub(crate) use std::thread_local;
 }
@@ -30,11 +32,15 @@ mod imp {
 mod imp {
     pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
     pub(crate) use loom::sync::{Mutex as RawMutex, MutexGuard};
+    pub(crate) use loom::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use loom::thread::{Thread, current, park};
     pub(crate) use loom::thread_local;
 }
 
-pub(crate) use imp::{AtomicUsize, MutexGuard, Ordering, Thread, current, park, thread_local};
+pub(crate) use imp::{
+    AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard, Thread, current, park,
+    thread_local,
+};
 
 /// Declares a function that is `const fn` in std builds and a plain `fn`
 /// under `toctou_loom`, where loom's constructors are not `const`.
@@ -64,6 +70,53 @@ impl<T> Mutex<T> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A reader-writer lock without poisoning, over `std::sync::RwLock` or
+/// `loom::sync::RwLock`.
+#[derive(Debug, Default)]
+pub(crate) struct RwLock<T>(imp::RawRwLock<T>);
+
+impl<T> RwLock<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self(imp::RawRwLock::new(value))
+    }
+
+    /// Locks for shared access, ignoring poisoning.
+    #[inline]
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Locks for exclusive access, ignoring poisoning.
+    #[inline]
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Locks for shared access if that needs no waiting.
+    #[inline]
+    pub(crate) fn try_read(&self) -> Option<RwLockReadGuard<'_, T>> {
+        match self.0.try_read() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Locks for exclusive access if that needs no waiting.
+    #[inline]
+    pub(crate) fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
+        match self.0.try_write() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 }
 

@@ -1,0 +1,799 @@
+//! [`SingletonMap<K, V>`]: one singleton per key.
+//!
+//! # Protocol
+//!
+//! Each key's entry in the sharded [`Table`] is either `Ready(Arc<V>)` or
+//! `Pending(Arc<Once>)`. Every step that decides something happens under the
+//! shard's write lock, so check and act are one atomic step:
+//!
+//! - **Claim.** A caller that finds no entry inserts `Pending` and becomes the
+//!   key's initialiser. A caller that finds `Pending` clones the `Once` and
+//!   waits on it after unlocking.
+//! - **Publish.** The initialiser replaces its `Pending` with `Ready`, unlocks,
+//!   and only then completes the `Once`, waking the waiters. They re-read the
+//!   map and find `Ready`.
+//! - **Abandon.** On error, panic or cancellation the initialiser's `Claim`
+//!   drops: it removes its `Pending` (found by identity, not by key), unlocks,
+//!   and then wakes the waiters. They re-read the map, find nothing, and the
+//!   first to take the lock claims the key.
+//! - **Remove.** `remove`, `retain` and `clear` never remove a `Pending` entry:
+//!   they wait for it and look again. Only the claimant removes its `Pending`.
+//!
+//! Because the map is updated before the waiters are woken, a woken waiter
+//! always sees the outcome; because the `Once` is completed after the map is
+//! updated, a caller that saw `Pending` and then finds the `Once` finished
+//! (so does not park) also sees the outcome when it re-reads.
+
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash};
+use std::panic::Location;
+use std::sync::Arc;
+
+use crate::once::{Once, SharedInit};
+use crate::reentry;
+use crate::table::{Entry, Table};
+
+/// A key's state in the table.
+enum Slot<V> {
+    /// The stored value.
+    Ready(Arc<V>),
+    /// An initialisation in flight; waiters wait on the `Once`.
+    Pending(Arc<Once>),
+}
+
+/// A concurrent map that initialises each key's value at most once at a time,
+/// on first use: a keyed [`Singleton`](crate::Singleton), in the style of Go's
+/// `singleflight`.
+///
+/// Where a `HashMap` behind a lock invites check-then-insert races (two
+/// callers both see the key missing and both start the model server),
+/// `SingletonMap` makes the check and the claim one step.
+///
+/// Compared with `DashMap::entry(k).or_insert_with(f)`: the initialiser does
+/// not run under a shard lock, so it may be slow, may call back into the map
+/// for other keys, and does not block unrelated keys that share its shard.
+/// Compared with `moka`'s `get_with`: no eviction, no expiry, and removal is
+/// ordered against initialisation.
+///
+/// # Semantics under concurrency
+///
+/// - **Coalescing.** For each key, at most one initialiser runs at a time.
+///   Concurrent callers for that key wait and then get the same `Arc<V>`.
+/// - **Independence.** Initialisers never run under a lock of the map, so
+///   callers for different keys never wait for each other's initialisation.
+/// - **Errors are not stored.** If the initialiser returns `Err`, that caller
+///   gets the error, the key stays absent, and one waiting caller runs its own
+///   initialiser.
+/// - **Panics do not poison.** A panic in the initialiser propagates to its
+///   caller, the key stays absent, and one waiting caller retries.
+/// - **Cancellation is safe.** If the future of an async initialiser is
+///   dropped, the key stays absent and one waiting caller (sync or async)
+///   takes over. A dropped waiter leaves nothing behind.
+/// - **Removal waits for initialisation.** [`remove`](Self::remove),
+///   [`retain`](Self::retain) and [`clear`](Self::clear) wait for an
+///   initialisation in flight and then act on its result, so a shutdown can
+///   never interleave with a start and leave a live value that the map does
+///   not track.
+/// - **Reentrancy panics.** An initialiser that asks the map for its own key,
+///   on the same thread, panics with a message naming the map and where it was
+///   created. Asking for a different key is fine.
+/// - **[`len`](Self::len) counts stored values only**: in-flight, failed and
+///   cancelled initialisations are not counted.
+/// - **Blocking is explicit.** The `get_or_*` methods, `remove`, `retain` and
+///   `clear` park the calling thread while an initialiser for the same key
+///   runs; use the `_async` forms in async code. [`get`](Self::get),
+///   [`contains_key`](Self::contains_key) and [`len`](Self::len) never wait
+///   for an initialiser.
+///
+/// # Keys
+///
+/// Methods take the key by reference, as `&Q` where `K: Borrow<Q>`, so a
+/// `SingletonMap<String, _>` is queried with a `&str`. The key is converted
+/// to a `K` (with [`ToOwned`]) only when an initialisation starts: once for
+/// the map's entry and once for the initialiser's `&K` argument.
+///
+/// # Fast path
+///
+/// A hit hashes the key once, takes the shard's read lock, finds the entry
+/// and clones the `Arc`: the same work as `DashMap::get` plus an `Arc` clone.
+///
+/// # Example: the seed's model-server manager
+///
+/// ```
+/// use std::sync::Arc;
+/// use toctou::SingletonMap;
+///
+/// struct Server {
+///     port: u16,
+/// }
+///
+/// fn start(model: &str) -> Server {
+///     // Slow: spawns a process and waits for it to listen.
+///     Server { port: 8000 + model.len() as u16 }
+/// }
+///
+/// let servers: SingletonMap<String, Server> = SingletonMap::new();
+///
+/// // Any number of concurrent chats may call this: each model starts once,
+/// // and different models start in parallel.
+/// let ensure = |model: &str| -> Arc<Server> { servers.get_or_init(model, |m| start(m)) };
+///
+/// let a = ensure("phi-4");
+/// let b = ensure("phi-4");
+/// assert!(Arc::ptr_eq(&a, &b));
+///
+/// // Shutdown waits for a start in flight, so it cannot miss a server.
+/// let stopped = servers.remove("phi-4").expect("it was running");
+/// assert_eq!(stopped.port, a.port);
+/// assert!(servers.is_empty());
+/// ```
+pub struct SingletonMap<K, V, S = RandomState> {
+    table: Table<K, Slot<V>, S>,
+    created_at: &'static Location<'static>,
+}
+
+/// What a caller of the slow path does next.
+enum Step<'a, K, V, S> {
+    Found(Arc<V>),
+    Wait(Arc<Once>),
+    Claimed(Claim<'a, K, V, S>),
+}
+
+/// What a remover does next.
+enum Removal<V> {
+    Done(Option<Arc<V>>),
+    Wait(Arc<Once>),
+}
+
+impl<K, V> SingletonMap<K, V, RandomState> {
+    /// Creates an empty map with the default hasher.
+    ///
+    /// ```
+    /// let map: toctou::SingletonMap<String, u32> = toctou::SingletonMap::new();
+    /// assert!(map.is_empty());
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub fn new() -> Self {
+        Self::with_hasher(RandomState::new())
+    }
+}
+
+impl<K, V, S> SingletonMap<K, V, S> {
+    /// Creates an empty map that hashes keys with `hasher`.
+    ///
+    /// ```
+    /// use std::hash::RandomState;
+    ///
+    /// let map: toctou::SingletonMap<u64, String> =
+    ///     toctou::SingletonMap::with_hasher(RandomState::new());
+    /// assert_eq!(map.len(), 0);
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub fn with_hasher(hasher: S) -> Self {
+        Self {
+            table: Table::with_hasher(hasher, "toctou::SingletonMap"),
+            created_at: Location::caller(),
+        }
+    }
+
+    /// The map's hasher.
+    ///
+    /// ```
+    /// let map: toctou::SingletonMap<u64, u64> = toctou::SingletonMap::new();
+    /// let _hasher: &std::hash::RandomState = map.hasher();
+    /// ```
+    pub fn hasher(&self) -> &S {
+        self.table.hasher()
+    }
+
+    /// The number of stored values. Initialisations in flight are not
+    /// counted.
+    ///
+    /// Takes each shard's read lock in turn, so under concurrent inserts and
+    /// removals the result is a snapshot that may already be stale.
+    ///
+    /// ```
+    /// let map = toctou::SingletonMap::new();
+    /// map.get_or_init("a", |_| 1);
+    /// map.get_or_init("b", |_| 2);
+    /// assert_eq!(map.len(), 2);
+    /// # let _: &toctou::SingletonMap<String, i32> = &map;
+    /// ```
+    pub fn len(&self) -> usize {
+        self.table.sum(|shard| shard.counted)
+    }
+
+    /// Whether the map stores no values (see [`len`](Self::len)).
+    ///
+    /// ```
+    /// let map: toctou::SingletonMap<u8, u8> = toctou::SingletonMap::new();
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Panics if the current thread is running the initialiser that `once`
+    /// belongs to: waiting for it would wait forever.
+    fn assert_not_reentrant(&self, once: &Arc<Once>) {
+        if reentry::is_initialising(once_addr(once)) {
+            panic!(
+                "reentrant initialisation of a key in toctou::SingletonMap<{}, {}> created at {}: \
+                 the initialiser for this key asked the map for the same key on the same thread, \
+                 which would deadlock (asking for a different key is fine)",
+                std::any::type_name::<K>(),
+                std::any::type_name::<V>(),
+                self.created_at,
+            );
+        }
+    }
+}
+
+impl<K, V, S> SingletonMap<K, V, S>
+where
+    K: Hash + Eq,
+    S: BuildHasher,
+{
+    /// Returns the stored value for `key`, if any. Never initialises and never
+    /// waits for an initialiser: while one runs, this returns `None`.
+    ///
+    /// ```
+    /// let map = toctou::SingletonMap::new();
+    /// assert_eq!(map.get("phi-4"), None);
+    /// map.get_or_init("phi-4", |_| 8080);
+    /// assert_eq!(map.get("phi-4").as_deref(), Some(&8080));
+    /// # let _: &toctou::SingletonMap<String, u16> = &map;
+    /// ```
+    #[inline]
+    pub fn get<Q>(&self, key: &Q) -> Option<Arc<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.get_hashed(self.table.hash(key), key)
+    }
+
+    /// Whether a value is stored for `key`. Never waits for an initialiser.
+    ///
+    /// ```
+    /// let map = toctou::SingletonMap::new();
+    /// map.get_or_init(&1, |_| "one");
+    /// assert!(map.contains_key(&1));
+    /// assert!(!map.contains_key(&2));
+    /// ```
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.table.hash(key);
+        let shard = self.table.read(hash);
+        matches!(
+            shard.find(hash, key),
+            Some(Entry {
+                value: Slot::Ready(_),
+                ..
+            })
+        )
+    }
+
+    #[inline]
+    fn get_hashed<Q>(&self, hash: u64, key: &Q) -> Option<Arc<V>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        let shard = self.table.read(hash);
+        match shard.find(hash, key) {
+            Some(Entry {
+                value: Slot::Ready(value),
+                ..
+            }) => Some(Arc::clone(value)),
+            _ => None,
+        }
+    }
+
+    /// Returns the value for `key`, initialising it with `f` if it is absent.
+    ///
+    /// If another caller is initialising the same key, this parks until that
+    /// initialiser finishes and then returns its value (or, if it failed,
+    /// runs `f` itself).
+    ///
+    /// # Panics
+    ///
+    /// If `f` panics, the panic propagates, the key stays absent, and one
+    /// waiting caller runs its own initialiser. If `f` asks this map for the
+    /// same key on the same thread, that call panics instead of deadlocking.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// let map = toctou::SingletonMap::new();
+    /// let first = map.get_or_init("phi-4", |model| format!("server for {model}"));
+    /// let again = map.get_or_init("phi-4", |_| unreachable!("already stored"));
+    /// assert!(Arc::ptr_eq(&first, &again));
+    /// # let _: &toctou::SingletonMap<String, String> = &map;
+    /// ```
+    #[inline]
+    pub fn get_or_init<Q>(&self, key: &Q, f: impl FnOnce(&K) -> V) -> Arc<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        match self.get_or_try_init(key, |k| Ok::<V, Infallible>(f(k))) {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Returns the value for `key`, initialising it with the fallible `f` if
+    /// it is absent.
+    ///
+    /// On `Err`, nothing is stored: this caller gets the error, and one
+    /// waiting caller runs its own `f`.
+    ///
+    /// ```
+    /// let map = toctou::SingletonMap::new();
+    /// assert_eq!(map.get_or_try_init("db", |_| Err("connection refused")), Err("connection refused"));
+    /// assert!(map.is_empty());
+    /// let conn = map.get_or_try_init("db", |_| Ok::<_, &str>(42)).unwrap();
+    /// assert_eq!(*conn, 42);
+    /// # let _: &toctou::SingletonMap<String, i32> = &map;
+    /// ```
+    #[inline]
+    pub fn get_or_try_init<Q, E>(
+        &self,
+        key: &Q,
+        f: impl FnOnce(&K) -> Result<V, E>,
+    ) -> Result<Arc<V>, E>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let hash = self.table.hash(key);
+        match self.get_hashed(hash, key) {
+            Some(value) => Ok(value),
+            None => self.init_slow(hash, key, f),
+        }
+    }
+
+    #[cold]
+    fn init_slow<Q, E>(
+        &self,
+        hash: u64,
+        key: &Q,
+        f: impl FnOnce(&K) -> Result<V, E>,
+    ) -> Result<Arc<V>, E>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        loop {
+            match self.claim_or_wait(hash, key) {
+                Step::Found(value) => return Ok(value),
+                Step::Wait(once) => once.wait(),
+                Step::Claimed(claim) => {
+                    let owned = key.to_owned();
+                    let value = {
+                        let _mark = reentry::Mark::enter(claim.addr());
+                        // On `Err` or unwind, `claim` drops: the key is
+                        // released and the waiters are woken.
+                        f(&owned)?
+                    };
+                    return Ok(claim.fulfil(value));
+                }
+            }
+        }
+    }
+
+    /// Returns the value for `key`, initialising it with the future returned
+    /// by `f` if it is absent.
+    ///
+    /// Runtime-agnostic: waiting for another initialiser returns `Pending` and
+    /// never blocks the executor thread. Sync and async callers for the same
+    /// key wait for each other.
+    ///
+    /// # Cancellation
+    ///
+    /// If this future is dropped while its initialiser runs, the initialiser's
+    /// future is dropped too, the key stays absent, and one waiting caller
+    /// (sync or async) takes over. Dropping a waiting future leaves nothing
+    /// behind.
+    ///
+    /// # Panics
+    ///
+    /// As [`get_or_init`](Self::get_or_init); reentrancy is detected while the
+    /// initialiser's future is being polled.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let clients: toctou::SingletonMap<String, String> = toctou::SingletonMap::new();
+    ///
+    /// async fn connect(region: String) -> String {
+    ///     format!("client for {region}")
+    /// }
+    ///
+    /// block_on(async {
+    ///     let client = clients.get_or_init_async("eu-west", |r| connect(r.clone())).await;
+    ///     assert_eq!(*client, "client for eu-west");
+    /// });
+    /// ```
+    pub async fn get_or_init_async<Q, F, Fut>(&self, key: &Q, f: F) -> Arc<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        F: FnOnce(&K) -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let init = move |k: &K| {
+            let fut = f(k);
+            async move { Ok::<V, Infallible>(fut.await) }
+        };
+        match self.get_or_try_init_async(key, init).await {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The fallible form of [`get_or_init_async`](Self::get_or_init_async).
+    ///
+    /// On `Err`, nothing is stored, this caller gets the error, and one
+    /// waiting caller runs its own initialiser.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let map: toctou::SingletonMap<u32, u32> = toctou::SingletonMap::new();
+    /// block_on(async {
+    ///     let failed = map.get_or_try_init_async(&7, |_| async { Err("down") }).await;
+    ///     assert_eq!(failed, Err("down"));
+    ///     let ok = map.get_or_try_init_async(&7, |k| { let k = *k; async move { Ok::<_, &str>(k * 6) } }).await;
+    ///     assert_eq!(ok.as_deref(), Ok(&42));
+    /// });
+    /// ```
+    pub async fn get_or_try_init_async<Q, F, Fut, E>(&self, key: &Q, f: F) -> Result<Arc<V>, E>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        F: FnOnce(&K) -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let hash = self.table.hash(key);
+        if let Some(value) = self.get_hashed(hash, key) {
+            return Ok(value);
+        }
+        loop {
+            match self.claim_or_wait(hash, key) {
+                Step::Found(value) => return Ok(value),
+                Step::Wait(once) => once.wait_async().await,
+                Step::Claimed(claim) => {
+                    let owned = key.to_owned();
+                    // Cancelled here, or `Err`: `claim` drops, the key is
+                    // released and the waiters are woken.
+                    let value = reentry::poll_marked(claim.addr(), || f(&owned)).await?;
+                    return Ok(claim.fulfil(value));
+                }
+            }
+        }
+    }
+
+    /// The check and the claim, in one critical section.
+    fn claim_or_wait<Q>(&self, hash: u64, key: &Q) -> Step<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let mut shard = self.table.write(hash);
+        let once = match shard.find(hash, key) {
+            Some(entry) => match &entry.value {
+                Slot::Ready(value) => return Step::Found(Arc::clone(value)),
+                Slot::Pending(once) => Arc::clone(once),
+            },
+            None => {
+                let init = SharedInit::new();
+                let slot = Slot::Pending(Arc::clone(init.once()));
+                shard.insert_new(hash, key.to_owned(), slot);
+                return Step::Claimed(Claim {
+                    map: self,
+                    hash,
+                    init: Some(init),
+                });
+            }
+        };
+        drop(shard);
+        self.assert_not_reentrant(&once);
+        Step::Wait(once)
+    }
+
+    /// Removes the value for `key` and returns it.
+    ///
+    /// If an initialisation of `key` is in flight, this parks until it
+    /// finishes and then removes its result; if it failed and a waiter took
+    /// over, this waits for that one too. So a shutdown cannot interleave
+    /// with a start: once `remove` returns, any value it did not return was
+    /// stored by an initialisation that started after it.
+    ///
+    /// Other holders of the `Arc` keep the value alive; the map just stops
+    /// tracking it.
+    ///
+    /// # Panics
+    ///
+    /// If called from inside the initialiser of the same key, on the same
+    /// thread: that would wait for itself.
+    ///
+    /// ```
+    /// let map = toctou::SingletonMap::new();
+    /// map.get_or_init("phi-4", |_| 8080);
+    /// assert_eq!(map.remove("phi-4").as_deref(), Some(&8080));
+    /// assert_eq!(map.remove("phi-4"), None);
+    /// # let _: &toctou::SingletonMap<String, u16> = &map;
+    /// ```
+    pub fn remove<Q>(&self, key: &Q) -> Option<Arc<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.table.hash(key);
+        loop {
+            match self.remove_or_wait(hash, key) {
+                Removal::Done(value) => return value,
+                Removal::Wait(once) => once.wait(),
+            }
+        }
+    }
+
+    /// The async form of [`remove`](Self::remove): waiting for an
+    /// initialisation in flight returns `Pending` instead of parking.
+    /// Dropping the future before it completes removes nothing.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let map = toctou::SingletonMap::new();
+    /// map.get_or_init(&1, |_| "one");
+    /// block_on(async {
+    ///     assert_eq!(map.remove_async(&1).await.as_deref(), Some(&"one"));
+    /// });
+    /// ```
+    pub async fn remove_async<Q>(&self, key: &Q) -> Option<Arc<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.table.hash(key);
+        loop {
+            match self.remove_or_wait(hash, key) {
+                Removal::Done(value) => return value,
+                Removal::Wait(once) => once.wait_async().await,
+            }
+        }
+    }
+
+    fn remove_or_wait<Q>(&self, hash: u64, key: &Q) -> Removal<V>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        let mut shard = self.table.write(hash);
+        let once = match shard.entries.find_entry(hash, |e| e.key.borrow() == key) {
+            Err(_) => return Removal::Done(None),
+            Ok(occupied) => match &occupied.get().value {
+                Slot::Pending(once) => Arc::clone(once),
+                Slot::Ready(_) => {
+                    let (entry, _) = occupied.remove();
+                    shard.counted -= 1;
+                    drop(shard);
+                    // The key (and, if nobody else holds it, the value) drop
+                    // here, outside the lock.
+                    return match entry.value {
+                        Slot::Ready(value) => Removal::Done(Some(value)),
+                        Slot::Pending(_) => unreachable!("matched Ready above"),
+                    };
+                }
+            },
+        };
+        drop(shard);
+        self.assert_not_reentrant(&once);
+        Removal::Wait(once)
+    }
+
+    /// Keeps only the values for which `f` returns `true`; removes the rest.
+    ///
+    /// Works one shard at a time. In each shard it first waits for the
+    /// initialisations in flight there, then calls `f` on every stored value,
+    /// under the shard's write lock. Initialisations that start after it
+    /// reached a shard are not waited for (they happen after this call, for
+    /// that shard). `f` receives the `Arc`, so it can, for example, evict the
+    /// values that nobody else holds.
+    ///
+    /// Removed keys and values are dropped after the shard is unlocked.
+    ///
+    /// # Panics
+    ///
+    /// If `f` calls back into the map for a key in the shard being processed
+    /// (which would deadlock), or if called from inside an initialiser of this
+    /// map on the same thread while that key is in flight.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// let map = toctou::SingletonMap::new();
+    /// let kept = map.get_or_init("in use", |_| 1);
+    /// map.get_or_init("idle", |_| 2);
+    ///
+    /// // Evict every value that only the map holds.
+    /// map.retain(|_, value| Arc::strong_count(value) > 1);
+    /// assert!(map.contains_key("in use"));
+    /// assert!(!map.contains_key("idle"));
+    /// # drop(kept);
+    /// # let _: &toctou::SingletonMap<String, i32> = &map;
+    /// ```
+    pub fn retain(&self, mut f: impl FnMut(&K, &Arc<V>) -> bool) {
+        for index in 0..self.table.shards() {
+            let in_flight: Vec<Arc<Once>> = {
+                let shard = self.table.write_at(index);
+                shard
+                    .entries
+                    .iter()
+                    .filter_map(|e| match &e.value {
+                        Slot::Pending(once) => Some(Arc::clone(once)),
+                        Slot::Ready(_) => None,
+                    })
+                    .collect()
+            };
+            for once in &in_flight {
+                self.assert_not_reentrant(once);
+                once.wait();
+            }
+            let mut removed = Vec::new();
+            {
+                let mut shard = self.table.write_at(index);
+                let _mark = self.table.mark_at(index);
+                let shard = &mut *shard;
+                let counted = &mut shard.counted;
+                // `extract_if` erases each entry as the predicate accepts it,
+                // so counting inside the predicate stays exact even if `f`
+                // panics part-way.
+                for entry in shard.entries.extract_if(|e| match &e.value {
+                    Slot::Ready(value) if !f(&e.key, value) => {
+                        *counted -= 1;
+                        true
+                    }
+                    _ => false,
+                }) {
+                    removed.push(entry);
+                }
+            }
+            drop(removed);
+        }
+    }
+
+    /// Removes every value, waiting for the initialisations in flight as
+    /// [`retain`](Self::retain) does.
+    ///
+    /// ```
+    /// let map = toctou::SingletonMap::new();
+    /// map.get_or_init(&1, |_| "one");
+    /// map.clear();
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn clear(&self) {
+        self.retain(|_, _| false);
+    }
+}
+
+/// The claim on a key's initialisation. Dropping it unfulfilled (error,
+/// panic, cancellation) removes the `Pending` entry and wakes the waiters.
+struct Claim<'a, K, V, S> {
+    map: &'a SingletonMap<K, V, S>,
+    hash: u64,
+    /// `Some` until fulfilled.
+    init: Option<SharedInit>,
+}
+
+impl<K, V, S> Claim<'_, K, V, S> {
+    fn once(&self) -> &Arc<Once> {
+        self.init
+            .as_ref()
+            .expect("a claim holds its init until it ends")
+            .once()
+    }
+
+    /// The address the initialiser's reentrancy mark uses.
+    fn addr(&self) -> usize {
+        once_addr(self.once())
+    }
+
+    /// Whether `entry` is this claim's `Pending` entry. Found by identity:
+    /// only the claimant removes or replaces its `Pending`.
+    fn is_ours(once: &Arc<Once>) -> impl Fn(&Entry<K, Slot<V>>) -> bool + '_ {
+        move |entry| matches!(&entry.value, Slot::Pending(p) if Arc::ptr_eq(p, once))
+    }
+
+    /// Publishes `value` for the key and wakes the waiters.
+    fn fulfil(mut self, value: V) -> Arc<V> {
+        let value = Arc::new(value);
+        let init = self.init.take().expect("a claim is fulfilled once");
+        {
+            let mut shard = self.map.table.write(self.hash);
+            let entry = shard
+                .find_by(self.hash, Self::is_ours(init.once()))
+                .expect("a Pending entry stays in the map until its claimant ends it");
+            entry.value = Slot::Ready(Arc::clone(&value));
+            shard.counted += 1;
+        }
+        // After the map holds the value: a woken waiter re-reads the map.
+        init.complete();
+        value
+    }
+}
+
+impl<K, V, S> Drop for Claim<'_, K, V, S> {
+    fn drop(&mut self) {
+        if let Some(init) = self.init.take() {
+            let removed = {
+                let mut shard = self.map.table.write(self.hash);
+                shard.remove_by(self.hash, Self::is_ours(init.once()))
+            };
+            debug_assert!(
+                removed.is_some(),
+                "abandoned a claim that was not in the map"
+            );
+            // After the entry is gone: wake the waiters, one of whom claims
+            // the key anew. The key drops here, outside the lock.
+            drop(init);
+            drop(removed);
+        }
+    }
+}
+
+fn once_addr(once: &Arc<Once>) -> usize {
+    Arc::as_ptr(once) as usize
+}
+
+impl<K, V, S: Default> Default for SingletonMap<K, V, S> {
+    /// An empty map.
+    #[track_caller]
+    fn default() -> Self {
+        Self::with_hasher(S::default())
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug, S> fmt::Debug for SingletonMap<K, V, S> {
+    /// Shows the stored values, and `<initializing>` for keys in flight.
+    /// Takes each shard's read lock in turn; never waits for an initialiser.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Initializing;
+        impl fmt::Debug for Initializing {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("<initializing>")
+            }
+        }
+        let mut map = f.debug_map();
+        self.table.for_each_shard(|shard| {
+            for entry in shard.entries.iter() {
+                match &entry.value {
+                    Slot::Ready(value) => map.entry(&entry.key, value),
+                    Slot::Pending(_) => map.entry(&entry.key, &Initializing),
+                };
+            }
+        });
+        map.finish()
+    }
+}

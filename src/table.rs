@@ -1,0 +1,241 @@
+//! The sharded hash table under every keyed primitive.
+//!
+//! A key's hash is computed once per call, with the map's `BuildHasher`, and
+//! picks both the shard and the bucket. Each shard is a `hashbrown::HashTable`
+//! behind a reader-writer lock from the sync layer, padded to its own cache
+//! lines so that two shards never share one.
+//!
+//! The table knows nothing about what an entry means: the front-ends
+//! (`SingletonMap`, and the keyed locks) decide when entries are created and
+//! removed, always under the shard's write lock, which is what makes their
+//! check-then-insert and check-then-remove steps atomic.
+//!
+//! # Reentrancy
+//!
+//! A front-end that runs a user callback while it holds a shard lock (such as
+//! a `retain` predicate) marks that shard with [`Table::mark_at`]. If the
+//! callback calls back into the map and needs the same shard, the lock cannot
+//! be taken without waiting, and the waiting thread is the one holding it: we
+//! panic with a message instead of deadlocking. The check runs only when the
+//! lock is not immediately available.
+
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+
+use hashbrown::HashTable;
+
+use crate::reentry;
+use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// One key's entry: its hash (so resizing never rehashes), the owned key, and
+/// the front-end's state for it.
+pub(crate) struct Entry<K, T> {
+    pub(crate) hash: u64,
+    pub(crate) key: K,
+    pub(crate) value: T,
+}
+
+/// The contents of one shard.
+pub(crate) struct Shard<K, T> {
+    pub(crate) entries: HashTable<Entry<K, T>>,
+    /// How many of `entries` the front-end counts in its `len()`; it keeps
+    /// this up to date under the write lock.
+    pub(crate) counted: usize,
+}
+
+impl<K, T> Shard<K, T> {
+    /// The entry for `key`, if any.
+    #[inline]
+    pub(crate) fn find<Q>(&self, hash: u64, key: &Q) -> Option<&Entry<K, T>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        self.entries.find(hash, |e| e.key.borrow() == key)
+    }
+
+    /// The first entry with hash `hash` that `is` accepts, for modification.
+    /// Front-ends use this to find an entry by identity rather than by key.
+    pub(crate) fn find_by(
+        &mut self,
+        hash: u64,
+        is: impl FnMut(&Entry<K, T>) -> bool,
+    ) -> Option<&mut Entry<K, T>> {
+        self.entries.find_mut(hash, is)
+    }
+
+    /// Inserts an entry the caller has just checked is absent.
+    pub(crate) fn insert_new(&mut self, hash: u64, key: K, value: T) {
+        self.entries
+            .insert_unique(hash, Entry { hash, key, value }, |e| e.hash);
+    }
+
+    /// Removes and returns the first entry with hash `hash` that `is` accepts.
+    pub(crate) fn remove_by(
+        &mut self,
+        hash: u64,
+        is: impl FnMut(&Entry<K, T>) -> bool,
+    ) -> Option<Entry<K, T>> {
+        match self.entries.find_entry(hash, is) {
+            Ok(occupied) => Some(occupied.remove().0),
+            Err(_) => None,
+        }
+    }
+}
+
+/// A shard lock on its own cache lines (128 bytes: adjacent-line prefetch on
+/// x86 pulls pairs of 64-byte lines).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// One shard's lock, on its own cache lines.
+type ShardLock<K, T> = Padded<RwLock<Shard<K, T>>>;
+
+/// A sharded hash table from `K` to `T`.
+pub(crate) struct Table<K, T, S> {
+    hasher: S,
+    shards: Box<[ShardLock<K, T>]>,
+    /// `shards.len() - 1`; the length is a power of two.
+    mask: usize,
+    /// The public type's name, for the reentrancy panic.
+    owner: &'static str,
+}
+
+impl<K, T, S> Table<K, T, S> {
+    /// An empty table with `shard_count()` shards.
+    pub(crate) fn with_hasher(hasher: S, owner: &'static str) -> Self {
+        let count = shard_count();
+        let shards = (0..count)
+            .map(|_| {
+                Padded(RwLock::new(Shard {
+                    entries: HashTable::new(),
+                    counted: 0,
+                }))
+            })
+            .collect();
+        Self {
+            hasher,
+            shards,
+            mask: count - 1,
+            owner,
+        }
+    }
+
+    pub(crate) fn hasher(&self) -> &S {
+        &self.hasher
+    }
+
+    /// The shard for `hash`. hashbrown uses the low bits for the bucket and
+    /// the top 7 for its tag byte, so the shard index comes from the middle.
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Shard<K, T>> {
+        &self.shards[(hash >> 32) as usize & self.mask].0
+    }
+
+    /// Locks the shard of `hash` for reading.
+    #[inline]
+    pub(crate) fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard<K, T>> {
+        let shard = self.shard(hash);
+        match shard.try_read() {
+            Some(guard) => guard,
+            None => self.read_slow(shard),
+        }
+    }
+
+    #[cold]
+    fn read_slow<'a>(&self, shard: &'a RwLock<Shard<K, T>>) -> RwLockReadGuard<'a, Shard<K, T>> {
+        self.assert_not_reentrant(shard);
+        shard.read()
+    }
+
+    /// Locks the shard of `hash` for writing.
+    pub(crate) fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Shard<K, T>> {
+        self.write_shard(self.shard(hash))
+    }
+
+    /// The number of shards; [`write_at`](Self::write_at) takes `0..shards()`.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Locks shard number `index` for writing.
+    pub(crate) fn write_at(&self, index: usize) -> RwLockWriteGuard<'_, Shard<K, T>> {
+        self.write_shard(&self.shards[index].0)
+    }
+
+    /// Marks shard number `index` as locked by a callback on this thread, for
+    /// as long as the mark lives: a reentrant lock attempt on it panics.
+    pub(crate) fn mark_at(&self, index: usize) -> reentry::Mark {
+        reentry::Mark::enter(shard_addr(&self.shards[index].0))
+    }
+
+    /// Sums `f` over every shard, under read locks taken one at a time.
+    pub(crate) fn sum(&self, f: impl Fn(&Shard<K, T>) -> usize) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| match shard.0.try_read() {
+                Some(guard) => f(&guard),
+                None => f(&self.read_slow(&shard.0)),
+            })
+            .sum()
+    }
+
+    /// Runs `f` on every shard under its read lock, one at a time.
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&Shard<K, T>)) {
+        for shard in self.shards.iter() {
+            match shard.0.try_read() {
+                Some(guard) => f(&guard),
+                None => f(&self.read_slow(&shard.0)),
+            }
+        }
+    }
+
+    fn write_shard<'a>(&self, shard: &'a RwLock<Shard<K, T>>) -> RwLockWriteGuard<'a, Shard<K, T>> {
+        match shard.try_write() {
+            Some(guard) => guard,
+            None => {
+                self.assert_not_reentrant(shard);
+                shard.write()
+            }
+        }
+    }
+
+    #[cold]
+    fn assert_not_reentrant(&self, shard: &RwLock<Shard<K, T>>) {
+        if reentry::is_initialising(shard_addr(shard)) {
+            panic!(
+                "reentrant call into a {} from a callback that runs while the map \
+                 holds a lock on the same shard (a `retain` predicate, for example): \
+                 this would deadlock; do not call back into the map from that callback",
+                self.owner
+            );
+        }
+    }
+}
+
+impl<K, T, S: BuildHasher> Table<K, T, S> {
+    /// The hash of `key`. `K: Borrow<Q>` promises it equals the owned key's.
+    #[inline]
+    pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.hasher.hash_one(key)
+    }
+}
+
+fn shard_addr<T>(shard: &RwLock<T>) -> usize {
+    shard as *const RwLock<T> as usize
+}
+
+/// Four shards per core, rounded up to a power of two (as dashmap does), so
+/// that unrelated keys rarely share a lock. Under loom, two: the models use
+/// few keys, and every shard is a loom object.
+fn shard_count() -> usize {
+    #[cfg(toctou_loom)]
+    {
+        2
+    }
+    #[cfg(not(toctou_loom))]
+    {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores * 4).next_power_of_two()
+    }
+}

@@ -1,0 +1,700 @@
+//! Integration tests for `SingletonMap`: the seed's model-server scenario,
+//! parallel keys, `remove` against an in-flight init, retry after error, panic
+//! and cancellation, reentrancy, and drop accounting.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use toctou::SingletonMap;
+
+/// A value that counts its drops in a shared counter.
+struct Counted {
+    id: usize,
+    drops: Arc<AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, SeqCst);
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => (*payload.downcast::<&str>().unwrap()).to_owned(),
+    }
+}
+
+/// The seed: `threads` chats call `ensure("phi-4")` at once; the start takes
+/// 20 ms. Exactly one start, and everyone gets the same server.
+fn seed_scenario(threads: usize) {
+    let servers: SingletonMap<String, Counted> = SingletonMap::new();
+    let starts = AtomicUsize::new(0);
+    let drops = Arc::new(AtomicUsize::new(0));
+    let barrier = Barrier::new(threads);
+    let ptrs: Vec<usize> = thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let server = servers.get_or_init("phi-4", |model| {
+                        assert_eq!(model, "phi-4");
+                        let id = starts.fetch_add(1, SeqCst);
+                        thread::sleep(Duration::from_millis(20));
+                        Counted {
+                            id,
+                            drops: drops.clone(),
+                        }
+                    });
+                    Arc::as_ptr(&server) as usize
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(starts.load(SeqCst), 1, "servers started");
+    assert!(
+        ptrs.iter().all(|p| *p == ptrs[0]),
+        "callers got different servers"
+    );
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers.get("phi-4").unwrap().id, 0);
+    drop(servers);
+    assert_eq!(
+        drops.load(SeqCst),
+        1,
+        "the one server is dropped with the map"
+    );
+}
+
+#[test]
+fn seed_scenario_10_threads() {
+    seed_scenario(10);
+}
+
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "200 threads take minutes under miri; the 10-thread run covers it"
+)]
+fn seed_scenario_200_threads() {
+    seed_scenario(200);
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "wall-clock check; miri's clock is not the machine's")]
+fn different_keys_initialise_in_parallel() {
+    let servers: SingletonMap<&str, u16> = SingletonMap::new();
+    let barrier = Barrier::new(2);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for (model, port) in [("phi-4", 8001), ("nemotron", 8002)] {
+            let (servers, barrier) = (&servers, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                servers.get_or_init(&model, |_| {
+                    thread::sleep(Duration::from_millis(200));
+                    port
+                })
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(350),
+        "two 200 ms starts took {elapsed:?}: they were serialised"
+    );
+    assert_eq!(servers.len(), 2);
+}
+
+#[test]
+fn a_caller_for_another_key_does_not_wait_for_a_running_init() {
+    let map: SingletonMap<u32, u32> = SingletonMap::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    thread::scope(|s| {
+        let map = &map;
+        let slow = s.spawn(move || {
+            *map.get_or_init(&1, |_| {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                10
+            })
+        });
+        started_rx.recv().unwrap();
+        // Key 1 is in flight and will stay so until we release it: if key 2
+        // waited for it, this would hang (and the scope would never end).
+        let (done_tx, done_rx) = mpsc::channel();
+        s.spawn(move || done_tx.send(*map.get_or_init(&2, |_| 20)).unwrap());
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(20));
+        assert_eq!(map.get(&1), None, "get never waits for an init in flight");
+        assert!(!map.contains_key(&1));
+        assert_eq!(map.len(), 1, "len counts stored values only");
+        release_tx.send(()).unwrap();
+        assert_eq!(slow.join().unwrap(), 10);
+    });
+    assert_eq!(map.len(), 2);
+}
+
+/// Starts an init of `key` on another thread that signals when it has begun
+/// and finishes only when released. Returns (release, handle).
+fn in_flight<'s>(
+    s: &'s thread::Scope<'s, '_>,
+    map: &'s SingletonMap<String, Counted>,
+    drops: &Arc<AtomicUsize>,
+    id: usize,
+) -> (mpsc::Sender<()>, thread::ScopedJoinHandle<'s, Arc<Counted>>) {
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let drops = drops.clone();
+    let handle = s.spawn(move || {
+        map.get_or_init("phi-4", move |_| {
+            started_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            Counted { id, drops }
+        })
+    });
+    started_rx.recv().unwrap();
+    (release_tx, handle)
+}
+
+#[test]
+fn remove_waits_for_an_init_in_flight_and_removes_its_result() {
+    let map = SingletonMap::new();
+    let drops = Arc::new(AtomicUsize::new(0));
+    thread::scope(|s| {
+        let (release, starter) = in_flight(s, &map, &drops, 7);
+        let remover = s.spawn(|| map.remove("phi-4"));
+        // Let the remover find the init in flight and wait for it.
+        thread::sleep(Duration::from_millis(30));
+        assert!(!remover.is_finished(), "remove must wait for the start");
+        release.send(()).unwrap();
+        let started = starter.join().unwrap();
+        let removed = remover
+            .join()
+            .unwrap()
+            .expect("remove got the started value");
+        assert!(Arc::ptr_eq(&started, &removed));
+        assert_eq!(removed.id, 7);
+    });
+    assert!(map.is_empty(), "nothing left behind");
+    assert_eq!(
+        drops.load(SeqCst),
+        1,
+        "the removed value dropped with its last Arc"
+    );
+}
+
+#[test]
+fn remove_racing_get_or_init_never_loses_a_value() {
+    let rounds = if cfg!(miri) { 5 } else { 300 };
+    let drops = Arc::new(AtomicUsize::new(0));
+    let created = AtomicUsize::new(0);
+    for round in 0..rounds {
+        let map: SingletonMap<String, Counted> = SingletonMap::new();
+        let barrier = Barrier::new(2);
+        let (got, removed) = thread::scope(|s| {
+            let init = s.spawn(|| {
+                barrier.wait();
+                map.get_or_init("phi-4", |_| {
+                    created.fetch_add(1, SeqCst);
+                    Counted {
+                        id: round,
+                        drops: drops.clone(),
+                    }
+                })
+            });
+            let remove = s.spawn(|| {
+                barrier.wait();
+                map.remove("phi-4")
+            });
+            (init.join().unwrap(), remove.join().unwrap())
+        });
+        match removed {
+            // remove ran after the value was stored: it got that value.
+            Some(removed) => {
+                assert!(
+                    Arc::ptr_eq(&got, &removed),
+                    "round {round}: removed another value"
+                );
+                assert!(map.is_empty(), "round {round}: removed, yet still stored");
+            }
+            // remove ran first: the value must still be tracked by the map.
+            None => {
+                let stored = map.get("phi-4").unwrap_or_else(|| {
+                    panic!("round {round}: a started value is neither stored nor returned")
+                });
+                assert!(Arc::ptr_eq(&got, &stored));
+            }
+        }
+    }
+    assert_eq!(
+        drops.load(SeqCst),
+        created.load(SeqCst),
+        "every value dropped exactly once"
+    );
+    assert_eq!(created.load(SeqCst), rounds, "one init per round");
+}
+
+#[test]
+fn failed_init_is_not_stored_and_a_waiter_runs_its_own() {
+    let map: SingletonMap<String, u32> = SingletonMap::new();
+    let second_runs = AtomicUsize::new(0);
+    let (started_tx, started_rx) = mpsc::channel();
+    thread::scope(|s| {
+        let first = s.spawn(|| {
+            map.get_or_try_init("db", |_| {
+                started_tx.send(()).unwrap();
+                thread::sleep(Duration::from_millis(50)); // the waiter parks
+                Err("backend down")
+            })
+        });
+        started_rx.recv().unwrap();
+        let second = s.spawn(|| {
+            map.get_or_try_init("db", |_| {
+                second_runs.fetch_add(1, SeqCst);
+                Ok::<u32, &str>(2)
+            })
+        });
+        assert_eq!(first.join().unwrap().unwrap_err(), "backend down");
+        assert_eq!(*second.join().unwrap().unwrap(), 2);
+    });
+    assert_eq!(second_runs.load(SeqCst), 1);
+    assert_eq!(map.len(), 1);
+}
+
+#[test]
+fn failed_init_leaves_no_entry() {
+    let map: SingletonMap<u8, u8> = SingletonMap::new();
+    assert_eq!(map.get_or_try_init(&1, |_| Err(())), Err(()));
+    assert!(map.is_empty());
+    assert_eq!(map.get(&1), None);
+    assert_eq!(map.remove(&1), None, "no stray Pending to wait for");
+    assert_eq!(format!("{map:?}"), "{}");
+}
+
+#[test]
+fn panicking_init_is_retryable_and_a_waiter_takes_over() {
+    let map: SingletonMap<String, u32> = SingletonMap::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    thread::scope(|s| {
+        let first = s.spawn(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                map.get_or_init("phi-4", |_| {
+                    started_tx.send(()).unwrap();
+                    thread::sleep(Duration::from_millis(50));
+                    panic!("port in use");
+                })
+            }))
+        });
+        started_rx.recv().unwrap();
+        let second = s.spawn(|| *map.get_or_init("phi-4", |_| 3));
+        let payload = first
+            .join()
+            .unwrap()
+            .expect_err("the panic reaches its caller");
+        assert_eq!(panic_message(payload), "port in use");
+        assert_eq!(second.join().unwrap(), 3);
+    });
+    assert_eq!(map.get("phi-4").as_deref(), Some(&3), "no poisoning");
+}
+
+#[test]
+fn reentrant_init_of_the_same_key_panics_with_a_message() {
+    let map: SingletonMap<String, u32> = SingletonMap::new();
+    let payload = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_init("phi-4", |_| *map.get_or_init("phi-4", |_| 1))
+    }))
+    .expect_err("reentrancy must panic, not deadlock");
+    let message = panic_message(payload);
+    assert!(message.contains("reentrant initialisation"), "{message}");
+    assert!(
+        message.contains("toctou::SingletonMap<alloc::string::String, u32>"),
+        "{message}"
+    );
+    assert!(
+        message.contains("singleton_map.rs"),
+        "names the creation site: {message}"
+    );
+    assert!(
+        map.is_empty(),
+        "the outer init unwound and released the key"
+    );
+    assert_eq!(*map.get_or_init("phi-4", |_| 2), 2, "still usable");
+}
+
+#[test]
+fn reentrant_remove_of_the_key_being_initialised_panics() {
+    let map: SingletonMap<u8, u8> = SingletonMap::new();
+    let payload = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_init(&1, |_| {
+            map.remove(&1);
+            1
+        })
+    }))
+    .expect_err("remove would wait for itself");
+    assert!(panic_message(payload).contains("reentrant initialisation"));
+    let payload = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_init(&1, |_| {
+            map.clear();
+            1
+        })
+    }))
+    .expect_err("clear would wait for itself");
+    assert!(panic_message(payload).contains("reentrant initialisation"));
+    assert!(map.is_empty());
+}
+
+#[test]
+fn initialising_a_different_key_inside_an_initialiser_is_fine() {
+    let map: SingletonMap<&str, u32> = SingletonMap::new();
+    let outer = map.get_or_init(&"outer", |_| *map.get_or_init(&"inner", |_| 1) + 1);
+    assert_eq!(*outer, 2);
+    assert_eq!(map.len(), 2);
+}
+
+#[test]
+fn retain_predicate_calling_back_into_its_shard_panics_instead_of_deadlocking() {
+    let map: SingletonMap<u8, u8> = SingletonMap::new();
+    map.get_or_init(&1, |_| 1);
+    let payload = catch_unwind(AssertUnwindSafe(|| {
+        // The key being visited is certainly in the locked shard.
+        map.retain(|k, _| map.get(k).is_some());
+    }))
+    .expect_err("the predicate must not deadlock on its own shard");
+    let message = panic_message(payload);
+    assert!(message.contains("toctou::SingletonMap"), "{message}");
+    assert!(message.contains("retain"), "{message}");
+    assert_eq!(map.len(), 1, "the map is intact after the panic");
+    assert_eq!(map.get(&1).as_deref(), Some(&1));
+}
+
+#[test]
+fn retain_and_clear_drop_what_they_remove_and_keep_len_exact() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let map: SingletonMap<usize, Counted> = SingletonMap::new();
+    for id in 0..100 {
+        map.get_or_init(&id, |_| Counted {
+            id,
+            drops: drops.clone(),
+        });
+    }
+    assert_eq!(map.len(), 100);
+    map.retain(|k, v| {
+        assert_eq!(*k, v.id);
+        k % 2 == 0
+    });
+    assert_eq!(map.len(), 50);
+    assert_eq!(drops.load(SeqCst), 50);
+    assert!(map.contains_key(&2) && !map.contains_key(&3));
+
+    // A predicate that panics part-way leaves `len` consistent.
+    let mut seen = 0;
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        map.retain(|_, _| {
+            seen += 1;
+            assert!(seen < 10, "give up");
+            false
+        })
+    }));
+    let left = (0..100).filter(|k| map.contains_key(k)).count();
+    assert_eq!(map.len(), left);
+    assert_eq!(drops.load(SeqCst), 100 - left);
+
+    map.clear();
+    assert!(map.is_empty());
+    assert_eq!(drops.load(SeqCst), 100);
+}
+
+#[test]
+fn clear_waits_for_an_init_in_flight() {
+    let map = SingletonMap::new();
+    let drops = Arc::new(AtomicUsize::new(0));
+    thread::scope(|s| {
+        let (release, starter) = in_flight(s, &map, &drops, 1);
+        let clearer = s.spawn(|| map.clear());
+        thread::sleep(Duration::from_millis(30));
+        assert!(!clearer.is_finished(), "clear must wait for the start");
+        release.send(()).unwrap();
+        clearer.join().unwrap();
+        drop(starter.join().unwrap());
+    });
+    assert!(map.is_empty());
+    assert_eq!(drops.load(SeqCst), 1);
+}
+
+#[test]
+fn borrowed_keys_and_values_behave_like_a_map() {
+    let map: SingletonMap<String, String> = SingletonMap::default();
+    let v = map.get_or_init("a", |k| k.to_uppercase());
+    assert_eq!(*v, "A");
+    assert!(map.contains_key("a"));
+    assert_eq!(map.get("a").as_deref().map(String::as_str), Some("A"));
+    assert_eq!(format!("{map:?}"), r#"{"a": "A"}"#);
+    assert_eq!(map.remove("a").as_deref().map(String::as_str), Some("A"));
+    assert!(map.is_empty());
+}
+
+#[test]
+fn debug_shows_keys_in_flight_without_waiting() {
+    let map: SingletonMap<u8, u8> = SingletonMap::new();
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    thread::scope(|s| {
+        let map = &map;
+        s.spawn(move || {
+            map.get_or_init(&1, |_| {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                1
+            })
+        });
+        started_rx.recv().unwrap();
+        assert_eq!(format!("{map:?}"), "{1: <initializing>}");
+        release_tx.send(()).unwrap();
+    });
+    assert_eq!(format!("{map:?}"), "{1: 1}");
+}
+
+#[test]
+fn thread_safety_bounds() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send_sync::<SingletonMap<String, Vec<u8>>>();
+    let map: SingletonMap<String, u32> = SingletonMap::new();
+    // The async futures can be spawned on a multi-threaded runtime.
+    assert_send(&map.get_or_init_async("k", |_| async { 1 }));
+    assert_send(&map.get_or_try_init_async("k", |_| async { Ok::<_, ()>(1) }));
+    assert_send(&map.remove_async("k"));
+}
+
+mod without_a_runtime {
+    //! Async paths driven by a minimal thread-parking executor, so that miri
+    //! (which does not run the tokio tests) checks them too.
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct ThreadWaker(thread::Thread);
+
+    impl Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    fn block_on<F: Future>(fut: F) -> F::Output {
+        let mut fut = pin!(fut);
+        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                return out;
+            }
+            thread::park();
+        }
+    }
+
+    #[test]
+    fn dropped_async_initialiser_hands_over_to_a_parked_sync_waiter() {
+        let map: SingletonMap<u8, u8> = SingletonMap::new();
+        let mut init = Box::pin(map.get_or_init_async(&1, |_| std::future::pending::<u8>()));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(init.as_mut().poll(&mut cx).is_pending(), "holds the claim");
+        assert_eq!(format!("{map:?}"), "{1: <initializing>}");
+        thread::scope(|s| {
+            let waiter = s.spawn(|| *map.get_or_init(&1, |_| 9));
+            thread::sleep(Duration::from_millis(20)); // let the waiter park
+            drop(init); // cancellation: the claim is given back
+            assert_eq!(waiter.join().unwrap(), 9);
+        });
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn cancelled_initialiser_with_no_waiters_leaves_nothing() {
+        let map: SingletonMap<u8, u8> = SingletonMap::new();
+        let mut init = Box::pin(map.get_or_init_async(&1, |_| std::future::pending::<u8>()));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(init.as_mut().poll(&mut cx).is_pending());
+        drop(init);
+        assert_eq!(format!("{map:?}"), "{}", "no stray Pending entry");
+        assert_eq!(
+            block_on(map.get_or_init_async(&1, |_| async { 2 })),
+            Arc::new(2)
+        );
+    }
+
+    #[test]
+    fn dropped_async_waiters_and_removers_leave_nothing_behind() {
+        let map: SingletonMap<u8, u8> = SingletonMap::new();
+        let (in_init_tx, in_init_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        thread::scope(|s| {
+            let map = &map;
+            let initialiser = s.spawn(move || {
+                *map.get_or_init(&1, |_| {
+                    in_init_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    4
+                })
+            });
+            in_init_rx.recv().unwrap();
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 0..3 {
+                let mut waiter = Box::pin(map.get_or_init_async(&1, |_| async { 5 }));
+                assert!(
+                    waiter.as_mut().poll(&mut cx).is_pending(),
+                    "queued behind the init"
+                );
+                drop(waiter);
+                let mut remover = Box::pin(map.remove_async(&1));
+                assert!(
+                    remover.as_mut().poll(&mut cx).is_pending(),
+                    "waits for the init"
+                );
+                drop(remover); // a cancelled remove removes nothing
+            }
+            release_tx.send(()).unwrap();
+            assert_eq!(initialiser.join().unwrap(), 4);
+        });
+        assert_eq!(map.get(&1).as_deref(), Some(&4));
+        assert_eq!(block_on(map.remove_async(&1)).as_deref(), Some(&4));
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn async_waiter_is_woken_by_a_sync_initialiser() {
+        let map: SingletonMap<u8, u8> = SingletonMap::new();
+        let (started_tx, started_rx) = mpsc::channel();
+        thread::scope(|s| {
+            let first = s.spawn(|| {
+                *map.get_or_init(&1, |_| {
+                    started_tx.send(()).unwrap();
+                    thread::sleep(Duration::from_millis(30));
+                    1
+                })
+            });
+            started_rx.recv().unwrap();
+            let second = s.spawn(|| *block_on(map.get_or_init_async(&1, |_| async { 2 })));
+            assert_eq!((first.join().unwrap(), second.join().unwrap()), (1, 1));
+        });
+    }
+}
+
+#[cfg(not(miri))]
+mod with_tokio {
+    //! Async tests on tokio's multi-threaded runtime (a dev-dependency only).
+    use super::*;
+    use tokio::time::{sleep, timeout};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_async_initialiser_is_taken_over_by_an_async_waiter() {
+        let map: Arc<SingletonMap<String, &str>> = Arc::new(SingletonMap::new());
+        let slow = timeout(
+            Duration::from_millis(30),
+            map.get_or_init_async("phi-4", |_| async {
+                sleep(Duration::from_secs(3600)).await;
+                "never"
+            }),
+        );
+        let waiter = tokio::spawn({
+            let map = map.clone();
+            async move {
+                // Arrive while the slow initialiser holds the claim.
+                sleep(Duration::from_millis(10)).await;
+                *map.get_or_init_async("phi-4", |_| async { "taken over" })
+                    .await
+            }
+        });
+        assert!(slow.await.is_err(), "the slow initialiser timed out");
+        assert_eq!(waiter.await.unwrap(), "taken over");
+        assert_eq!(map.get("phi-4").as_deref(), Some(&"taken over"));
+        assert_eq!(map.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn async_and_sync_callers_coalesce_on_one_key() {
+        let map: Arc<SingletonMap<String, usize>> = Arc::new(SingletonMap::new());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let (map, runs) = (map.clone(), runs.clone());
+            if i % 2 == 0 {
+                tasks.push(tokio::spawn(async move {
+                    let v = map
+                        .get_or_init_async("k", |_| async move {
+                            runs.fetch_add(1, SeqCst);
+                            sleep(Duration::from_millis(20)).await;
+                            i
+                        })
+                        .await;
+                    Arc::as_ptr(&v) as usize
+                }));
+            } else {
+                tasks.push(tokio::task::spawn_blocking(move || {
+                    let v = map.get_or_init("k", |_| {
+                        runs.fetch_add(1, SeqCst);
+                        thread::sleep(Duration::from_millis(20));
+                        i
+                    });
+                    Arc::as_ptr(&v) as usize
+                }));
+            }
+        }
+        let mut ptrs = Vec::new();
+        for t in tasks {
+            ptrs.push(t.await.unwrap());
+        }
+        assert_eq!(runs.load(SeqCst), 1);
+        assert!(ptrs.iter().all(|p| *p == ptrs[0]));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn other_tasks_on_the_initialising_thread_wait_without_a_false_reentrancy_panic() {
+        let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+        let initialiser = tokio::spawn({
+            let map = map.clone();
+            async move {
+                *map.get_or_init_async(&1, |_| async {
+                    sleep(Duration::from_millis(20)).await;
+                    1
+                })
+                .await
+            }
+        });
+        let waiter = tokio::spawn({
+            let map = map.clone();
+            async move {
+                tokio::task::yield_now().await;
+                *map.get_or_init_async(&1, |_| async { 2 }).await
+            }
+        });
+        assert_eq!(initialiser.await.unwrap(), 1);
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remove_async_waits_for_an_async_init() {
+        let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+        let init = tokio::spawn({
+            let map = map.clone();
+            async move {
+                map.get_or_init_async(&1, |_| async {
+                    sleep(Duration::from_millis(30)).await;
+                    1
+                })
+                .await
+            }
+        });
+        sleep(Duration::from_millis(10)).await;
+        let removed = map.remove_async(&1).await.expect("waited for the init");
+        assert!(Arc::ptr_eq(&removed, &init.await.unwrap()));
+        assert!(map.is_empty());
+    }
+}
