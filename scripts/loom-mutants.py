@@ -36,6 +36,13 @@ CHECK_THEN_ACT = (
         };
         match claimed {""",
 )
+# SingletonMap's version of the seeds' bug: unlock between the check and the insert.
+MAP_CHECK_THEN_ACT = (
+    "            None => {\n                let init = SharedInit::new();\n",
+    "            None => {\n                drop(shard);\n"
+    "                let mut shard = self.table.write(hash);\n"
+    "                let init = SharedInit::new();\n",
+)
 # A failed or cancelled init that never gives the RUNNING claim back.
 NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
 
@@ -117,6 +124,80 @@ MUTANTS = [
         "                this.id = Some(list.push(Unpark::Thread(sync::current())));\n",
         "loom_singleton",
         "sync_and_async_callers_race",
+    ),
+    (
+        "SingletonMap: shard lock released between 'key absent' and 'insert Pending'",
+        "src/singleton_map.rs",
+        *MAP_CHECK_THEN_ACT,
+        "loom_singleton_map",
+        "two_threads_coalesce_on_one_key",
+    ),
+    (
+        "SingletonMap: the same check-then-act, with three callers",
+        "src/singleton_map.rs",
+        *MAP_CHECK_THEN_ACT,
+        "loom_singleton_map",
+        "three_threads_coalesce_on_one_key",
+    ),
+    (
+        "SingletonMap: initialiser runs under the shard's read lock",
+        "src/singleton_map.rs",
+        "                        let _mark = reentry::Mark::enter(claim.addr());\n",
+        "                        let _mark = reentry::Mark::enter(claim.addr());\n"
+        "                        let _held = self.table.read(hash);\n",
+        "loom_singleton_map",
+        "different_keys_do_not_wait_for_each_other",
+    ),
+    (
+        "SingletonMap: remove treats an init in flight as absent",
+        "src/singleton_map.rs",
+        "                Slot::Pending(once) => Arc::clone(once),\n                Slot::Ready(_) => {",
+        "                Slot::Pending(_) => return Removal::Done(None),\n                Slot::Ready(_) => {",
+        "loom_singleton_map",
+        "remove_against_an_init_in_flight",
+    ),
+    (
+        "SingletonMap: clear does not wait for inits in flight",
+        "src/singleton_map.rs",
+        "                        Slot::Pending(once) => Some(Arc::clone(once)),\n",
+        "                        Slot::Pending(_) => None,\n",
+        "loom_singleton_map",
+        "clear_against_an_init_in_flight",
+    ),
+    (
+        "SingletonMap: a failed claim leaves its Pending entry in the map",
+        "src/singleton_map.rs",
+        "                shard.remove_by(self.hash, Self::is_ours(init.once()))\n",
+        "                shard.find_by(self.hash, Self::is_ours(init.once())).map(|_| ())\n",
+        "loom_singleton_map",
+        "failed_init_then_successful_init",
+    ),
+    (
+        "SingletonMap: a cancelled claim never wakes its waiters",
+        "src/singleton_map.rs",
+        "            drop(init);\n            drop(removed);\n",
+        "            std::mem::forget(init);\n            drop(removed);\n",
+        "loom_singleton_map",
+        "cancelled_async_init_sync_caller_takes_over",
+    ),
+    (
+        "SingletonMap: a published value never wakes the waiters",
+        "src/singleton_map.rs",
+        "        init.complete();\n",
+        "        std::mem::forget(init);\n",
+        "loom_singleton_map",
+        "two_threads_coalesce_on_one_key",
+    ),
+    (
+        "SingletonMap: an async waiter never registers on the Once (lost wake-up on takeover)",
+        "src/singleton_map.rs",
+        "                Step::Wait(once) => once.wait_async().await,\n",
+        "                Step::Wait(once) => {\n"
+        "                    let _ = &once;\n"
+        "                    std::future::pending::<()>().await\n"
+        "                }\n",
+        "loom_singleton_map",
+        "cancelled_async_init_async_waiter_takes_over",
     ),
 ]
 
