@@ -38,10 +38,12 @@ CHECK_THEN_ACT = (
 )
 # SingletonMap's version of the seeds' bug: unlock between the check and the insert.
 MAP_CHECK_THEN_ACT = (
-    "            None => {\n                let init = SharedInit::new();\n",
-    "            None => {\n                drop(shard);\n"
-    "                let mut shard = self.table.write(hash);\n"
-    "                let init = SharedInit::new();\n",
+    "        let Some(entry) = shard.pending.find(hash, key) else {\n"
+    "            let init = SharedInit::new();\n",
+    "        let Some(entry) = shard.pending.find(hash, key) else {\n"
+    "            drop(shard);\n"
+    "            let mut shard = self.table.write(hash);\n"
+    "            let init = SharedInit::new();\n",
 )
 # A failed or cancelled init that never gives the RUNNING claim back.
 NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
@@ -151,24 +153,30 @@ MUTANTS = [
     (
         "SingletonMap: remove treats an init in flight as absent",
         "src/singleton_map.rs",
-        "                Slot::Pending(once) => Arc::clone(once),\n                Slot::Ready(_) => {",
-        "                Slot::Pending(_) => return Removal::Done(None),\n                Slot::Ready(_) => {",
+        "        let Some(entry) = shard.pending.find(hash, key) else {\n"
+        "            return Removal::Done(None);\n",
+        "        let Some(entry) = None::<&crate::table::Entry<K, Arc<Once>>> else {\n"
+        "            return Removal::Done(None);\n",
         "loom_singleton_map",
         "remove_against_an_init_in_flight",
     ),
     (
         "SingletonMap: clear does not wait for inits in flight",
         "src/singleton_map.rs",
-        "                        Slot::Pending(once) => Some(Arc::clone(once)),\n",
-        "                        Slot::Pending(_) => None,\n",
+        "                shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()\n",
+        "                Vec::new()\n",
         "loom_singleton_map",
         "clear_against_an_init_in_flight",
     ),
     (
         "SingletonMap: a failed claim leaves its Pending entry in the map",
         "src/singleton_map.rs",
-        "                shard.remove_by(self.hash, Self::is_ours(init.once()))\n",
-        "                shard.find_by(self.hash, Self::is_ours(init.once())).map(|_| ())\n",
+        "                shard\n"
+        "                    .pending\n"
+        "                    .remove_by(self.hash, Self::is_ours(init.once()))\n"
+        "            };\n",
+        "                Some(()).filter(|_| shard.pending.len() > 0)\n"
+        "            };\n",
         "loom_singleton_map",
         "failed_init_then_successful_init",
     ),

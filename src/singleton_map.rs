@@ -2,22 +2,28 @@
 //!
 //! # Protocol
 //!
-//! Each key's entry in the sharded [`Table`] is either `Ready(Arc<V>)` or
-//! `Pending(Arc<Once>)`. Every step that decides something happens under the
-//! shard's write lock, so check and act are one atomic step:
+//! Each shard of the [`Table`] holds two hash tables: `ready`, the stored
+//! values (`K -> Arc<V>`), and `pending`, the initialisations in flight
+//! (`K -> Arc<Once>`). A key is in at most one of them. Keeping them apart
+//! keeps a ready entry as small as a `HashMap<K, Arc<V>>` entry, so the hit
+//! path touches no more memory than dashmap's.
 //!
-//! - **Claim.** A caller that finds no entry inserts `Pending` and becomes the
-//!   key's initialiser. A caller that finds `Pending` clones the `Once` and
-//!   waits on it after unlocking.
-//! - **Publish.** The initialiser replaces its `Pending` with `Ready`, unlocks,
-//!   and only then completes the `Once`, waking the waiters. They re-read the
-//!   map and find `Ready`.
+//! Every step that decides something happens under the shard's write lock,
+//! so check and act are one atomic step:
+//!
+//! - **Claim.** A caller that finds the key in neither table inserts it into
+//!   `pending` and becomes its initialiser. A caller that finds it pending
+//!   clones the `Once` and waits on it after unlocking.
+//! - **Publish.** The initialiser moves its key from `pending` to `ready`
+//!   with the value, unlocks, and only then completes the `Once`, waking the
+//!   waiters. They re-read the map and find the value.
 //! - **Abandon.** On error, panic or cancellation the initialiser's `Claim`
-//!   drops: it removes its `Pending` (found by identity, not by key), unlocks,
-//!   and then wakes the waiters. They re-read the map, find nothing, and the
-//!   first to take the lock claims the key.
-//! - **Remove.** `remove`, `retain` and `clear` never remove a `Pending` entry:
-//!   they wait for it and look again. Only the claimant removes its `Pending`.
+//!   drops: it removes its `pending` entry (found by identity, not by key),
+//!   unlocks, and then wakes the waiters. They re-read the map, find nothing,
+//!   and the first to take the lock claims the key.
+//! - **Remove.** `remove`, `retain` and `clear` only touch `ready`; for a
+//!   pending key they wait and look again. Only the claimant removes its
+//!   `pending` entry.
 //!
 //! Because the map is updated before the waiters are woken, a woken waiter
 //! always sees the outcome; because the `Once` is completed after the map is
@@ -35,14 +41,23 @@ use std::sync::Arc;
 
 use crate::once::{Once, SharedInit};
 use crate::reentry;
-use crate::table::{Entry, Table};
+use crate::table::{Entries, Table};
 
-/// A key's state in the table.
-enum Slot<V> {
-    /// The stored value.
-    Ready(Arc<V>),
-    /// An initialisation in flight; waiters wait on the `Once`.
-    Pending(Arc<Once>),
+/// One shard's contents (see the module docs).
+struct Shard<K, V> {
+    /// Stored values.
+    ready: Entries<K, Arc<V>>,
+    /// Initialisations in flight; waiters wait on the `Once`.
+    pending: Entries<K, Arc<Once>>,
+}
+
+impl<K, V> Default for Shard<K, V> {
+    fn default() -> Self {
+        Self {
+            ready: Entries::default(),
+            pending: Entries::default(),
+        }
+    }
 }
 
 /// A concurrent map that initialises each key's value at most once at a time,
@@ -132,7 +147,7 @@ enum Slot<V> {
 /// assert!(servers.is_empty());
 /// ```
 pub struct SingletonMap<K, V, S = RandomState> {
-    table: Table<K, Slot<V>, S>,
+    table: Table<Shard<K, V>, S>,
     created_at: &'static Location<'static>,
 }
 
@@ -206,7 +221,9 @@ impl<K, V, S> SingletonMap<K, V, S> {
     /// # let _: &toctou::SingletonMap<String, i32> = &map;
     /// ```
     pub fn len(&self) -> usize {
-        self.table.sum(|shard| shard.counted)
+        let mut len = 0;
+        self.table.for_each_shard(|shard| len += shard.ready.len());
+        len
     }
 
     /// Whether the map stores no values (see [`len`](Self::len)).
@@ -273,14 +290,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.table.hash(key);
-        let shard = self.table.read(hash);
-        matches!(
-            shard.find(hash, key),
-            Some(Entry {
-                value: Slot::Ready(_),
-                ..
-            })
-        )
+        self.table.read(hash).ready.find(hash, key).is_some()
     }
 
     #[inline]
@@ -290,13 +300,10 @@ where
         Q: Eq + ?Sized,
     {
         let shard = self.table.read(hash);
-        match shard.find(hash, key) {
-            Some(Entry {
-                value: Slot::Ready(value),
-                ..
-            }) => Some(Arc::clone(value)),
-            _ => None,
-        }
+        shard
+            .ready
+            .find(hash, key)
+            .map(|entry| Arc::clone(&entry.value))
     }
 
     /// Returns the value for `key`, initialising it with `f` if it is absent.
@@ -497,22 +504,22 @@ where
         Q: Eq + ToOwned<Owned = K> + ?Sized,
     {
         let mut shard = self.table.write(hash);
-        let once = match shard.find(hash, key) {
-            Some(entry) => match &entry.value {
-                Slot::Ready(value) => return Step::Found(Arc::clone(value)),
-                Slot::Pending(once) => Arc::clone(once),
-            },
-            None => {
-                let init = SharedInit::new();
-                let slot = Slot::Pending(Arc::clone(init.once()));
-                shard.insert_new(hash, key.to_owned(), slot);
-                return Step::Claimed(Claim {
-                    map: self,
-                    hash,
-                    init: Some(init),
-                });
-            }
+        if let Some(entry) = shard.ready.find(hash, key) {
+            return Step::Found(Arc::clone(&entry.value));
+        }
+        let Some(entry) = shard.pending.find(hash, key) else {
+            let init = SharedInit::new();
+            let once = Arc::clone(init.once());
+            shard
+                .pending
+                .insert_new(hash, key.to_owned(), once, |k| self.table.hash(k));
+            return Step::Claimed(Claim {
+                map: self,
+                hash,
+                init: Some(init),
+            });
         };
+        let once = Arc::clone(&entry.value);
         drop(shard);
         self.assert_not_reentrant(&once);
         Step::Wait(once)
@@ -591,23 +598,15 @@ where
         Q: Eq + ?Sized,
     {
         let mut shard = self.table.write(hash);
-        let once = match shard.entries.find_entry(hash, |e| e.key.borrow() == key) {
-            Err(_) => return Removal::Done(None),
-            Ok(occupied) => match &occupied.get().value {
-                Slot::Pending(once) => Arc::clone(once),
-                Slot::Ready(_) => {
-                    let (entry, _) = occupied.remove();
-                    shard.counted -= 1;
-                    drop(shard);
-                    // The key (and, if nobody else holds it, the value) drop
-                    // here, outside the lock.
-                    return match entry.value {
-                        Slot::Ready(value) => Removal::Done(Some(value)),
-                        Slot::Pending(_) => unreachable!("matched Ready above"),
-                    };
-                }
-            },
+        if let Some(entry) = shard.ready.remove(hash, key) {
+            drop(shard);
+            // The key drops here, outside the lock.
+            return Removal::Done(Some(entry.value));
+        }
+        let Some(entry) = shard.pending.find(hash, key) else {
+            return Removal::Done(None);
         };
+        let once = Arc::clone(&entry.value);
         drop(shard);
         self.assert_not_reentrant(&once);
         Removal::Wait(once)
@@ -648,38 +647,18 @@ where
         for index in 0..self.table.shards() {
             let in_flight: Vec<Arc<Once>> = {
                 let shard = self.table.write_at(index);
-                shard
-                    .entries
-                    .iter()
-                    .filter_map(|e| match &e.value {
-                        Slot::Pending(once) => Some(Arc::clone(once)),
-                        Slot::Ready(_) => None,
-                    })
-                    .collect()
+                shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()
             };
             for once in &in_flight {
                 self.assert_not_reentrant(once);
                 once.wait();
             }
-            let mut removed = Vec::new();
-            {
+            let removed: Vec<_> = {
                 let mut shard = self.table.write_at(index);
                 let _mark = self.table.mark_at(index);
-                let shard = &mut *shard;
-                let counted = &mut shard.counted;
-                // `extract_if` erases each entry as the predicate accepts it,
-                // so counting inside the predicate stays exact even if `f`
-                // panics part-way.
-                for entry in shard.entries.extract_if(|e| match &e.value {
-                    Slot::Ready(value) if !f(&e.key, value) => {
-                        *counted -= 1;
-                        true
-                    }
-                    _ => false,
-                }) {
-                    removed.push(entry);
-                }
-            }
+                shard.ready.extract_if(|e| !f(&e.key, &e.value)).collect()
+            };
+            // The removed keys and values drop here, outside the lock.
             drop(removed);
         }
     }
@@ -720,12 +699,14 @@ impl<K, V, S> Claim<'_, K, V, S> {
         once_addr(self.once())
     }
 
-    /// Whether `entry` is this claim's `Pending` entry. Found by identity:
-    /// only the claimant removes or replaces its `Pending`.
-    fn is_ours(once: &Arc<Once>) -> impl Fn(&Entry<K, Slot<V>>) -> bool + '_ {
-        move |entry| matches!(&entry.value, Slot::Pending(p) if Arc::ptr_eq(p, once))
+    /// Whether a pending entry's `Once` is this claim's. Found by identity:
+    /// only the claimant removes its pending entry.
+    fn is_ours(once: &Arc<Once>) -> impl Fn(&Arc<Once>) -> bool + '_ {
+        move |other| Arc::ptr_eq(other, once)
     }
+}
 
+impl<K: Hash + Eq, V, S: BuildHasher> Claim<'_, K, V, S> {
     /// Publishes `value` for the key and wakes the waiters.
     fn fulfil(mut self, value: V) -> Arc<V> {
         let value = Arc::new(value);
@@ -733,10 +714,14 @@ impl<K, V, S> Claim<'_, K, V, S> {
         {
             let mut shard = self.map.table.write(self.hash);
             let entry = shard
-                .find_by(self.hash, Self::is_ours(init.once()))
-                .expect("a Pending entry stays in the map until its claimant ends it");
-            entry.value = Slot::Ready(Arc::clone(&value));
-            shard.counted += 1;
+                .pending
+                .remove_by(self.hash, Self::is_ours(init.once()))
+                .expect("a pending entry stays in the map until its claimant ends it");
+            // The key moves from `pending` to `ready`: no clone.
+            let table = &self.map.table;
+            shard
+                .ready
+                .insert_new(self.hash, entry.key, Arc::clone(&value), |k| table.hash(k));
         }
         // After the map holds the value: a woken waiter re-reads the map.
         init.complete();
@@ -749,7 +734,9 @@ impl<K, V, S> Drop for Claim<'_, K, V, S> {
         if let Some(init) = self.init.take() {
             let removed = {
                 let mut shard = self.map.table.write(self.hash);
-                shard.remove_by(self.hash, Self::is_ours(init.once()))
+                shard
+                    .pending
+                    .remove_by(self.hash, Self::is_ours(init.once()))
             };
             debug_assert!(
                 removed.is_some(),
@@ -787,11 +774,11 @@ impl<K: fmt::Debug, V: fmt::Debug, S> fmt::Debug for SingletonMap<K, V, S> {
         }
         let mut map = f.debug_map();
         self.table.for_each_shard(|shard| {
-            for entry in shard.entries.iter() {
-                match &entry.value {
-                    Slot::Ready(value) => map.entry(&entry.key, value),
-                    Slot::Pending(_) => map.entry(&entry.key, &Initializing),
-                };
+            for entry in shard.ready.iter() {
+                map.entry(&entry.key, &entry.value);
+            }
+            for entry in shard.pending.iter() {
+                map.entry(&entry.key, &Initializing);
             }
         });
         map.finish()

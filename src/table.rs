@@ -1,9 +1,10 @@
 //! The sharded hash table under every keyed primitive.
 //!
 //! A key's hash is computed once per call, with the map's `BuildHasher`, and
-//! picks both the shard and the bucket. Each shard is a `hashbrown::HashTable`
-//! behind a reader-writer lock from the sync layer, padded to its own cache
-//! lines so that two shards never share one.
+//! picks both the shard and the bucket. Each shard is a front-end-defined
+//! value `C` (usually one or two [`Entries`] tables) behind a reader-writer
+//! lock from the sync layer, padded to its own cache lines so that two shards
+//! never share one.
 //!
 //! The table knows nothing about what an entry means: the front-ends
 //! (`SingletonMap`, and the keyed locks) decide when entries are created and
@@ -27,23 +28,27 @@ use hashbrown::HashTable;
 use crate::reentry;
 use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// One key's entry: its hash (so resizing never rehashes), the owned key, and
-/// the front-end's state for it.
+/// One key's entry: the owned key and the front-end's state for it.
+///
+/// The hash is not stored: entries stay small (a `String` key and a one-word
+/// state fit in 32 bytes, two to a cache line), and a resize, which is rare,
+/// rehashes the keys instead.
 pub(crate) struct Entry<K, T> {
-    pub(crate) hash: u64,
     pub(crate) key: K,
     pub(crate) value: T,
 }
 
-/// The contents of one shard.
-pub(crate) struct Shard<K, T> {
-    pub(crate) entries: HashTable<Entry<K, T>>,
-    /// How many of `entries` the front-end counts in its `len()`; it keeps
-    /// this up to date under the write lock.
-    pub(crate) counted: usize,
+/// A hash table of entries, looked up by a hash the caller computed with the
+/// map's hasher.
+pub(crate) struct Entries<K, T>(HashTable<Entry<K, T>>);
+
+impl<K, T> Default for Entries<K, T> {
+    fn default() -> Self {
+        Self(HashTable::new())
+    }
 }
 
-impl<K, T> Shard<K, T> {
+impl<K, T> Entries<K, T> {
     /// The entry for `key`, if any.
     #[inline]
     pub(crate) fn find<Q>(&self, hash: u64, key: &Q) -> Option<&Entry<K, T>>
@@ -51,35 +56,62 @@ impl<K, T> Shard<K, T> {
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        self.entries.find(hash, |e| e.key.borrow() == key)
+        self.0.find(hash, |e| e.key.borrow() == key)
     }
 
-    /// The first entry with hash `hash` that `is` accepts, for modification.
-    /// Front-ends use this to find an entry by identity rather than by key.
-    pub(crate) fn find_by(
+    /// Inserts an entry the caller has just checked is absent. `rehash`
+    /// hashes a key with the map's hasher, for when the table grows.
+    pub(crate) fn insert_new(&mut self, hash: u64, key: K, value: T, rehash: impl Fn(&K) -> u64) {
+        self.0
+            .insert_unique(hash, Entry { key, value }, |e| rehash(&e.key));
+    }
+
+    /// Removes and returns the entry for `key`, if any.
+    pub(crate) fn remove<Q>(&mut self, hash: u64, key: &Q) -> Option<Entry<K, T>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        self.remove_where(hash, |e| e.key.borrow() == key)
+    }
+
+    /// Removes and returns the first entry with hash `hash` whose value `is`
+    /// accepts.
+    pub(crate) fn remove_by(
         &mut self,
         hash: u64,
-        is: impl FnMut(&Entry<K, T>) -> bool,
-    ) -> Option<&mut Entry<K, T>> {
-        self.entries.find_mut(hash, is)
+        mut is: impl FnMut(&T) -> bool,
+    ) -> Option<Entry<K, T>> {
+        self.remove_where(hash, |e| is(&e.value))
     }
 
-    /// Inserts an entry the caller has just checked is absent.
-    pub(crate) fn insert_new(&mut self, hash: u64, key: K, value: T) {
-        self.entries
-            .insert_unique(hash, Entry { hash, key, value }, |e| e.hash);
-    }
-
-    /// Removes and returns the first entry with hash `hash` that `is` accepts.
-    pub(crate) fn remove_by(
+    fn remove_where(
         &mut self,
         hash: u64,
         is: impl FnMut(&Entry<K, T>) -> bool,
     ) -> Option<Entry<K, T>> {
-        match self.entries.find_entry(hash, is) {
+        match self.0.find_entry(hash, is) {
             Ok(occupied) => Some(occupied.remove().0),
             Err(_) => None,
         }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Entry<K, T>> {
+        self.0.iter()
+    }
+
+    /// Removes the entries that `remove` accepts, one at a time, and yields
+    /// them. An entry is removed exactly when `remove` returns `true` for it,
+    /// so a panic in `remove` leaves the table consistent.
+    pub(crate) fn extract_if(
+        &mut self,
+        mut remove: impl FnMut(&Entry<K, T>) -> bool,
+    ) -> impl Iterator<Item = Entry<K, T>> {
+        self.0.extract_if(move |e| remove(e))
     }
 }
 
@@ -88,30 +120,22 @@ impl<K, T> Shard<K, T> {
 #[repr(align(128))]
 struct Padded<T>(T);
 
-/// One shard's lock, on its own cache lines.
-type ShardLock<K, T> = Padded<RwLock<Shard<K, T>>>;
-
-/// A sharded hash table from `K` to `T`.
-pub(crate) struct Table<K, T, S> {
+/// A sharded hash table whose shards hold a `C` each.
+pub(crate) struct Table<C, S> {
     hasher: S,
-    shards: Box<[ShardLock<K, T>]>,
+    shards: Box<[Padded<RwLock<C>>]>,
     /// `shards.len() - 1`; the length is a power of two.
     mask: usize,
     /// The public type's name, for the reentrancy panic.
     owner: &'static str,
 }
 
-impl<K, T, S> Table<K, T, S> {
+impl<C: Default, S> Table<C, S> {
     /// An empty table with `shard_count()` shards.
     pub(crate) fn with_hasher(hasher: S, owner: &'static str) -> Self {
         let count = shard_count();
         let shards = (0..count)
-            .map(|_| {
-                Padded(RwLock::new(Shard {
-                    entries: HashTable::new(),
-                    counted: 0,
-                }))
-            })
+            .map(|_| Padded(RwLock::new(C::default())))
             .collect();
         Self {
             hasher,
@@ -120,7 +144,9 @@ impl<K, T, S> Table<K, T, S> {
             owner,
         }
     }
+}
 
+impl<C, S> Table<C, S> {
     pub(crate) fn hasher(&self) -> &S {
         &self.hasher
     }
@@ -128,13 +154,13 @@ impl<K, T, S> Table<K, T, S> {
     /// The shard for `hash`. hashbrown uses the low bits for the bucket and
     /// the top 7 for its tag byte, so the shard index comes from the middle.
     #[inline]
-    fn shard(&self, hash: u64) -> &RwLock<Shard<K, T>> {
+    fn shard(&self, hash: u64) -> &RwLock<C> {
         &self.shards[(hash >> 32) as usize & self.mask].0
     }
 
     /// Locks the shard of `hash` for reading.
     #[inline]
-    pub(crate) fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard<K, T>> {
+    pub(crate) fn read(&self, hash: u64) -> RwLockReadGuard<'_, C> {
         let shard = self.shard(hash);
         match shard.try_read() {
             Some(guard) => guard,
@@ -143,13 +169,13 @@ impl<K, T, S> Table<K, T, S> {
     }
 
     #[cold]
-    fn read_slow<'a>(&self, shard: &'a RwLock<Shard<K, T>>) -> RwLockReadGuard<'a, Shard<K, T>> {
+    fn read_slow<'a>(&self, shard: &'a RwLock<C>) -> RwLockReadGuard<'a, C> {
         self.assert_not_reentrant(shard);
         shard.read()
     }
 
     /// Locks the shard of `hash` for writing.
-    pub(crate) fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Shard<K, T>> {
+    pub(crate) fn write(&self, hash: u64) -> RwLockWriteGuard<'_, C> {
         self.write_shard(self.shard(hash))
     }
 
@@ -159,7 +185,7 @@ impl<K, T, S> Table<K, T, S> {
     }
 
     /// Locks shard number `index` for writing.
-    pub(crate) fn write_at(&self, index: usize) -> RwLockWriteGuard<'_, Shard<K, T>> {
+    pub(crate) fn write_at(&self, index: usize) -> RwLockWriteGuard<'_, C> {
         self.write_shard(&self.shards[index].0)
     }
 
@@ -169,19 +195,8 @@ impl<K, T, S> Table<K, T, S> {
         reentry::Mark::enter(shard_addr(&self.shards[index].0))
     }
 
-    /// Sums `f` over every shard, under read locks taken one at a time.
-    pub(crate) fn sum(&self, f: impl Fn(&Shard<K, T>) -> usize) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| match shard.0.try_read() {
-                Some(guard) => f(&guard),
-                None => f(&self.read_slow(&shard.0)),
-            })
-            .sum()
-    }
-
     /// Runs `f` on every shard under its read lock, one at a time.
-    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&Shard<K, T>)) {
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&C)) {
         for shard in self.shards.iter() {
             match shard.0.try_read() {
                 Some(guard) => f(&guard),
@@ -190,7 +205,7 @@ impl<K, T, S> Table<K, T, S> {
         }
     }
 
-    fn write_shard<'a>(&self, shard: &'a RwLock<Shard<K, T>>) -> RwLockWriteGuard<'a, Shard<K, T>> {
+    fn write_shard<'a>(&self, shard: &'a RwLock<C>) -> RwLockWriteGuard<'a, C> {
         match shard.try_write() {
             Some(guard) => guard,
             None => {
@@ -201,7 +216,7 @@ impl<K, T, S> Table<K, T, S> {
     }
 
     #[cold]
-    fn assert_not_reentrant(&self, shard: &RwLock<Shard<K, T>>) {
+    fn assert_not_reentrant(&self, shard: &RwLock<C>) {
         if reentry::is_initialising(shard_addr(shard)) {
             panic!(
                 "reentrant call into a {} from a callback that runs while the map \
@@ -213,7 +228,7 @@ impl<K, T, S> Table<K, T, S> {
     }
 }
 
-impl<K, T, S: BuildHasher> Table<K, T, S> {
+impl<C, S: BuildHasher> Table<C, S> {
     /// The hash of `key`. `K: Borrow<Q>` promises it equals the owned key's.
     #[inline]
     pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
