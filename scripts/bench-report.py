@@ -47,7 +47,11 @@ def fmt_ns(ns):
 
 
 # The row that ratios are taken against, where a group has several toctou rows.
-REFERENCE = {"singleton_get_initialised": "toctou::Singleton::get"}
+REFERENCE = {
+    "singleton_get_initialised": "toctou::Singleton::get",
+    "singleton_map_hit": "toctou::SingletonMap::get_or_init",
+    "singleton_map_hit_parallel": "toctou::SingletonMap::get_or_init",
+}
 
 
 def load(criterion_dir, baselines):

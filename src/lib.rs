@@ -15,6 +15,7 @@
 //! |---|---|
 //! | `if INSTANCE is None: INSTANCE = Build()` (a global singleton) | [`Singleton<T>`] |
 //! | a global built from a function on first use | [`Lazy<T, F>`] |
+//! | "is the server for this model running? no? start it" | [`SingletonMap<K, V>`] |
 //!
 //! # Quick start
 //!
@@ -30,6 +31,11 @@
 //! let b = ORCHESTRATOR.get_or_init(|| unreachable!("built once"));
 //! assert!(std::ptr::eq(a, b));
 //! assert_eq!(*DEFAULT_PORT, 10507);
+//!
+//! // One model server per model, however many chats ask at once.
+//! let servers: toctou::SingletonMap<String, u16> = toctou::SingletonMap::new();
+//! let port = servers.get_or_init("phi-4", |_| 8080);
+//! assert_eq!(*servers.get_or_init("phi-4", |_| unreachable!("started once")), *port);
 //! ```
 //!
 //! # Guarantees
@@ -42,10 +48,15 @@
 //!   work to one waiter; dropping a waiting future leaves nothing behind.
 //!   The async API is runtime-agnostic: the crate depends on no runtime.
 //! - **Reentrancy panics, never deadlocks.** An initialiser that calls back
-//!   into its own cell on the same thread gets a panic naming the type and the
-//!   place the cell was declared.
-//! - **Fast path is one load.** Reading an initialised cell is one `Acquire`
-//!   load and a branch, like `std::sync::OnceLock`.
+//!   into its own cell (or its own key) on the same thread gets a panic naming
+//!   the type and the place the cell or map was created.
+//! - **Fast paths cost what the baseline costs.** Reading an initialised cell
+//!   is one `Acquire` load and a branch, like `std::sync::OnceLock`. A
+//!   `SingletonMap` hit hashes once, takes a shard read lock and clones an
+//!   `Arc`, like `DashMap::get` plus an `Arc` clone.
+//! - **Removal is ordered against initialisation.** `SingletonMap::remove`
+//!   waits for an initialisation of its key in flight, so a shutdown cannot
+//!   miss a value that is being created.
 //!
 //! # Model checking your own code: `--cfg toctou_loom`
 //!
