@@ -117,6 +117,10 @@ fn a_caller_for_another_key_does_not_wait_for_a_running_init() {
     let (started_tx, started_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     thread::scope(|s| {
+        // Owned by the scope's closure: if an assertion below fails, the
+        // sender drops, the initialiser's `recv` fails, and the test ends
+        // instead of hanging.
+        let release_tx = release_tx;
         let map = &map;
         let slow = s.spawn(move || {
             *map.get_or_init(&1, |_| {
@@ -303,13 +307,28 @@ fn panicking_init_is_retryable_and_a_waiter_takes_over() {
     assert_eq!(map.get("phi-4").as_deref(), Some(&3), "no poisoning");
 }
 
+/// Runs `f` on its own thread and returns its result, or fails the test if
+/// it has not finished within 10 s: a deadlock is a failure, not a hang.
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} deadlocked (no result after 10 s)"))
+}
+
 #[test]
 fn reentrant_init_of_the_same_key_panics_with_a_message() {
-    let map: SingletonMap<String, u32> = SingletonMap::new();
-    let payload = catch_unwind(AssertUnwindSafe(|| {
-        map.get_or_init("phi-4", |_| *map.get_or_init("phi-4", |_| 1))
-    }))
-    .expect_err("reentrancy must panic, not deadlock");
+    let map: Arc<SingletonMap<String, u32>> = Arc::new(SingletonMap::new());
+    let payload = within_10s("reentrant get_or_init", {
+        let map = map.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                map.get_or_init("phi-4", |_| *map.get_or_init("phi-4", |_| 1))
+            }))
+            .map(|v| *v)
+        }
+    })
+    .expect_err("reentrancy must panic");
     let message = panic_message(payload);
     assert!(message.contains("reentrant initialisation"), "{message}");
     assert!(
@@ -328,43 +347,61 @@ fn reentrant_init_of_the_same_key_panics_with_a_message() {
 }
 
 #[test]
-fn reentrant_remove_of_the_key_being_initialised_panics() {
-    let map: SingletonMap<u8, u8> = SingletonMap::new();
-    let payload = catch_unwind(AssertUnwindSafe(|| {
-        map.get_or_init(&1, |_| {
-            map.remove(&1);
-            1
+fn reentrant_remove_or_clear_of_the_key_being_initialised_panics() {
+    let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+    for (what, op) in [
+        (
+            "remove",
+            (|m: &SingletonMap<u8, u8>| drop(m.remove(&1))) as fn(&SingletonMap<u8, u8>),
+        ),
+        ("clear", |m| m.clear()),
+        ("retain", |m| m.retain(|_, _| true)),
+    ] {
+        let payload = within_10s(what, {
+            let map = map.clone();
+            move || {
+                catch_unwind(AssertUnwindSafe(|| {
+                    *map.get_or_init(&1, |_| {
+                        op(&map);
+                        1
+                    })
+                }))
+            }
         })
-    }))
-    .expect_err("remove would wait for itself");
-    assert!(panic_message(payload).contains("reentrant initialisation"));
-    let payload = catch_unwind(AssertUnwindSafe(|| {
-        map.get_or_init(&1, |_| {
-            map.clear();
-            1
-        })
-    }))
-    .expect_err("clear would wait for itself");
-    assert!(panic_message(payload).contains("reentrant initialisation"));
-    assert!(map.is_empty());
+        .expect_err("it would wait for itself");
+        let message = panic_message(payload);
+        assert!(
+            message.contains("reentrant initialisation"),
+            "{what}: {message}"
+        );
+        assert!(map.is_empty(), "{what}");
+    }
 }
 
 #[test]
 fn initialising_a_different_key_inside_an_initialiser_is_fine() {
-    let map: SingletonMap<&str, u32> = SingletonMap::new();
-    let outer = map.get_or_init(&"outer", |_| *map.get_or_init(&"inner", |_| 1) + 1);
-    assert_eq!(*outer, 2);
+    let map: Arc<SingletonMap<&str, u32>> = Arc::new(SingletonMap::new());
+    let outer = within_10s("initialising another key from an initialiser", {
+        let map = map.clone();
+        move || *map.get_or_init(&"outer", |_| *map.get_or_init(&"inner", |_| 1) + 1)
+    });
+    assert_eq!(outer, 2);
     assert_eq!(map.len(), 2);
 }
 
 #[test]
 fn retain_predicate_calling_back_into_its_shard_panics_instead_of_deadlocking() {
-    let map: SingletonMap<u8, u8> = SingletonMap::new();
+    let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
     map.get_or_init(&1, |_| 1);
-    let payload = catch_unwind(AssertUnwindSafe(|| {
-        // The key being visited is certainly in the locked shard.
-        map.retain(|k, _| map.get(k).is_some());
-    }))
+    let payload = within_10s("a retain predicate reading its own key", {
+        let map = map.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                // The key being visited is certainly in the locked shard.
+                map.retain(|k, _| map.get(k).is_some());
+            }))
+        }
+    })
     .expect_err("the predicate must not deadlock on its own shard");
     let message = panic_message(payload);
     assert!(message.contains("toctou::SingletonMap"), "{message}");
@@ -430,8 +467,11 @@ fn clear_waits_for_an_init_in_flight() {
 #[test]
 fn borrowed_keys_and_values_behave_like_a_map() {
     let map: SingletonMap<String, String> = SingletonMap::default();
+    assert!(map.is_empty());
     let v = map.get_or_init("a", |k| k.to_uppercase());
     assert_eq!(*v, "A");
+    assert!(!map.is_empty());
+    assert_eq!(map.len(), 1);
     assert!(map.contains_key("a"));
     assert_eq!(map.get("a").as_deref().map(String::as_str), Some("A"));
     assert_eq!(format!("{map:?}"), r#"{"a": "A"}"#);
@@ -445,6 +485,7 @@ fn debug_shows_keys_in_flight_without_waiting() {
     let (started_tx, started_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     thread::scope(|s| {
+        let release_tx = release_tx; // dropped if an assertion fails
         let map = &map;
         s.spawn(move || {
             map.get_or_init(&1, |_| {
@@ -536,6 +577,7 @@ mod without_a_runtime {
         let (in_init_tx, in_init_rx) = mpsc::channel();
         let (release_tx, release_rx) = mpsc::channel::<()>();
         thread::scope(|s| {
+            let release_tx = release_tx; // dropped if an assertion fails
             let map = &map;
             let initialiser = s.spawn(move || {
                 *map.get_or_init(&1, |_| {
