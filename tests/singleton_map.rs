@@ -390,6 +390,31 @@ fn initialising_a_different_key_inside_an_initialiser_is_fine() {
 }
 
 #[test]
+fn waiting_for_another_threads_key_from_inside_an_initialiser_is_not_reentrancy() {
+    let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+    let (started_tx, started_rx) = mpsc::channel();
+    let other = thread::spawn({
+        let map = map.clone();
+        move || {
+            *map.get_or_init(&2, |_| {
+                started_tx.send(()).unwrap();
+                thread::sleep(Duration::from_millis(30));
+                20
+            })
+        }
+    });
+    started_rx.recv().unwrap();
+    // This thread initialises key 1 and, inside, waits for key 2, which the
+    // other thread is initialising: a wait, not a reentrant call.
+    let one = within_10s("waiting for another thread's key", {
+        let map = map.clone();
+        move || *map.get_or_init(&1, |_| *map.get_or_init(&2, |_| 0) / 2)
+    });
+    assert_eq!(one, 10);
+    assert_eq!(other.join().unwrap(), 20);
+}
+
+#[test]
 fn retain_predicate_calling_back_into_its_shard_panics_instead_of_deadlocking() {
     let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
     map.get_or_init(&1, |_| 1);
