@@ -436,6 +436,43 @@ fn retain_predicate_calling_back_into_its_shard_panics_instead_of_deadlocking() 
 }
 
 #[test]
+fn a_retain_predicate_may_wait_for_a_shard_that_another_thread_holds() {
+    let a: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+    let b: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+    a.get_or_init(&1, |_| 1);
+    b.get_or_init(&2, |_| 2);
+    let (started_tx, started_rx) = mpsc::channel();
+    // Another thread holds the shard of b's key 2 (its retain predicate runs
+    // under that shard's write lock) for a while.
+    let holder = thread::spawn({
+        let b = b.clone();
+        move || {
+            b.retain(|_, _| {
+                started_tx.send(()).unwrap();
+                thread::sleep(Duration::from_millis(50));
+                true
+            })
+        }
+    });
+    started_rx.recv().unwrap();
+    // a's predicate runs under a's shard lock and reads b: it must wait for
+    // the other thread, not mistake that wait for a reentrant call.
+    let seen = within_10s("a retain predicate reading another map", {
+        let (a, b) = (a.clone(), b.clone());
+        move || {
+            let mut seen = None;
+            a.retain(|_, _| {
+                seen = b.get(&2).map(|v| *v);
+                true
+            });
+            seen
+        }
+    });
+    assert_eq!(seen, Some(2));
+    holder.join().unwrap();
+}
+
+#[test]
 fn retain_and_clear_drop_what_they_remove_and_keep_len_exact() {
     let drops = Arc::new(AtomicUsize::new(0));
     let map: SingletonMap<usize, Counted> = SingletonMap::new();
