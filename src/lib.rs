@@ -120,12 +120,14 @@
 
 mod once;
 mod reentry;
+mod registry;
 mod singleton;
 mod singleton_map;
 mod sync;
 mod table;
 mod wait;
 
+pub use registry::{RegistryCell, RegistryRef};
 pub use singleton::{Lazy, Singleton};
 pub use singleton_map::SingletonMap;
 

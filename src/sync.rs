@@ -21,7 +21,7 @@
 
 #[cfg(not(toctou_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use std::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use std::thread::{Thread, current, park};
@@ -30,7 +30,7 @@ mod imp {
 
 #[cfg(toctou_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use loom::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use loom::thread::{Thread, current, park};
@@ -38,8 +38,8 @@ mod imp {
 }
 
 pub(crate) use imp::{
-    AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard, Thread, current, park,
-    thread_local,
+    AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard, Thread,
+    current, park, thread_local,
 };
 
 /// Declares a function that is `const fn` in std builds and a plain `fn`
@@ -53,6 +53,16 @@ macro_rules! loom_const_fn {
     };
 }
 pub(crate) use loom_const_fn;
+
+/// A process-wide unique, non-zero id.
+///
+/// Deliberately a plain `std` atomic in loom builds too: uniqueness needs no
+/// ordering with anything else, so there is nothing for loom to explore, and
+/// ids must stay unique across loom's repeated executions in one process.
+pub(crate) fn unique_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// A mutex without poisoning, over `std::sync::Mutex` or `loom::sync::Mutex`.
 #[derive(Debug, Default)]

@@ -1,0 +1,541 @@
+//! [`RegistryCell<T, S>`]: a global instance with explicit, linearizable
+//! reinit-with-settings, whose readers never block.
+//!
+//! # Protocol
+//!
+//! - `current` (under a mutex) holds the published instance, its settings and
+//!   its generation. `generation` (an atomic) mirrors the generation and is
+//!   stored with `Release` inside the same critical section that replaces
+//!   `current`, so a reader that loads generation `g` with `Acquire` and then
+//!   locks `current` finds generation `g` or a later one.
+//! - `builder` (a mutex) is held around every build, so at most one build runs
+//!   at a time. Builds run outside the `current` lock: readers never wait for
+//!   a build, only (briefly) for another reader or a publish to clone an `Arc`.
+//! - Each thread keeps a small cache: for each cell id, the generation it last
+//!   saw and an `Rc` to that generation's `Arc<T>`. The fast path of `get` is
+//!   an `Acquire` load of `generation`, a `Relaxed` load of the cell's id, and
+//!   a lookup in the thread's cache: if the cached generation equals the
+//!   published one, the cached instance *is* the published instance
+//!   (generations are never reused), and the reader returns it without writing
+//!   any memory another thread can see. On a miss it takes the slow path:
+//!   lock `current`, clone the `Arc`, refresh its cache entry.
+//! - Cell ids come from a process-wide counter, never from the cell's address:
+//!   a dropped cell's address can be reused, its id cannot, so a cache entry
+//!   can never be mistaken for another cell's.
+
+// `Rc<Arc<T>>` is the design, not an accident: the `Arc` is the instance's
+// shared ownership, and the `Rc` around it is a count that only the reading
+// thread touches, so handing out a `RegistryRef` writes no shared memory.
+#![allow(clippy::redundant_allocation)]
+
+use std::any::{Any, type_name};
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::panic::Location;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::reentry;
+use crate::sync::{AtomicU64, Mutex, Ordering, loom_const_fn, thread_local, unique_id};
+
+/// How many cells a thread caches before it forgets the least recently
+/// refreshed one. Programs rarely have more than a handful of registries.
+const CACHE_CAPACITY: usize = 16;
+
+/// One thread's cached view of one cell.
+struct Cached {
+    id: u64,
+    generation: u64,
+    /// An `Rc<Arc<T>>` for the cell's `T`; the id fixes the type.
+    instance: Rc<dyn Any>,
+}
+
+thread_local! {
+    // Not `const { .. }`: loom's `thread_local!` does not accept that form.
+    #[allow(clippy::missing_const_for_thread_local)]
+    static CACHE: RefCell<Vec<Cached>> = RefCell::new(Vec::new());
+}
+
+/// The published state.
+struct Current<T, S> {
+    generation: u64,
+    instance: Arc<T>,
+    settings: Arc<S>,
+}
+
+/// A global instance built from settings, with explicit and linearizable
+/// reinitialisation, and reads that never block and never write shared
+/// memory.
+///
+/// The seed's `get_provider_registry(settings=None)` rebuilt the registry on
+/// every call that passed settings, and raced on the first build. With
+/// `RegistryCell` the first [`get`](Self::get) builds once from
+/// `S::default()`, and a new instance appears only through
+/// [`reinit`](Self::reinit), [`reinit_if_changed`](Self::reinit_if_changed)
+/// or [`try_reinit`](Self::try_reinit).
+///
+/// Compared with `arc_swap::ArcSwap<T>`: the read path does not touch a shared
+/// counter or a debt slot; it checks the published generation against a
+/// per-thread cache. The price is that each thread that has read an instance
+/// keeps it alive until that thread reads the cell again or exits (as
+/// `arc_swap::Cache` does).
+///
+/// # Semantics under concurrency
+///
+/// - **One first build.** Concurrent first callers of `get` wait for one
+///   build with `S::default()`.
+/// - **Linearizable publishes.** Published instances form one sequence,
+///   numbered by [`generation`](Self::generation); a `get` that starts after a
+///   `reinit` returned sees that instance or a later one.
+/// - **One build at a time.** Builds are serialised; readers never wait for
+///   one: during a slow `reinit` they keep getting the previous instance.
+/// - **Errors and panics change nothing.** If a build fails or panics, the
+///   current instance and settings stay as they were and the error or panic
+///   reaches the caller. There is no poisoning.
+/// - **Reentrancy panics.** A build that calls back into the same cell's
+///   first initialisation or `reinit` on the same thread panics with a message
+///   instead of deadlocking. Reading the current instance from inside a
+///   `reinit` build is fine.
+pub struct RegistryCell<T, S = ()> {
+    build: fn(&S) -> T,
+    /// The published generation; 0 while empty. See the module docs.
+    generation: AtomicU64,
+    /// This cell's id in the per-thread caches; 0 until first published.
+    id: AtomicU64,
+    current: Mutex<Option<Current<T, S>>>,
+    /// Held around every build.
+    builder: Mutex<()>,
+    declared_at: &'static Location<'static>,
+}
+
+/// A reference to the instance a [`RegistryCell`] had published when
+/// [`get`](RegistryCell::get) was called.
+///
+/// It keeps that instance alive even if the cell is reinitialised meanwhile.
+/// It is not `Send`: it points into the reading thread's cache. Use
+/// [`RegistryCell::get_arc`] (or [`RegistryRef::to_arc`]) to hold the instance
+/// across threads or an `.await`.
+#[must_use]
+pub struct RegistryRef<'a, T> {
+    instance: Rc<Arc<T>>,
+    generation: u64,
+    _cell: PhantomData<&'a ()>,
+}
+
+impl<T, S> RegistryCell<T, S> {
+    loom_const_fn! {
+        /// Creates an empty cell that builds instances with `build`.
+        ///
+        /// `const`, so it works in a `static`.
+        ///
+        /// ```
+        /// use toctou::RegistryCell;
+        ///
+        /// struct Registry {
+        ///     providers: Vec<String>,
+        /// }
+        ///
+        /// static REGISTRY: RegistryCell<Registry, Vec<String>> =
+        ///     RegistryCell::new(|names| Registry { providers: names.clone() });
+        ///
+        /// assert!(REGISTRY.get().providers.is_empty());
+        /// ```
+        #[track_caller]
+        pub fn new(build: fn(&S) -> T) -> Self {
+            Self {
+                build,
+                generation: AtomicU64::new(0),
+                id: AtomicU64::new(0),
+                current: Mutex::new(None),
+                builder: Mutex::new(()),
+                declared_at: Location::caller(),
+            }
+        }
+    }
+
+    /// The generation of the published instance: 0 before the first build,
+    /// then one more per publish.
+    ///
+    /// ```
+    /// static CELL: toctou::RegistryCell<u32, u32> = toctou::RegistryCell::new(|s| *s);
+    /// assert_eq!(CELL.generation(), 0);
+    /// CELL.get();
+    /// assert_eq!(CELL.generation(), 1);
+    /// CELL.reinit(7);
+    /// assert_eq!(CELL.generation(), 2);
+    /// ```
+    pub fn generation(&self) -> u64 {
+        // Acquire: pairs with the Release store in `publish`.
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn addr(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Panics if this thread is building this cell: locking `builder` again
+    /// would deadlock.
+    fn assert_not_reentrant(&self, what: &str) {
+        if reentry::is_initialising(self.addr()) {
+            panic!(
+                "reentrant {what} of toctou::RegistryCell<{}, {}> declared at {}: \
+                 its build function called back into the same cell on the same thread, \
+                 which would deadlock",
+                type_name::<T>(),
+                type_name::<S>(),
+                self.declared_at,
+            );
+        }
+    }
+
+    /// Publishes `instance` built from `settings`. The caller holds `builder`.
+    fn publish(&self, settings: S, instance: T) -> (u64, Arc<T>) {
+        let instance = Arc::new(instance);
+        let settings = Arc::new(settings);
+        if self.id.load(Ordering::Relaxed) == 0 {
+            // Only builders write the id, and they are serialised by
+            // `builder`. The Release store of `generation` below publishes it
+            // to readers' Acquire load of `generation`.
+            self.id.store(unique_id(), Ordering::Relaxed);
+        }
+        let (generation, replaced) = {
+            let mut current = self.current.lock();
+            let generation = current.as_ref().map_or(0, |c| c.generation) + 1;
+            let replaced = current.replace(Current {
+                generation,
+                instance: Arc::clone(&instance),
+                settings,
+            });
+            // Release: a reader that loads this generation with Acquire then
+            // sees the id above, and finds `current` at this generation or a
+            // later one when it locks it.
+            self.generation.store(generation, Ordering::Release);
+            (generation, replaced)
+        };
+        // The replaced instance (if this was its last holder) drops here,
+        // outside the lock.
+        drop(replaced);
+        (generation, instance)
+    }
+}
+
+impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
+    /// Returns the published instance, building the first one from
+    /// `S::default()` if the cell is empty.
+    ///
+    /// On an initialised cell this never blocks and writes no memory that
+    /// other threads read: it compares the published generation with this
+    /// thread's cached one. During a [`reinit`](Self::reinit) it returns the
+    /// previous instance until the new one is published.
+    ///
+    /// # Panics
+    ///
+    /// If the first build panics (the cell stays empty and the next caller
+    /// retries), or if called from inside this cell's first build.
+    ///
+    /// ```
+    /// static LIMITS: toctou::RegistryCell<Vec<u32>, u32> =
+    ///     toctou::RegistryCell::new(|n| (0..*n).collect());
+    ///
+    /// assert!(LIMITS.get().is_empty()); // built from u32::default()
+    /// LIMITS.reinit(3);
+    /// assert_eq!(*LIMITS.get(), [0, 1, 2]);
+    /// ```
+    #[inline]
+    pub fn get(&self) -> RegistryRef<'_, T>
+    where
+        S: Default,
+    {
+        // Acquire: pairs with the Release store in `publish`; makes `id` and
+        // the instance behind a matching cache entry visible.
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != 0 {
+            let id = self.id.load(Ordering::Relaxed);
+            if let Some(instance) = cached::<T>(id, generation) {
+                return RegistryRef {
+                    instance,
+                    generation,
+                    _cell: PhantomData,
+                };
+            }
+        }
+        self.get_slow()
+    }
+
+    #[cold]
+    fn get_slow(&self) -> RegistryRef<'_, T>
+    where
+        S: Default,
+    {
+        loop {
+            if let Some(found) = self.load_current() {
+                return found;
+            }
+            self.init_first();
+        }
+    }
+
+    /// Reads `current` under its lock and refreshes this thread's cache.
+    fn load_current(&self) -> Option<RegistryRef<'_, T>> {
+        let (generation, instance) = {
+            let current = self.current.lock();
+            let current = current.as_ref()?;
+            (current.generation, Arc::clone(&current.instance))
+        };
+        let instance = Rc::new(instance);
+        remember(self.id.load(Ordering::Relaxed), generation, &instance);
+        Some(RegistryRef {
+            instance,
+            generation,
+            _cell: PhantomData,
+        })
+    }
+
+    /// Builds the first instance unless another caller did meanwhile.
+    fn init_first(&self)
+    where
+        S: Default,
+    {
+        self.assert_not_reentrant("first initialisation");
+        let _builder = self.builder.lock();
+        if self.current.lock().is_some() {
+            return;
+        }
+        let settings = S::default();
+        let instance = {
+            let _mark = reentry::Mark::enter(self.addr());
+            (self.build)(&settings)
+        };
+        self.publish(settings, instance);
+    }
+
+    /// The published instance as an `Arc`, to hold across threads or an
+    /// `.await`. Builds the first instance like [`get`](Self::get).
+    ///
+    /// ```
+    /// static NAME: toctou::RegistryCell<String> = toctou::RegistryCell::new(|()| "v1".into());
+    ///
+    /// let name = NAME.get_arc();
+    /// std::thread::spawn(move || assert_eq!(*name, "v1")).join().unwrap();
+    /// ```
+    pub fn get_arc(&self) -> Arc<T>
+    where
+        S: Default,
+    {
+        self.get().to_arc()
+    }
+
+    /// Builds a new instance from `settings` and publishes it. Returns the
+    /// instance it published.
+    ///
+    /// Builds are serialised: a concurrent `reinit` waits for this one, then
+    /// builds and publishes its own. Readers are not blocked: they get the
+    /// previous instance until this one is published.
+    ///
+    /// # Panics
+    ///
+    /// If `build` panics (the cell keeps its current instance and settings),
+    /// or if called from inside one of this cell's builds.
+    ///
+    /// ```
+    /// static PORT: toctou::RegistryCell<u16, u16> = toctou::RegistryCell::new(|p| *p);
+    ///
+    /// let published = PORT.reinit(8080);
+    /// assert_eq!(*published, 8080);
+    /// assert_eq!(*PORT.get(), 8080);
+    /// ```
+    pub fn reinit(&self, settings: S) -> Arc<T> {
+        let build = self.build;
+        match self.try_reinit(settings, |s| Ok::<T, std::convert::Infallible>(build(s))) {
+            Ok(instance) => instance,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Like [`reinit`](Self::reinit), but does nothing if the current settings
+    /// equal `settings`: it returns the current instance without a build.
+    /// Concurrent calls with equal settings build once.
+    ///
+    /// ```
+    /// static CELL: toctou::RegistryCell<String, String> =
+    ///     toctou::RegistryCell::new(|s| format!("registry for {s}"));
+    ///
+    /// let a = CELL.reinit_if_changed("eu".to_owned());
+    /// let b = CELL.reinit_if_changed("eu".to_owned());
+    /// assert!(std::sync::Arc::ptr_eq(&a, &b));
+    /// assert_eq!(CELL.generation(), 1);
+    /// ```
+    pub fn reinit_if_changed(&self, settings: S) -> Arc<T>
+    where
+        S: PartialEq,
+    {
+        self.assert_not_reentrant("reinit");
+        let _builder = self.builder.lock();
+        if let Some(current) = &*self.current.lock() {
+            if *current.settings == settings {
+                return Arc::clone(&current.instance);
+            }
+        }
+        let instance = {
+            let _mark = reentry::Mark::enter(self.addr());
+            (self.build)(&settings)
+        };
+        self.publish(settings, instance).1
+    }
+
+    /// Builds a new instance with the fallible `build` and publishes it on
+    /// `Ok`. On `Err` the current instance and settings stay as they were.
+    ///
+    /// ```
+    /// static CELL: toctou::RegistryCell<u16, String> = toctou::RegistryCell::new(|_| 80);
+    ///
+    /// let bad = CELL.try_reinit("not a port".to_owned(), |s| s.parse::<u16>());
+    /// assert!(bad.is_err());
+    /// assert_eq!(CELL.generation(), 0, "nothing was published");
+    /// let good = CELL.try_reinit("8080".to_owned(), |s| s.parse::<u16>()).unwrap();
+    /// assert_eq!(*good, 8080);
+    /// ```
+    pub fn try_reinit<E>(
+        &self,
+        settings: S,
+        build: impl FnOnce(&S) -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
+        self.assert_not_reentrant("reinit");
+        let _builder = self.builder.lock();
+        let instance = {
+            let _mark = reentry::Mark::enter(self.addr());
+            build(&settings)?
+        };
+        Ok(self.publish(settings, instance).1)
+    }
+
+    /// The settings of the published instance, building the first instance
+    /// like [`get`](Self::get) if the cell is empty.
+    ///
+    /// ```
+    /// static CELL: toctou::RegistryCell<u8, u8> = toctou::RegistryCell::new(|s| *s);
+    /// assert_eq!(*CELL.settings(), 0);
+    /// CELL.reinit(4);
+    /// assert_eq!(*CELL.settings(), 4);
+    /// ```
+    pub fn settings(&self) -> Arc<S>
+    where
+        S: Default,
+    {
+        loop {
+            if let Some(current) = &*self.current.lock() {
+                return Arc::clone(&current.settings);
+            }
+            self.init_first();
+        }
+    }
+}
+
+/// This thread's cached instance of cell `id` at `generation`, if any.
+#[inline]
+fn cached<T: 'static>(id: u64, generation: u64) -> Option<Rc<Arc<T>>> {
+    CACHE
+        .try_with(|cache| {
+            let cache = cache.borrow();
+            let entry = cache
+                .iter()
+                .find(|e| e.id == id && e.generation == generation)?;
+            // The id fixes the cell, and the cell fixes `T`.
+            Rc::clone(&entry.instance).downcast::<Arc<T>>().ok()
+        })
+        .ok()
+        .flatten()
+}
+
+/// Records `instance` as this thread's view of cell `id` at `generation`.
+fn remember<T: Send + Sync + 'static>(id: u64, generation: u64, instance: &Rc<Arc<T>>) {
+    let _ = CACHE.try_with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let instance: Rc<dyn Any> = Rc::clone(instance) as Rc<dyn Any>;
+        match cache.iter_mut().find(|e| e.id == id) {
+            Some(entry) => {
+                // The older instance is released here (unless a RegistryRef
+                // still holds it).
+                *entry = Cached {
+                    id,
+                    generation,
+                    instance,
+                };
+            }
+            None => {
+                if cache.len() == CACHE_CAPACITY {
+                    cache.remove(0);
+                }
+                cache.push(Cached {
+                    id,
+                    generation,
+                    instance,
+                });
+            }
+        }
+    });
+}
+
+impl<T, S> fmt::Debug for RegistryCell<T, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryCell")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> RegistryRef<'_, T> {
+    /// The generation of the instance this reference points at.
+    ///
+    /// ```
+    /// static CELL: toctou::RegistryCell<u8, u8> = toctou::RegistryCell::new(|s| *s);
+    /// let first = CELL.get();
+    /// CELL.reinit(1);
+    /// assert_eq!((first.generation(), *first), (1, 0));
+    /// assert_eq!(CELL.get().generation(), 2);
+    /// ```
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// An `Arc` to the same instance, to send to another thread.
+    ///
+    /// ```
+    /// static CELL: toctou::RegistryCell<u8> = toctou::RegistryCell::new(|()| 5);
+    /// let arc = CELL.get().to_arc();
+    /// assert_eq!(*arc, 5);
+    /// ```
+    pub fn to_arc(&self) -> Arc<T> {
+        Arc::clone(&self.instance)
+    }
+}
+
+impl<T> Deref for RegistryRef<'_, T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.instance
+    }
+}
+
+impl<T> Clone for RegistryRef<'_, T> {
+    fn clone(&self) -> Self {
+        Self {
+            instance: Rc::clone(&self.instance),
+            generation: self.generation,
+            _cell: PhantomData,
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for RegistryRef<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryRef")
+            .field("generation", &self.generation)
+            .field("instance", &**self)
+            .finish()
+    }
+}

@@ -1,0 +1,229 @@
+//! Integration tests for `RegistryCell`: the seed's table (10 and 200
+//! workers), `reinit_if_changed` coalescing, readers during a slow reinit,
+//! and drop accounting.
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use toctou::RegistryCell;
+
+/// The seed's registry: built from settings, slowly.
+struct Registry {
+    region: String,
+}
+
+/// `workers` threads, released together, each call `call` on `cell` and
+/// report the instance's address.
+fn race<T: Send + Sync + 'static, S: Send + Sync + 'static>(
+    cell: &'static RegistryCell<T, S>,
+    workers: usize,
+    call: fn(&'static RegistryCell<T, S>) -> Arc<T>,
+) -> HashSet<usize> {
+    let barrier = Arc::new(Barrier::new(workers));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                Arc::as_ptr(&call(cell)) as usize
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+macro_rules! seed_table {
+    ($name:ident, $workers:expr, $call:expr) => {
+        #[test]
+        #[cfg_attr(miri, ignore = "hundreds of threads take minutes under miri")]
+        fn $name() {
+            static BUILDS: AtomicUsize = AtomicUsize::new(0);
+            static CELL: RegistryCell<Registry, String> = RegistryCell::new(|region| {
+                BUILDS.fetch_add(1, SeqCst);
+                thread::sleep(Duration::from_millis(10));
+                Registry {
+                    region: region.clone(),
+                }
+            });
+            let instances = race(&CELL, $workers, $call);
+            assert_eq!(BUILDS.load(SeqCst), 1, "registries built");
+            assert_eq!(instances.len(), 1, "distinct instances seen");
+        }
+    };
+}
+
+seed_table!(seed_table_get_10_workers, 10, |c| c.get_arc());
+seed_table!(seed_table_get_200_workers, 200, |c| c.get_arc());
+seed_table!(seed_table_reinit_if_changed_10_workers, 10, |c| c
+    .reinit_if_changed("eu".to_owned()));
+seed_table!(seed_table_reinit_if_changed_200_workers, 200, |c| c
+    .reinit_if_changed("eu".to_owned()));
+
+#[test]
+fn first_build_uses_default_settings() {
+    static CELL: RegistryCell<Registry, String> = RegistryCell::new(|region| Registry {
+        region: region.clone(),
+    });
+    assert_eq!(CELL.get().region, "");
+    assert_eq!(*CELL.settings(), "");
+    assert_eq!(CELL.reinit("us".to_owned()).region, "us");
+    assert_eq!(*CELL.settings(), "us");
+    assert_eq!(CELL.get().region, "us");
+}
+
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "wall-clock latency check; miri's clock is not the machine's"
+)]
+fn readers_never_wait_for_a_reinit_and_never_go_back() {
+    static CELL: RegistryCell<u64, u64> = RegistryCell::new(|generation_hint| {
+        if *generation_hint == 2 {
+            thread::sleep(Duration::from_millis(50)); // the slow rebuild
+        }
+        *generation_hint
+    });
+    assert_eq!(*CELL.get(), 0); // generation 1, built from the default
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut slowest = Duration::ZERO;
+                while !stop.load(SeqCst) {
+                    let start = Instant::now();
+                    let r = CELL.get();
+                    slowest = slowest.max(start.elapsed());
+                    if seen.last() != Some(&r.generation()) {
+                        seen.push(r.generation());
+                    }
+                }
+                (seen, slowest)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(10));
+    let published = CELL.reinit(2);
+    assert_eq!(*published, 2);
+    thread::sleep(Duration::from_millis(10));
+    stop.store(true, SeqCst);
+    for reader in readers {
+        let (seen, slowest) = reader.join().unwrap();
+        assert_eq!(seen, [1, 2], "generations seen, in order");
+        assert!(
+            slowest < Duration::from_millis(25),
+            "a get() took {slowest:?} during a 50 ms rebuild: it waited for the build"
+        );
+    }
+}
+
+/// A value that counts its drops.
+struct Counted(&'static AtomicUsize);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, SeqCst);
+    }
+}
+
+#[test]
+fn replaced_instances_drop_when_their_last_reader_lets_go() {
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    let cell: RegistryCell<Counted, u8> = RegistryCell::new(|_| Counted(&DROPS));
+    let first = cell.get();
+    let first_arc = cell.get_arc();
+    cell.reinit(1);
+    assert_eq!(DROPS.load(SeqCst), 0, "readers still hold generation 1");
+    drop(first);
+    drop(first_arc);
+    // This thread's cache still points at generation 1 until it reads again.
+    assert_eq!(cell.get().generation(), 2);
+    assert_eq!(DROPS.load(SeqCst), 1, "generation 1 dropped");
+
+    // Another thread reads generation 2, then exits: its cache goes with it.
+    thread::scope(|s| {
+        s.spawn(|| assert_eq!(cell.get().generation(), 2));
+    });
+    cell.reinit(2);
+    assert_eq!(cell.get().generation(), 3);
+    assert_eq!(DROPS.load(SeqCst), 2, "generation 2 dropped");
+    drop(cell);
+    // The cell is gone; this thread's cache still holds generation 3 until
+    // the thread exits, which the test harness's thread does after this test.
+}
+
+#[test]
+fn failed_or_panicking_builds_change_nothing() {
+    static CELL: RegistryCell<u16, String> = RegistryCell::new(|s| s.parse().unwrap());
+    CELL.reinit("80".to_owned());
+    assert!(
+        CELL.try_reinit("x".to_owned(), |s| s.parse::<u16>())
+            .is_err()
+    );
+    let panicked = catch_unwind(AssertUnwindSafe(|| CELL.reinit("not a port".to_owned())));
+    assert!(panicked.is_err(), "the build's panic reaches the caller");
+    assert_eq!((*CELL.get(), CELL.generation()), (80, 1));
+    assert_eq!(*CELL.settings(), "80");
+    assert_eq!(*CELL.reinit("81".to_owned()), 81, "no poisoning");
+}
+
+#[test]
+fn reentrant_build_panics_with_a_message() {
+    static CELL: RegistryCell<u8, u8> = RegistryCell::new(|_| *CELL.get());
+    let payload = catch_unwind(|| *CELL.get()).expect_err("reentrancy must panic, not deadlock");
+    let message = match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(_) => String::new(),
+    };
+    assert!(
+        message.contains("reentrant first initialisation"),
+        "{message}"
+    );
+    assert!(
+        message.contains("toctou::RegistryCell<u8, u8>"),
+        "{message}"
+    );
+    assert_eq!(CELL.generation(), 0);
+}
+
+#[test]
+fn reading_the_current_instance_inside_a_reinit_build_is_fine() {
+    // Each build adds its settings to the instance published before it.
+    static CELL: RegistryCell<u32, u32> = RegistryCell::new(|add| {
+        let previous = if CELL.generation() == 0 {
+            0
+        } else {
+            *CELL.get()
+        };
+        previous + add
+    });
+    assert_eq!(CELL.reinit(5).as_ref(), &5);
+    assert_eq!(CELL.reinit(1).as_ref(), &6);
+}
+
+#[test]
+fn reentrant_reinit_panics_with_a_message() {
+    static CELL: RegistryCell<u8, u8> =
+        RegistryCell::new(|s| if *s == 1 { *CELL.reinit(2) } else { *s });
+    CELL.get();
+    let payload =
+        catch_unwind(|| *CELL.reinit(1)).expect_err("reentrancy must panic, not deadlock");
+    let message = payload.downcast::<String>().map(|s| *s).unwrap_or_default();
+    assert!(message.contains("reentrant reinit"), "{message}");
+    assert_eq!(
+        (*CELL.get(), CELL.generation()),
+        (0, 1),
+        "nothing published"
+    );
+}
+
+#[test]
+fn thread_safety_bounds() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<RegistryCell<Vec<String>, String>>();
+}
