@@ -23,17 +23,13 @@
 //!   a dropped cell's address can be reused, its id cannot, so a cache entry
 //!   can never be mistaken for another cell's.
 
-// `Rc<Arc<T>>` is the design, not an accident: the `Arc` is the instance's
-// shared ownership, and the `Rc` around it is a count that only the reading
-// thread touches, so handing out a `RegistryRef` writes no shared memory.
-#![allow(clippy::redundant_allocation)]
-
 use std::any::{Any, type_name};
 use std::cell::RefCell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::panic::Location;
+use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -48,8 +44,12 @@ const CACHE_CAPACITY: usize = 16;
 struct Cached {
     id: u64,
     generation: u64,
-    /// An `Rc<Arc<T>>` for the cell's `T`; the id fixes the type.
-    instance: Rc<dyn Any>,
+    /// The instance: `Arc::as_ptr` of the `Arc<T>` inside `keep`. The id
+    /// fixes the cell, and the cell fixes `T`.
+    ptr: NonNull<()>,
+    /// An `Rc<Arc<T>>`, type-erased: keeps the instance alive while this
+    /// entry or any `RegistryRef` made from it exists.
+    keep: Rc<dyn Any>,
 }
 
 thread_local! {
@@ -119,9 +119,12 @@ pub struct RegistryCell<T, S = ()> {
 /// across threads or an `.await`.
 #[must_use]
 pub struct RegistryRef<'a, T> {
-    instance: Rc<Arc<T>>,
+    /// Points at the `T` inside the `Arc<T>` that `keep` holds.
+    ptr: NonNull<T>,
+    /// An `Rc<Arc<T>>` (type-erased): a count that only this thread touches.
+    keep: Rc<dyn Any>,
     generation: u64,
-    _cell: PhantomData<&'a ()>,
+    _cell: PhantomData<&'a T>,
 }
 
 impl<T, S> RegistryCell<T, S> {
@@ -161,7 +164,7 @@ impl<T, S> RegistryCell<T, S> {
     /// ```
     /// static CELL: toctou::RegistryCell<u32, u32> = toctou::RegistryCell::new(|s| *s);
     /// assert_eq!(CELL.generation(), 0);
-    /// CELL.get();
+    /// let _ = CELL.get();
     /// assert_eq!(CELL.generation(), 1);
     /// CELL.reinit(7);
     /// assert_eq!(CELL.generation(), 2);
@@ -253,9 +256,12 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         let generation = self.generation.load(Ordering::Acquire);
         if generation != 0 {
             let id = self.id.load(Ordering::Relaxed);
-            if let Some(instance) = cached::<T>(id, generation) {
+            if let Some((ptr, keep)) = cached(id, generation) {
                 return RegistryRef {
-                    instance,
+                    // The entry of this cell's id holds an `Arc<T>` of this
+                    // cell's `T` (see `remember`).
+                    ptr: ptr.cast::<T>(),
+                    keep,
                     generation,
                     _cell: PhantomData,
                 };
@@ -284,10 +290,17 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
             let current = current.as_ref()?;
             (current.generation, Arc::clone(&current.instance))
         };
-        let instance = Rc::new(instance);
-        remember(self.id.load(Ordering::Relaxed), generation, &instance);
+        let ptr = NonNull::from(&*instance);
+        let keep: Rc<dyn Any> = Rc::new(instance);
+        remember(
+            self.id.load(Ordering::Relaxed),
+            generation,
+            ptr.cast(),
+            &keep,
+        );
         Some(RegistryRef {
-            instance,
+            ptr,
+            keep,
             generation,
             _cell: PhantomData,
         })
@@ -435,44 +448,40 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
 
 /// This thread's cached instance of cell `id` at `generation`, if any.
 #[inline]
-fn cached<T: 'static>(id: u64, generation: u64) -> Option<Rc<Arc<T>>> {
+fn cached(id: u64, generation: u64) -> Option<(NonNull<()>, Rc<dyn Any>)> {
     CACHE
         .try_with(|cache| {
             let cache = cache.borrow();
-            let entry = cache
-                .iter()
-                .find(|e| e.id == id && e.generation == generation)?;
-            // The id fixes the cell, and the cell fixes `T`.
-            Rc::clone(&entry.instance).downcast::<Arc<T>>().ok()
+            let entry = cache.iter().find(|e| e.id == id)?;
+            if entry.generation != generation {
+                return None;
+            }
+            Some((entry.ptr, Rc::clone(&entry.keep)))
         })
         .ok()
         .flatten()
 }
 
-/// Records `instance` as this thread's view of cell `id` at `generation`.
-fn remember<T: Send + Sync + 'static>(id: u64, generation: u64, instance: &Rc<Arc<T>>) {
+/// Records the instance at `ptr`, kept alive by `keep`, as this thread's view
+/// of cell `id` at `generation`.
+fn remember(id: u64, generation: u64, ptr: NonNull<()>, keep: &Rc<dyn Any>) {
     let _ = CACHE.try_with(|cache| {
         let mut cache = cache.borrow_mut();
-        let instance: Rc<dyn Any> = Rc::clone(instance) as Rc<dyn Any>;
+        let fresh = Cached {
+            id,
+            generation,
+            ptr,
+            keep: Rc::clone(keep),
+        };
         match cache.iter_mut().find(|e| e.id == id) {
-            Some(entry) => {
-                // The older instance is released here (unless a RegistryRef
-                // still holds it).
-                *entry = Cached {
-                    id,
-                    generation,
-                    instance,
-                };
-            }
+            // The older instance is released here (unless a RegistryRef
+            // still holds it).
+            Some(entry) => *entry = fresh,
             None => {
                 if cache.len() == CACHE_CAPACITY {
                     cache.remove(0);
                 }
-                cache.push(Cached {
-                    id,
-                    generation,
-                    instance,
-                });
+                cache.push(fresh);
             }
         }
     });
@@ -507,8 +516,15 @@ impl<T> RegistryRef<'_, T> {
     /// let arc = CELL.get().to_arc();
     /// assert_eq!(*arc, 5);
     /// ```
-    pub fn to_arc(&self) -> Arc<T> {
-        Arc::clone(&self.instance)
+    pub fn to_arc(&self) -> Arc<T>
+    where
+        T: 'static,
+    {
+        let arc = self
+            .keep
+            .downcast_ref::<Arc<T>>()
+            .expect("a RegistryRef keeps an Arc of its own T");
+        Arc::clone(arc)
     }
 }
 
@@ -517,14 +533,19 @@ impl<T> Deref for RegistryRef<'_, T> {
 
     #[inline]
     fn deref(&self) -> &T {
-        &self.instance
+        // SAFETY: `ptr` points into the `Arc<T>` that `keep` holds (set in
+        // `load_current`, copied by `cached`), and `keep` lives as long as
+        // `self`, so the `T` is alive and, being behind an `Arc`, never
+        // mutated.
+        unsafe { self.ptr.as_ref() }
     }
 }
 
 impl<T> Clone for RegistryRef<'_, T> {
     fn clone(&self) -> Self {
         Self {
-            instance: Rc::clone(&self.instance),
+            ptr: self.ptr,
+            keep: Rc::clone(&self.keep),
             generation: self.generation,
             _cell: PhantomData,
         }

@@ -210,7 +210,7 @@ fn reading_the_current_instance_inside_a_reinit_build_is_fine() {
 fn reentrant_reinit_panics_with_a_message() {
     static CELL: RegistryCell<u8, u8> =
         RegistryCell::new(|s| if *s == 1 { *CELL.reinit(2) } else { *s });
-    CELL.get();
+    let _ = CELL.get();
     let payload =
         catch_unwind(|| *CELL.reinit(1)).expect_err("reentrancy must panic, not deadlock");
     let message = payload.downcast::<String>().map(|s| *s).unwrap_or_default();
