@@ -207,6 +207,33 @@ MUTANTS = [
         "loom_singleton_map",
         "cancelled_async_init_async_waiter_takes_over",
     ),
+    (
+        "RegistryCell: first init without the re-check under the builder lock",
+        "src/registry.rs",
+        "        let _builder = self.builder.lock();\n        if self.current.lock().is_some() {\n            return;\n        }\n",
+        "        let _builder = self.builder.lock();\n",
+        "loom_registry",
+        "first_init_race",
+    ),
+    (
+        "RegistryCell: reinit publishes after releasing the builder lock",
+        "src/registry.rs",
+        "            build(&settings)?\n        };\n        Ok(self.publish(settings, instance).1)",
+        "            build(&settings)?\n        };\n        drop(_builder);\n        Ok(self.publish(settings, instance).1)",
+        "loom_registry",
+        "two_reinits",
+    ),
+    (
+        "RegistryCell: reinit_if_changed compares and builds under different locks",
+        "src/registry.rs",
+        "        }\n        let instance = {\n            let _mark = reentry::Mark::enter(self.addr());\n"
+        "            (self.build)(&settings)\n        };\n        self.publish(settings, instance).1",
+        "        }\n        drop(_builder);\n        let _builder = self.builder.lock();\n"
+        "        let instance = {\n            let _mark = reentry::Mark::enter(self.addr());\n"
+        "            (self.build)(&settings)\n        };\n        self.publish(settings, instance).1",
+        "loom_registry",
+        "reinit_if_changed_with_equal_settings_builds_once",
+    ),
 ]
 
 

@@ -337,7 +337,24 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     where
         S: Default,
     {
-        self.get().to_arc()
+        // Acquire: as in `get`.
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != 0 {
+            let id = self.id.load(Ordering::Relaxed);
+            if let Some(ptr) = cached_ptr(id, generation) {
+                let ptr = ptr.cast::<T>().as_ptr().cast_const();
+                // SAFETY: `ptr` is `Arc::as_ptr` of an `Arc<T>` (this cell's
+                // id fixes `T`) that this thread's cache entry still holds:
+                // nothing on this thread has run since `cached_ptr` read it,
+                // so the strong count is at least 1 and may be incremented,
+                // and `from_raw` then takes ownership of that new count.
+                unsafe {
+                    Arc::increment_strong_count(ptr);
+                    return Arc::from_raw(ptr);
+                }
+            }
+        }
+        self.get_slow().to_arc()
     }
 
     /// Builds a new instance from `settings` and publishes it. Returns the
@@ -457,6 +474,20 @@ fn cached(id: u64, generation: u64) -> Option<(NonNull<()>, Rc<dyn Any>)> {
                 return None;
             }
             Some((entry.ptr, Rc::clone(&entry.keep)))
+        })
+        .ok()
+        .flatten()
+}
+
+/// This thread's cached instance pointer of cell `id` at `generation`, if
+/// any, without touching the entry's keep-alive count.
+#[inline]
+fn cached_ptr(id: u64, generation: u64) -> Option<NonNull<()>> {
+    CACHE
+        .try_with(|cache| {
+            let cache = cache.borrow();
+            let entry = cache.iter().find(|e| e.id == id)?;
+            (entry.generation == generation).then_some(entry.ptr)
         })
         .ok()
         .flatten()

@@ -134,7 +134,7 @@ impl Drop for Counted {
 #[test]
 fn replaced_instances_drop_when_their_last_reader_lets_go() {
     static DROPS: AtomicUsize = AtomicUsize::new(0);
-    let cell: RegistryCell<Counted, u8> = RegistryCell::new(|_| Counted(&DROPS));
+    let cell: Arc<RegistryCell<Counted, u8>> = Arc::new(RegistryCell::new(|_| Counted(&DROPS)));
     let first = cell.get();
     let first_arc = cell.get_arc();
     cell.reinit(1);
@@ -146,15 +146,16 @@ fn replaced_instances_drop_when_their_last_reader_lets_go() {
     assert_eq!(DROPS.load(SeqCst), 1, "generation 1 dropped");
 
     // Another thread reads generation 2, then exits: its cache goes with it.
-    thread::scope(|s| {
-        s.spawn(|| assert_eq!(cell.get().generation(), 2));
+    // (`thread::spawn` + `join`, not a scoped thread: `join` returns after
+    // the thread's thread-local destructors have run.)
+    let reader = thread::spawn({
+        let cell = cell.clone();
+        move || assert_eq!(cell.get().generation(), 2)
     });
+    reader.join().unwrap();
     cell.reinit(2);
     assert_eq!(cell.get().generation(), 3);
     assert_eq!(DROPS.load(SeqCst), 2, "generation 2 dropped");
-    drop(cell);
-    // The cell is gone; this thread's cache still holds generation 3 until
-    // the thread exits, which the test harness's thread does after this test.
 }
 
 #[test]

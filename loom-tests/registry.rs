@@ -1,0 +1,210 @@
+//! Loom models of the `RegistryCell` protocol (src/registry.rs).
+//!
+//! Run with:
+//!
+//! ```text
+//! RUSTFLAGS="--cfg toctou_loom" cargo test --release --test loom_registry
+//! ```
+//!
+//! Build functions are plain `fn`s, so the models pass their probes (loom
+//! atomics) in through the settings.
+#![cfg(toctou_loom)]
+
+use std::sync::atomic::Ordering::SeqCst;
+
+use loom::sync::atomic::{AtomicBool, AtomicUsize};
+use loom::sync::{Arc, Mutex};
+use loom::thread;
+use toctou::RegistryCell;
+
+/// Settings that carry probes: how many builds ran, whether one is running,
+/// and a flag the instance sets when it is dropped.
+#[derive(Clone, Default)]
+struct Probe {
+    value: usize,
+    builds: Option<Arc<AtomicUsize>>,
+    building: Option<Arc<AtomicBool>>,
+    dropped: Option<Arc<AtomicBool>>,
+    order: Option<Arc<Mutex<Vec<usize>>>>,
+}
+
+impl PartialEq for Probe {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+struct Instance {
+    value: usize,
+    dropped: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(dropped) = &self.dropped {
+            dropped.store(true, SeqCst);
+        }
+    }
+}
+
+fn build(p: &Probe) -> Instance {
+    if let Some(building) = &p.building {
+        assert!(!building.swap(true, SeqCst), "two builds overlapped");
+    }
+    if let Some(builds) = &p.builds {
+        builds.fetch_add(1, SeqCst);
+    }
+    if let Some(order) = &p.order {
+        order.lock().unwrap().push(p.value);
+    }
+    if let Some(building) = &p.building {
+        building.store(false, SeqCst);
+    }
+    Instance {
+        value: p.value,
+        dropped: p.dropped.clone(),
+    }
+}
+
+fn probe(value: usize) -> Probe {
+    Probe {
+        value,
+        ..Probe::default()
+    }
+}
+
+/// A race on the lazy first init: one instance, seen by both.
+///
+/// Catches: `init_first` not re-checking `current` under the builder lock
+/// (both callers build and publish).
+#[test]
+fn first_init_race() {
+    loom::model(|| {
+        let cell = Arc::new(RegistryCell::new(build));
+        let other = {
+            let cell = cell.clone();
+            thread::spawn(move || cell.get_arc())
+        };
+        let mine = cell.get_arc();
+        let theirs = other.join().unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&mine, &theirs),
+            "two first instances"
+        );
+        assert_eq!(cell.generation(), 1);
+    });
+}
+
+/// `get` racing `reinit`: the reader sees the old instance or the new one,
+/// with a matching generation.
+#[test]
+fn get_races_reinit() {
+    loom::model(|| {
+        let cell = Arc::new(RegistryCell::new(build));
+        assert_eq!(cell.get().value, 0);
+        let writer = {
+            let cell = cell.clone();
+            thread::spawn(move || cell.reinit(probe(1)))
+        };
+        let seen = cell.get();
+        match (seen.generation(), seen.value) {
+            (1, 0) | (2, 1) => {}
+            other => panic!("reader saw {other:?}"),
+        }
+        drop(seen);
+        let published = writer.join().unwrap();
+        assert_eq!(published.value, 1);
+        // After the writer is joined, a new read sees its instance.
+        assert_eq!((cell.get().generation(), cell.get().value), (2, 1));
+    });
+}
+
+/// Two concurrent `reinit`s on an empty cell: the builds do not overlap, the
+/// generation ends at 2, and the final instance is the one built (hence
+/// published) last.
+///
+/// Catches: publishing after releasing the builder lock (an earlier build
+/// can then publish over a later one).
+#[test]
+fn two_reinits() {
+    loom::model(|| {
+        let building = Arc::new(AtomicBool::new(false));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let cell = Arc::new(RegistryCell::new(build));
+        let settings = |value| Probe {
+            value,
+            building: Some(building.clone()),
+            order: Some(order.clone()),
+            ..Probe::default()
+        };
+        let other = {
+            let (cell, s) = (cell.clone(), settings(2));
+            thread::spawn(move || drop(cell.reinit(s)))
+        };
+        drop(cell.reinit(settings(1)));
+        other.join().unwrap();
+        assert_eq!(cell.generation(), 2);
+        let last_built = *order.lock().unwrap().last().unwrap();
+        assert_eq!(
+            cell.get().value,
+            last_built,
+            "an earlier build was published last"
+        );
+    });
+}
+
+/// `reinit_if_changed` with equal settings from two threads: one build.
+///
+/// Catches: comparing the settings and building under different locks
+/// (check, then act): both callers build.
+#[test]
+fn reinit_if_changed_with_equal_settings_builds_once() {
+    loom::model(|| {
+        let builds = Arc::new(AtomicUsize::new(0));
+        let cell = Arc::new(RegistryCell::new(build));
+        let settings = Probe {
+            value: 7,
+            builds: Some(builds.clone()),
+            ..Probe::default()
+        };
+        let other = {
+            let (cell, s) = (cell.clone(), settings.clone());
+            thread::spawn(move || cell.reinit_if_changed(s))
+        };
+        let mine = cell.reinit_if_changed(settings);
+        let theirs = other.join().unwrap();
+        assert_eq!(builds.load(SeqCst), 1, "equal settings built twice");
+        assert!(std::sync::Arc::ptr_eq(&mine, &theirs));
+    });
+}
+
+/// A reader holding a `RegistryRef` across a `reinit` keeps the old instance
+/// alive until it drops the reference.
+#[test]
+fn a_held_ref_keeps_the_old_instance_alive() {
+    loom::model(|| {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let cell = Arc::new(RegistryCell::new(build));
+        cell.reinit(Probe {
+            value: 1,
+            dropped: Some(dropped.clone()),
+            ..Probe::default()
+        });
+        let held = cell.get();
+        let writer = {
+            let cell = cell.clone();
+            thread::spawn(move || drop(cell.reinit(probe(2))))
+        };
+        writer.join().unwrap();
+        assert_eq!(held.value, 1);
+        assert!(!dropped.load(SeqCst), "dropped while a reader held it");
+        drop(held);
+        // This thread's cache still holds generation 2's predecessor until
+        // it reads again.
+        assert_eq!(cell.get().value, 2);
+        assert!(
+            dropped.load(SeqCst),
+            "not dropped after its last reader let go"
+        );
+    });
+}
