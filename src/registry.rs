@@ -290,7 +290,12 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
             let current = current.as_ref()?;
             (current.generation, Arc::clone(&current.instance))
         };
-        let ptr = NonNull::from(&*instance);
+        // From `Arc::as_ptr`, not from a `&T`: the pointer keeps the
+        // provenance of the whole allocation, which `get_arc` needs to reach
+        // the reference counts (miri's Stacked Borrows check caught a
+        // pointer derived from `&*instance`).
+        let ptr =
+            NonNull::new(Arc::as_ptr(&instance).cast_mut()).expect("Arc::as_ptr is never null");
         let keep: Rc<dyn Any> = Rc::new(instance);
         remember(
             self.id.load(Ordering::Relaxed),

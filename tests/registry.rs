@@ -37,9 +37,9 @@ fn race<T: Send + Sync + 'static, S: Send + Sync + 'static>(
 }
 
 macro_rules! seed_table {
-    ($name:ident, $workers:expr, $call:expr) => {
+    ($(#[$attr:meta])* $name:ident, $workers:expr, $call:expr) => {
         #[test]
-        #[cfg_attr(miri, ignore = "hundreds of threads take minutes under miri")]
+        $(#[$attr])*
         fn $name() {
             static BUILDS: AtomicUsize = AtomicUsize::new(0);
             static CELL: RegistryCell<Registry, String> = RegistryCell::new(|region| {
@@ -57,7 +57,12 @@ macro_rules! seed_table {
 }
 
 seed_table!(seed_table_get_10_workers, 10, |c| c.get_arc());
-seed_table!(seed_table_get_200_workers, 200, |c| c.get_arc());
+seed_table!(
+    #[cfg_attr(miri, ignore = "hundreds of threads take minutes under miri")]
+    seed_table_get_200_workers,
+    200,
+    |c| c.get_arc()
+);
 seed_table!(seed_table_reinit_if_changed_10_workers, 10, |c| c
     .reinit_if_changed("eu".to_owned()));
 seed_table!(seed_table_reinit_if_changed_200_workers, 200, |c| c
