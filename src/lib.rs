@@ -16,6 +16,7 @@
 //! | `if INSTANCE is None: INSTANCE = Build()` (a global singleton) | [`Singleton<T>`] |
 //! | a global built from a function on first use | [`Lazy<T, F>`] |
 //! | "is the server for this model running? no? start it" | [`SingletonMap<K, V>`] |
+//! | `if registry is None or settings is not None: registry = Registry(settings)` | [`RegistryCell<T, S>`] |
 //!
 //! # Quick start
 //!
