@@ -167,12 +167,18 @@ fn main() -> ExitCode {
     println!();
     assert_eq!(REGISTRY.get().generation(), 1);
     let stop = Arc::new(AtomicBool::new(false));
+    // Every reader has read generation 1 before the rebuild starts.
+    let all_reading = Arc::new(Barrier::new(3));
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let stop = stop.clone();
+            let (stop, all_reading) = (stop.clone(), all_reading.clone());
             thread::spawn(move || {
-                let (mut seen, mut slowest, mut during) = (Vec::new(), Duration::ZERO, 0u64);
-                while !stop.load(SeqCst) {
+                let mut seen = vec![REGISTRY.get().generation()];
+                let (mut slowest, mut during) = (Duration::ZERO, 0u64);
+                all_reading.wait();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                // Until the rebuild is over and this reader has seen it.
+                while !(stop.load(SeqCst) && seen.last() == Some(&2)) && Instant::now() < deadline {
                     let start = Instant::now();
                     let rebuilding = REBUILDING.load(SeqCst);
                     let registry = REGISTRY.get();
@@ -190,7 +196,7 @@ fn main() -> ExitCode {
             })
         })
         .collect();
-    thread::sleep(Duration::from_millis(10));
+    all_reading.wait();
     let settings = Settings {
         providers: vec!["openai", "anthropic"],
     };
@@ -199,7 +205,6 @@ fn main() -> ExitCode {
     let new = REGISTRY.reinit(settings);
     REBUILDING.store(false, SeqCst);
     let rebuild = started.elapsed();
-    thread::sleep(Duration::from_millis(10));
     stop.store(true, SeqCst);
     for (i, reader) in readers.into_iter().enumerate() {
         let (seen, slowest, during) = reader.join().unwrap();

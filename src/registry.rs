@@ -501,26 +501,25 @@ fn cached_ptr(id: u64, generation: u64) -> Option<NonNull<()>> {
 /// Records the instance at `ptr`, kept alive by `keep`, as this thread's view
 /// of cell `id` at `generation`.
 fn remember(id: u64, generation: u64, ptr: NonNull<()>, keep: &Rc<dyn Any>) {
-    let _ = CACHE.try_with(|cache| {
+    let fresh = Cached {
+        id,
+        generation,
+        ptr,
+        keep: Rc::clone(keep),
+    };
+    let released = CACHE.try_with(|cache| {
         let mut cache = cache.borrow_mut();
-        let fresh = Cached {
-            id,
-            generation,
-            ptr,
-            keep: Rc::clone(keep),
-        };
-        match cache.iter_mut().find(|e| e.id == id) {
-            // The older instance is released here (unless a RegistryRef
-            // still holds it).
-            Some(entry) => *entry = fresh,
-            None => {
-                if cache.len() == CACHE_CAPACITY {
-                    cache.remove(0);
-                }
-                cache.push(fresh);
-            }
+        if let Some(at) = cache.iter().position(|e| e.id == id) {
+            return Some(std::mem::replace(&mut cache[at], fresh));
         }
+        let oldest = (cache.len() == CACHE_CAPACITY).then(|| cache.remove(0));
+        cache.push(fresh);
+        oldest
     });
+    // The entry this one replaced (and with it, perhaps, the last `Arc` to an
+    // old instance) drops here, after the cache's borrow has ended: `T::drop`
+    // may read a `RegistryCell` itself.
+    drop(released);
 }
 
 impl<T, S> fmt::Debug for RegistryCell<T, S> {
