@@ -51,6 +51,9 @@ REFERENCE = {
     "singleton_get_initialised": "toctou::Singleton::get",
     "singleton_map_hit": "toctou::SingletonMap::get_or_init",
     "singleton_map_hit_parallel": "toctou::SingletonMap::get_or_init",
+    "registry_get": "toctou::RegistryCell::get",
+    "registry_get_arc": "toctou::RegistryCell::get_arc",
+    "registry_get_parallel": "toctou::RegistryCell::get",
 }
 
 
