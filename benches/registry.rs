@@ -14,14 +14,14 @@
 //! Run: `cargo bench --bench registry`.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use toctou::RegistryCell;
+
+mod common;
 
 /// The instance: a registry with a few providers.
 struct Registry {
@@ -76,42 +76,17 @@ fn get(c: &mut Criterion) {
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(3));
     /// `threads` readers at once, `READS` reads each; the time until all are
-    /// done. Threads start before the clock and wait on a flag.
+    /// done.
     fn readers(iters: u64, threads: usize, read: &(dyn Fn() -> usize + Sync)) -> Duration {
-        let mut total = Duration::ZERO;
-        for _ in 0..iters {
-            let go = AtomicBool::new(false);
-            let ready = AtomicUsize::new(0);
-            thread::scope(|s| {
-                let handles: Vec<_> = (0..threads)
-                    .map(|_| {
-                        let (go, ready) = (&go, &ready);
-                        s.spawn(move || {
-                            ready.fetch_add(1, SeqCst);
-                            while !go.load(SeqCst) {
-                                std::hint::spin_loop();
-                            }
-                            for _ in 0..READS {
-                                black_box(read());
-                            }
-                            Instant::now()
-                        })
-                    })
-                    .collect();
-                while ready.load(SeqCst) < threads {
-                    thread::yield_now();
-                }
-                let start = Instant::now();
-                go.store(true, SeqCst);
-                let last = handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap())
-                    .max()
-                    .unwrap();
-                total += last - start;
-            });
-        }
-        total
+        (0..iters)
+            .map(|_| {
+                common::released_together(threads, |_| {
+                    for _ in 0..READS {
+                        black_box(read());
+                    }
+                })
+            })
+            .sum()
     }
     for threads in [1usize, 2, 4, 8, 16] {
         g.throughput(Throughput::Elements(threads as u64 * READS));

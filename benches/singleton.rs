@@ -10,12 +10,12 @@
 //! Run: `cargo bench --bench singleton`.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{LazyLock, OnceLock};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+mod common;
 
 /// Reads per iteration in the `singleton_get_initialised` group.
 const READS: u64 = 100;
@@ -119,38 +119,14 @@ fn cold_start<C: Cell>(iters: u64, threads: usize) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let cell = C::default();
-        let started = AtomicUsize::new(0);
-        let go = AtomicBool::new(false);
-        thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        started.fetch_add(1, SeqCst);
-                        while !go.load(SeqCst) {
-                            thread::yield_now();
-                        }
-                        black_box(cell.get_or_init(|| {
-                            let t = Instant::now();
-                            while t.elapsed() < Duration::from_micros(2) {
-                                std::hint::spin_loop();
-                            }
-                            42
-                        }));
-                        Instant::now()
-                    })
-                })
-                .collect();
-            while started.load(SeqCst) < threads {
-                thread::yield_now();
-            }
-            let start = Instant::now();
-            go.store(true, SeqCst);
-            let last = handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .max()
-                .unwrap();
-            total += last - start;
+        total += common::released_together(threads, |_| {
+            black_box(cell.get_or_init(|| {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(2) {
+                    std::hint::spin_loop();
+                }
+                42
+            }));
         });
     }
     total

@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+mod common;
 
 /// Keys in each map.
 const KEYS: usize = 1_000;
@@ -139,37 +139,12 @@ fn hit(c: &mut Criterion) {
 fn parallel_hits<M: Map>(map: &M, keys: &[String], iters: u64, threads: usize) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
-        let started = AtomicUsize::new(0);
-        let go = AtomicBool::new(false);
-        thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (started, go) = (&started, &go);
-                    s.spawn(move || {
-                        started.fetch_add(1, SeqCst);
-                        while !go.load(SeqCst) {
-                            thread::yield_now();
-                        }
-                        let mut k = t * 101;
-                        for _ in 0..LOOKUPS {
-                            k = (k + 7) % KEYS;
-                            black_box(map.hit(keys[k].as_str()));
-                        }
-                        Instant::now()
-                    })
-                })
-                .collect();
-            while started.load(SeqCst) < threads {
-                thread::yield_now();
+        total += common::released_together(threads, |t| {
+            let mut k = t * 101;
+            for _ in 0..LOOKUPS {
+                k = (k + 7) % KEYS;
+                black_box(map.hit(keys[k].as_str()));
             }
-            let start = Instant::now();
-            go.store(true, SeqCst);
-            let last = handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .max()
-                .unwrap();
-            total += last - start;
         });
     }
     total
