@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use toctou::{Lazy, Singleton};
 
+mod common;
+
 /// The seed's orchestrator: a sessions map and one cleanup thread per instance.
 struct Orchestrator {
     sessions: Mutex<HashMap<u64, String>>,
@@ -382,29 +384,9 @@ mod without_a_runtime {
     //! Async paths driven by a minimal thread-parking executor, so that miri
     //! (which does not run the tokio tests) checks them too.
     use super::*;
-    use std::future::Future;
-    use std::pin::pin;
-    use std::task::{Context, Poll, Wake, Waker};
+    use std::task::{Context, Waker};
 
-    struct ThreadWaker(thread::Thread);
-
-    impl Wake for ThreadWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-
-    fn block_on<F: Future>(fut: F) -> F::Output {
-        let mut fut = pin!(fut);
-        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        loop {
-            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-                return out;
-            }
-            thread::park();
-        }
-    }
+    use crate::common::block_on;
 
     #[test]
     fn async_waiter_is_woken_by_a_sync_initialiser() {

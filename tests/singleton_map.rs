@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use toctou::SingletonMap;
 
+mod common;
+
 /// A value that counts its drops in a shared counter.
 struct Counted {
     id: usize,
@@ -579,29 +581,9 @@ mod without_a_runtime {
     //! Async paths driven by a minimal thread-parking executor, so that miri
     //! (which does not run the tokio tests) checks them too.
     use super::*;
-    use std::future::Future;
-    use std::pin::pin;
-    use std::task::{Context, Poll, Wake, Waker};
+    use std::task::{Context, Waker};
 
-    struct ThreadWaker(thread::Thread);
-
-    impl Wake for ThreadWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-
-    fn block_on<F: Future>(fut: F) -> F::Output {
-        let mut fut = pin!(fut);
-        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        loop {
-            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-                return out;
-            }
-            thread::park();
-        }
-    }
+    use crate::common::block_on;
 
     #[test]
     fn dropped_async_initialiser_hands_over_to_a_parked_sync_waiter() {
