@@ -137,17 +137,23 @@ fn counted_start(
     })
 }
 
-/// The seed before its fix: check, unlock, start, insert.
-struct Naive {
+/// The seed's managers: a map of servers behind one mutex. With
+/// `HOLD_WHILE_STARTING = false` it is the seed before its fix (check,
+/// unlock, start, insert); with `true`, the seed's fix (one lock held around
+/// every check and start).
+struct Locked<const HOLD_WHILE_STARTING: bool> {
     ports: HashMap<String, u16>,
     start: Duration,
     servers: Mutex<HashMap<String, Arc<ModelServer>>>,
     outcome: Outcome,
 }
 
-impl Manager for Naive {
+type Naive = Locked<false>;
+type GlobalLock = Locked<true>;
+
+impl<const HOLD_WHILE_STARTING: bool> Manager for Locked<HOLD_WHILE_STARTING> {
     fn new(ports: HashMap<String, u16>, start: Duration) -> Self {
-        Naive {
+        Locked {
             ports,
             start,
             servers: Mutex::default(),
@@ -158,59 +164,20 @@ impl Manager for Naive {
         &self.outcome
     }
     fn ensure(&self, model: &str) -> io::Result<Arc<ModelServer>> {
-        if let Some(server) = self.servers.lock().unwrap().get(model) {
-            return Ok(server.clone());
-        }
-        // Time of check above, time of use below: another chat is here too.
-        let server = Arc::new(counted_start(
-            &self.outcome,
-            model,
-            self.ports[model],
-            self.start,
-        )?);
-        self.servers
-            .lock()
-            .unwrap()
-            .insert(model.to_owned(), server.clone());
-        Ok(server)
-    }
-    fn shutdown_all(&self) {
-        let servers: Vec<_> = self.servers.lock().unwrap().drain().collect();
-        servers.iter().for_each(|(_, s)| s.stop());
-    }
-}
-
-/// The seed's fix: one lock around every check and start.
-struct GlobalLock {
-    ports: HashMap<String, u16>,
-    start: Duration,
-    servers: Mutex<HashMap<String, Arc<ModelServer>>>,
-    outcome: Outcome,
-}
-
-impl Manager for GlobalLock {
-    fn new(ports: HashMap<String, u16>, start: Duration) -> Self {
-        GlobalLock {
-            ports,
-            start,
-            servers: Mutex::default(),
-            outcome: Outcome::default(),
-        }
-    }
-    fn outcome(&self) -> &Outcome {
-        &self.outcome
-    }
-    fn ensure(&self, model: &str) -> io::Result<Arc<ModelServer>> {
-        let mut servers = self.servers.lock().unwrap();
+        let servers = self.servers.lock().unwrap();
         if let Some(server) = servers.get(model) {
             return Ok(server.clone());
         }
+        // The seed's bug: time of check above, time of use below, and
+        // another chat is between them too.
+        let mut held = HOLD_WHILE_STARTING.then_some(servers);
         let server = Arc::new(counted_start(
             &self.outcome,
             model,
             self.ports[model],
             self.start,
         )?);
+        let mut servers = held.take().unwrap_or_else(|| self.servers.lock().unwrap());
         servers.insert(model.to_owned(), server.clone());
         Ok(server)
     }
