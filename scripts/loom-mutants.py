@@ -216,21 +216,20 @@ MUTANTS = [
         "first_init_race",
     ),
     (
-        "RegistryCell: reinit publishes after releasing the builder lock",
+        "RegistryCell: reinit builds and publishes without holding the builder lock",
         "src/registry.rs",
-        "            build(&settings)?\n        };\n        Ok(self.publish(settings, instance).1)",
-        "            build(&settings)?\n        };\n        drop(_builder);\n        Ok(self.publish(settings, instance).1)",
+        "        let _builder = self.builder.lock();\n        self.build_and_publish(settings, build)\n",
+        "        let _builder = self.builder.lock();\n        drop(_builder);\n"
+        "        self.build_and_publish(settings, build)\n",
         "loom_registry",
         "two_reinits",
     ),
     (
         "RegistryCell: reinit_if_changed compares and builds under different locks",
         "src/registry.rs",
-        "        }\n        let instance = {\n            let _mark = reentry::Mark::enter(self.addr());\n"
-        "            (self.build)(&settings)\n        };\n        self.publish(settings, instance).1",
+        "        }\n        let Ok(instance) = self.build_and_publish(settings, self.own_build());\n",
         "        }\n        drop(_builder);\n        let _builder = self.builder.lock();\n"
-        "        let instance = {\n            let _mark = reentry::Mark::enter(self.addr());\n"
-        "            (self.build)(&settings)\n        };\n        self.publish(settings, instance).1",
+        "        let Ok(instance) = self.build_and_publish(settings, self.own_build());\n",
         "loom_registry",
         "reinit_if_changed_with_equal_settings_builds_once",
     ),

@@ -25,6 +25,7 @@
 
 use std::any::{Any, type_name};
 use std::cell::RefCell;
+use std::convert::Infallible;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
@@ -194,7 +195,7 @@ impl<T, S> RegistryCell<T, S> {
     }
 
     /// Publishes `instance` built from `settings`. The caller holds `builder`.
-    fn publish(&self, settings: S, instance: T) -> (u64, Arc<T>) {
+    fn publish(&self, settings: S, instance: T) -> Arc<T> {
         let instance = Arc::new(instance);
         let settings = Arc::new(settings);
         if self.id.load(Ordering::Relaxed) == 0 {
@@ -203,7 +204,7 @@ impl<T, S> RegistryCell<T, S> {
             // to readers' Acquire load of `generation`.
             self.id.store(unique_id(), Ordering::Relaxed);
         }
-        let (generation, replaced) = {
+        let replaced = {
             let mut current = self.current.lock();
             let generation = current.as_ref().map_or(0, |c| c.generation) + 1;
             let replaced = current.replace(Current {
@@ -215,12 +216,32 @@ impl<T, S> RegistryCell<T, S> {
             // sees the id above, and finds `current` at this generation or a
             // later one when it locks it.
             self.generation.store(generation, Ordering::Release);
-            (generation, replaced)
+            replaced
         };
         // The replaced instance (if this was its last holder) drops here,
         // outside the lock.
         drop(replaced);
-        (generation, instance)
+        instance
+    }
+
+    /// Runs `build` with this thread marked as building the cell, and
+    /// publishes its `Ok`. The caller holds `builder`.
+    fn build_and_publish<E>(
+        &self,
+        settings: S,
+        build: impl FnOnce(&S) -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
+        let instance = {
+            let _mark = reentry::Mark::enter(self.addr());
+            build(&settings)?
+        };
+        Ok(self.publish(settings, instance))
+    }
+
+    /// The cell's own build function, in the form `build_and_publish` takes.
+    fn own_build(&self) -> impl FnOnce(&S) -> Result<T, Infallible> + use<T, S> {
+        let build = self.build;
+        move |settings| Ok(build(settings))
     }
 }
 
@@ -251,23 +272,37 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     where
         S: Default,
     {
+        let cached = self.with_cached(|entry, generation| RegistryRef {
+            // The entry of this cell's id holds an `Arc<T>` of this cell's
+            // `T` (see `load_current`).
+            ptr: entry.ptr.cast::<T>(),
+            keep: Rc::clone(&entry.keep),
+            generation,
+            _cell: PhantomData,
+        });
+        cached.unwrap_or_else(|| self.get_slow())
+    }
+
+    /// The fast path of `get` and `get_arc`: if this thread's cache holds
+    /// the published generation of this cell, runs `f` on that entry (and
+    /// the generation) while the cache still holds it.
+    #[inline]
+    fn with_cached<R>(&self, f: impl FnOnce(&Cached, u64) -> R) -> Option<R> {
         // Acquire: pairs with the Release store in `publish`; makes `id` and
         // the instance behind a matching cache entry visible.
         let generation = self.generation.load(Ordering::Acquire);
-        if generation != 0 {
-            let id = self.id.load(Ordering::Relaxed);
-            if let Some((ptr, keep)) = cached(id, generation) {
-                return RegistryRef {
-                    // The entry of this cell's id holds an `Arc<T>` of this
-                    // cell's `T` (see `remember`).
-                    ptr: ptr.cast::<T>(),
-                    keep,
-                    generation,
-                    _cell: PhantomData,
-                };
-            }
+        if generation == 0 {
+            return None;
         }
-        self.get_slow()
+        let id = self.id.load(Ordering::Relaxed);
+        CACHE
+            .try_with(|cache| {
+                let cache = cache.borrow();
+                let entry = cache.iter().find(|e| e.id == id)?;
+                (entry.generation == generation).then(|| f(entry, generation))
+            })
+            .ok()
+            .flatten()
     }
 
     #[cold]
@@ -321,12 +356,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         if self.current.lock().is_some() {
             return;
         }
-        let settings = S::default();
-        let instance = {
-            let _mark = reentry::Mark::enter(self.addr());
-            (self.build)(&settings)
-        };
-        self.publish(settings, instance);
+        let Ok(_) = self.build_and_publish(S::default(), self.own_build());
     }
 
     /// The published instance as an `Arc`, to hold across threads or an
@@ -342,22 +372,19 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     where
         S: Default,
     {
-        // Acquire: as in `get`.
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation != 0 {
-            let id = self.id.load(Ordering::Relaxed);
-            if let Some(ptr) = cached_ptr(id, generation) {
-                let ptr = ptr.cast::<T>().as_ptr().cast_const();
-                // SAFETY: `ptr` is `Arc::as_ptr` of an `Arc<T>` (this cell's
-                // id fixes `T`) that this thread's cache entry still holds:
-                // nothing on this thread has run since `cached_ptr` read it,
-                // so the strong count is at least 1 and may be incremented,
-                // and `from_raw` then takes ownership of that new count.
-                unsafe {
-                    Arc::increment_strong_count(ptr);
-                    return Arc::from_raw(ptr);
-                }
+        let cached = self.with_cached(|entry, _| {
+            let ptr = entry.ptr.cast::<T>().as_ptr().cast_const();
+            // SAFETY: `ptr` is `Arc::as_ptr` of an `Arc<T>` (this cell's id
+            // fixes `T`) that the cache entry, borrowed right now, holds: the
+            // strong count is at least 1 and may be incremented, and
+            // `from_raw` then takes ownership of that new count.
+            unsafe {
+                Arc::increment_strong_count(ptr);
+                Arc::from_raw(ptr)
             }
+        });
+        if let Some(arc) = cached {
+            return arc;
         }
         self.get_slow().to_arc()
     }
@@ -382,11 +409,8 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     /// assert_eq!(*PORT.get(), 8080);
     /// ```
     pub fn reinit(&self, settings: S) -> Arc<T> {
-        let build = self.build;
-        match self.try_reinit(settings, |s| Ok::<T, std::convert::Infallible>(build(s))) {
-            Ok(instance) => instance,
-            Err(never) => match never {},
-        }
+        let Ok(instance) = self.try_reinit(settings, self.own_build());
+        instance
     }
 
     /// Like [`reinit`](Self::reinit), but does nothing if the current settings
@@ -413,11 +437,8 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
                 return Arc::clone(&current.instance);
             }
         }
-        let instance = {
-            let _mark = reentry::Mark::enter(self.addr());
-            (self.build)(&settings)
-        };
-        self.publish(settings, instance).1
+        let Ok(instance) = self.build_and_publish(settings, self.own_build());
+        instance
     }
 
     /// Builds a new instance with the fallible `build` and publishes it on
@@ -439,11 +460,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     ) -> Result<Arc<T>, E> {
         self.assert_not_reentrant("reinit");
         let _builder = self.builder.lock();
-        let instance = {
-            let _mark = reentry::Mark::enter(self.addr());
-            build(&settings)?
-        };
-        Ok(self.publish(settings, instance).1)
+        self.build_and_publish(settings, build)
     }
 
     /// The settings of the published instance, building the first instance
@@ -466,36 +483,6 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
             self.init_first();
         }
     }
-}
-
-/// This thread's cached instance of cell `id` at `generation`, if any.
-#[inline]
-fn cached(id: u64, generation: u64) -> Option<(NonNull<()>, Rc<dyn Any>)> {
-    CACHE
-        .try_with(|cache| {
-            let cache = cache.borrow();
-            let entry = cache.iter().find(|e| e.id == id)?;
-            if entry.generation != generation {
-                return None;
-            }
-            Some((entry.ptr, Rc::clone(&entry.keep)))
-        })
-        .ok()
-        .flatten()
-}
-
-/// This thread's cached instance pointer of cell `id` at `generation`, if
-/// any, without touching the entry's keep-alive count.
-#[inline]
-fn cached_ptr(id: u64, generation: u64) -> Option<NonNull<()>> {
-    CACHE
-        .try_with(|cache| {
-            let cache = cache.borrow();
-            let entry = cache.iter().find(|e| e.id == id)?;
-            (entry.generation == generation).then_some(entry.ptr)
-        })
-        .ok()
-        .flatten()
 }
 
 /// Records the instance at `ptr`, kept alive by `keep`, as this thread's view

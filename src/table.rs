@@ -161,7 +161,11 @@ impl<C, S> Table<C, S> {
     /// Locks the shard of `hash` for reading.
     #[inline]
     pub(crate) fn read(&self, hash: u64) -> RwLockReadGuard<'_, C> {
-        let shard = self.shard(hash);
+        self.read_shard(self.shard(hash))
+    }
+
+    #[inline]
+    fn read_shard<'a>(&self, shard: &'a RwLock<C>) -> RwLockReadGuard<'a, C> {
         match shard.try_read() {
             Some(guard) => guard,
             None => self.read_slow(shard),
@@ -198,10 +202,7 @@ impl<C, S> Table<C, S> {
     /// Runs `f` on every shard under its read lock, one at a time.
     pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&C)) {
         for shard in self.shards.iter() {
-            match shard.0.try_read() {
-                Some(guard) => f(&guard),
-                None => f(&self.read_slow(&shard.0)),
-            }
+            f(&self.read_shard(&shard.0));
         }
     }
 
