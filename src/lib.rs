@@ -119,6 +119,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod keyed;
 mod once;
 mod reentry;
 mod registry;
@@ -128,6 +129,10 @@ mod sync;
 mod table;
 mod wait;
 
+pub use keyed::{
+    KeyGuard, KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LockStats, MultiKeyGuard,
+    OwnedKeyGuard,
+};
 pub use registry::{RegistryCell, RegistryRef};
 pub use singleton::{Lazy, Singleton};
 pub use singleton_map::SingletonMap;

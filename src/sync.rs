@@ -64,6 +64,118 @@ pub(crate) fn unique_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A process-wide unique, non-zero id for the current thread, cheap enough
+/// to read on every lock acquisition (one thread-local load after the first).
+///
+/// Used to recognise "this thread already holds this key": unlike a
+/// `ThreadId` comparison it needs no `Arc` clone, and unlike a thread-local
+/// address it is never reused by a later thread.
+pub(crate) fn thread_token() -> u64 {
+    thread_local! {
+        // Not `const { .. }`: loom's `thread_local!` does not accept that form.
+        #[allow(clippy::missing_const_for_thread_local)]
+        static TOKEN: std::cell::Cell<u64> = std::cell::Cell::new(0);
+    }
+    TOKEN.with(|token| match token.get() {
+        0 => {
+            let id = unique_id();
+            token.set(id);
+            id
+        }
+        id => id,
+    })
+}
+
+/// A point in time after which a timed wait gives up.
+///
+/// Under loom there is no clock: a timed wait yields once, so that other
+/// threads can run (and perhaps grant what is waited for), and then counts as
+/// timed out. That makes every loom execution explore the race between the
+/// timeout and the grant, which is the one that matters.
+pub(crate) struct Deadline {
+    #[cfg(not(toctou_loom))]
+    at: Option<std::time::Instant>,
+}
+
+impl Deadline {
+    /// `timeout` from now; a timeout too large to represent never expires.
+    pub(crate) fn after(timeout: std::time::Duration) -> Self {
+        #[cfg(not(toctou_loom))]
+        {
+            Self {
+                at: std::time::Instant::now().checked_add(timeout),
+            }
+        }
+        #[cfg(toctou_loom)]
+        {
+            let _ = timeout;
+            Self {}
+        }
+    }
+
+    /// Parks the current thread until it is unparked or the deadline passes,
+    /// and says whether the deadline has passed. Spurious returns with
+    /// `false` are possible; callers re-check their condition.
+    pub(crate) fn park(&self) -> bool {
+        #[cfg(not(toctou_loom))]
+        {
+            match self.at {
+                None => {
+                    std::thread::park();
+                    false
+                }
+                Some(at) => {
+                    let now = std::time::Instant::now();
+                    if now >= at {
+                        return true;
+                    }
+                    std::thread::park_timeout(at - now);
+                    std::time::Instant::now() >= at
+                }
+            }
+        }
+        #[cfg(toctou_loom)]
+        {
+            loom::thread::yield_now();
+            true
+        }
+    }
+}
+
+/// Bounded spinning before a thread queues and parks, like parking_lot's
+/// `SpinWait`: each [`spin`](Self::spin) backs off twice as long as the
+/// last (1, 2, 4, .. 32 pause instructions), and then the budget is spent.
+///
+/// Under loom the budget starts spent: a spin loop only multiplies the
+/// interleavings without adding behaviour.
+#[derive(Default)]
+pub(crate) struct SpinWait {
+    round: u32,
+}
+
+impl SpinWait {
+    #[cfg(not(toctou_loom))]
+    const ROUNDS: u32 = 6;
+    #[cfg(toctou_loom)]
+    const ROUNDS: u32 = 0;
+
+    /// Whether the spin budget is spent (the caller should queue and park).
+    pub(crate) fn exhausted(&self) -> bool {
+        self.round >= Self::ROUNDS
+    }
+
+    /// Backs off for a moment, if the budget allows.
+    pub(crate) fn spin(&mut self) {
+        if self.exhausted() {
+            return;
+        }
+        for _ in 0..(1u32 << self.round) {
+            std::hint::spin_loop();
+        }
+        self.round += 1;
+    }
+}
+
 /// A mutex without poisoning, over `std::sync::Mutex` or `loom::sync::Mutex`.
 #[derive(Debug, Default)]
 pub(crate) struct Mutex<T>(imp::RawMutex<T>);

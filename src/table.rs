@@ -155,7 +155,7 @@ impl<C, S> Table<C, S> {
     /// the top 7 for its tag byte, so the shard index comes from the middle.
     #[inline]
     fn shard(&self, hash: u64) -> &RwLock<C> {
-        &self.shards[(hash >> 32) as usize & self.mask].0
+        &self.shards[self.index(hash)].0
     }
 
     /// Locks the shard of `hash` for reading.
@@ -191,6 +191,17 @@ impl<C, S> Table<C, S> {
     /// Locks shard number `index` for writing.
     pub(crate) fn write_at(&self, index: usize) -> RwLockWriteGuard<'_, C> {
         self.write_shard(&self.shards[index].0)
+    }
+
+    /// The number of the shard that holds `hash`.
+    #[inline]
+    pub(crate) fn index(&self, hash: u64) -> usize {
+        (hash >> 32) as usize & self.mask
+    }
+
+    /// Locks shard number `index` for reading if that needs no waiting.
+    pub(crate) fn try_read_at(&self, index: usize) -> Option<RwLockReadGuard<'_, C>> {
+        self.shards[index].0.try_read()
     }
 
     /// Marks shard number `index` as locked by a callback on this thread, for

@@ -19,60 +19,132 @@
 //! waiter cancelling; a cancelled async waiter removes its own entry, so no
 //! ghost stays behind.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use crate::sync::{self, Mutex, Thread, loom_const_fn};
 
-/// How to wake one waiter.
-enum Unpark {
+/// How to wake one waiter: a parked thread or a pending task.
+#[derive(Clone)]
+pub(crate) enum Unpark {
     Thread(Thread),
     Task(Waker),
 }
 
 impl Unpark {
-    fn wake(self) {
+    /// The current thread, to be unparked later.
+    pub(crate) fn current_thread() -> Self {
+        Unpark::Thread(sync::current())
+    }
+
+    pub(crate) fn wake(self) {
         match self {
             Unpark::Thread(thread) => thread.unpark(),
             Unpark::Task(waker) => waker.wake(),
         }
     }
+
+    /// Replaces a task's waker with `waker` unless it would wake the same
+    /// task: called when a queued future is polled again, perhaps by another
+    /// executor.
+    pub(crate) fn refresh(&mut self, waker: &Waker) {
+        match self {
+            Unpark::Task(w) if w.will_wake(waker) => {}
+            _ => *self = Unpark::Task(waker.clone()),
+        }
+    }
 }
 
-/// The queue's contents: waiters in arrival order, each with a unique id.
-struct WaitList {
+/// One queued waiter: its id, how to wake it, and what the primitive that
+/// owns the list wants to remember about it.
+pub(crate) struct Waiter<D> {
+    pub(crate) id: u64,
+    pub(crate) unpark: Unpark,
+    pub(crate) data: D,
+}
+
+/// Waiters in arrival order, each with a unique, increasing id.
+///
+/// The list is not synchronised itself: [`WaitQueue`] keeps one behind its
+/// own mutex, and the keyed locks keep one per key under the shard lock.
+/// Because ids only grow and entries are only appended, the list stays
+/// sorted by id, and [`position`](Self::position) is a binary search: a
+/// cancelled waiter among ten thousand finds itself in 14 steps.
+pub(crate) struct WaitList<D> {
     next_id: u64,
-    waiters: Vec<(u64, Unpark)>,
+    waiters: VecDeque<Waiter<D>>,
 }
 
-impl WaitList {
-    fn push(&mut self, unpark: Unpark) -> u64 {
+impl<D> WaitList<D> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            next_id: 0,
+            waiters: VecDeque::new(),
+        }
+    }
+
+    /// Appends a waiter and returns its id.
+    pub(crate) fn push(&mut self, unpark: Unpark, data: D) -> u64 {
         let id = self.next_id;
         // u64 ids do not wrap in practice (one per wait, 2^64 waits).
         self.next_id += 1;
-        self.waiters.push((id, unpark));
+        self.waiters.push_back(Waiter { id, unpark, data });
         id
     }
 
-    fn position(&self, id: u64) -> Option<usize> {
-        self.waiters.iter().position(|(i, _)| *i == id)
+    /// Where the waiter with id `id` is, if it is still queued.
+    pub(crate) fn position(&self, id: u64) -> Option<usize> {
+        self.waiters.binary_search_by_key(&id, |w| w.id).ok()
+    }
+
+    /// Removes the waiter at `at`, keeping the others in arrival order.
+    pub(crate) fn remove(&mut self, at: usize) -> Option<Waiter<D>> {
+        self.waiters.remove(at)
+    }
+
+    pub(crate) fn get_mut(&mut self, at: usize) -> Option<&mut Waiter<D>> {
+        self.waiters.get_mut(at)
+    }
+
+    pub(crate) fn front(&self) -> Option<&Waiter<D>> {
+        self.waiters.front()
+    }
+
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Waiter<D>> {
+        self.waiters.front_mut()
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Waiter<D>> {
+        self.waiters.pop_front()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.waiters.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Removes every waiter, in arrival order.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Waiter<D>> {
+        std::mem::take(&mut self.waiters).into_iter()
     }
 }
 
 /// A queue of parked threads and pending tasks.
 pub(crate) struct WaitQueue {
-    list: Mutex<WaitList>,
+    list: Mutex<WaitList<()>>,
 }
 
 impl WaitQueue {
     loom_const_fn! {
         pub(crate) fn new() -> Self {
             Self {
-                list: Mutex::new(WaitList {
-                    next_id: 0,
-                    waiters: Vec::new(),
-                }),
+                list: Mutex::new(WaitList::new()),
             }
         }
     }
@@ -89,7 +161,7 @@ impl WaitQueue {
             if !should_park() {
                 return;
             }
-            list.push(Unpark::Thread(sync::current()))
+            list.push(Unpark::current_thread(), ())
         };
         loop {
             sync::park();
@@ -116,10 +188,10 @@ impl WaitQueue {
     /// Wakes every waiter. Call it after the state change the waiters wait
     /// for is visible, never before.
     pub(crate) fn notify_all(&self) {
-        let waiters = std::mem::take(&mut self.list.lock().waiters);
+        let waiters: Vec<_> = self.list.lock().drain().collect();
         // Wake outside the lock: a woken thread's first act is to lock it.
-        for (_, unpark) in waiters {
-            unpark.wake();
+        for waiter in waiters {
+            waiter.unpark.wake();
         }
     }
 }
@@ -150,16 +222,14 @@ impl<P: FnOnce() -> bool> Future for WaitFuture<'_, P> {
                 if !should_park() {
                     return Poll::Ready(());
                 }
-                this.id = Some(list.push(Unpark::Task(cx.waker().clone())));
+                this.id = Some(list.push(Unpark::Task(cx.waker().clone()), ()));
                 Poll::Pending
             }
             Some(id) => match list.position(id) {
                 Some(at) => {
                     // Still queued: a spurious poll. Keep the newest waker.
-                    let entry = &mut list.waiters[at].1;
-                    match entry {
-                        Unpark::Task(w) if w.will_wake(cx.waker()) => {}
-                        _ => *entry = Unpark::Task(cx.waker().clone()),
+                    if let Some(waiter) = list.get_mut(at) {
+                        waiter.unpark.refresh(cx.waker());
                     }
                     Poll::Pending
                 }
@@ -177,8 +247,7 @@ impl<P> Drop for WaitFuture<'_, P> {
         if let Some(id) = self.id {
             let mut list = self.queue.list.lock();
             if let Some(at) = list.position(id) {
-                // `remove`, not `swap_remove`: the list stays in arrival order.
-                list.waiters.remove(at);
+                list.remove(at);
             }
         }
     }
@@ -193,7 +262,7 @@ mod tests {
 
     impl WaitQueue {
         fn len(&self) -> usize {
-            self.list.lock().waiters.len()
+            self.list.lock().len()
         }
     }
 

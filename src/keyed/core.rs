@@ -1,0 +1,770 @@
+//! The entry lifecycle shared by every keyed lock: entries that exist exactly
+//! while somebody holds or waits for their key.
+//!
+//! # Protocol
+//!
+//! Each shard of the [`Table`] maps keys to heap-allocated [`Slot`]s. A slot
+//! holds the key, its hash, the key's lock state (a [`LockKind`]) and the
+//! queue of its waiters. **Every read or write of a slot's state happens
+//! under its shard's write lock**, and no reference to a slot is handed out
+//! except to a holder or a waiter of its key. That is what rules out the
+//! removal race by construction: there is no reference count that a lookup
+//! could bump on a slot that a releaser is about to free, because lookup,
+//! acquisition, release and removal are each one critical section.
+//!
+//! - **Acquire** ([`Core::begin`]). Find the key's slot or create it, already
+//!   held. If it exists, take it if the kind allows and nobody queued may
+//!   object (see *fairness*), or else append a waiter to its queue.
+//! - **Release** ([`Core::release`]). Drop the holder from the lock state,
+//!   then [`dispatch`] the queue. If the slot is now free and its queue is
+//!   empty, remove it from the table (by identity) and free it after
+//!   unlocking.
+//! - **Wait** ([`Core::check`]). A queued waiter that is unparked (or polled)
+//!   looks at its queue entry under the lock. Gone: the lock was handed to
+//!   it. Marked woken: the lock was free when it was woken, so it tries to
+//!   take it. Its deadline passed, or its future was dropped: it removes its
+//!   entry, dispatches the queue in its stead, and removes the slot if that
+//!   left it idle.
+//!
+//! The invariant the protocol keeps, checked after every step: **an entry
+//! exists iff its lock is held or its queue is non-empty**, and **if the
+//! queue is non-empty and its front is not marked woken, the front's mode
+//! cannot be granted** (so a later release will dispatch it; no wake-up is
+//! lost).
+//!
+//! # Fairness
+//!
+//! Waiters are queued in arrival order. A release hands out the key in one of
+//! two ways ([`dispatch`]):
+//!
+//! - **Wake** (the default): the lock is left free and the front waiter is
+//!   woken to take it. A thread that arrives in the meantime may take it
+//!   first ("barging"), as with parking_lot and std's mutexes. This keeps a
+//!   hot key busy instead of idle while a parked thread wakes up.
+//! - **Handoff**: a front waiter that has lost [`FAIR_AFTER_LOSSES`] races
+//!   that way is granted the lock directly on the next release, before it
+//!   even runs (with the compatible waiters behind it, for readers).
+//!
+//! So handoff is eventually fair with a fixed bound: a waiter at the front of
+//! the queue is overtaken at most twice. A newcomer never overtakes a queued
+//! waiter that has not been woken; in particular a new reader queues behind
+//! a waiting writer, so writers do not starve.
+
+use std::borrow::Borrow;
+use std::future::poll_fn;
+use std::hash::{BuildHasher, Hash};
+use std::ptr::NonNull;
+use std::task::{Poll, Waker};
+
+use hashbrown::HashTable;
+
+use super::kind::LockKind;
+use crate::sync::{self, AtomicUsize, Deadline, Ordering, SpinWait, UnsafeCell};
+use crate::table::Table;
+use crate::wait::{Unpark, WaitList};
+
+/// Losses after which the front waiter gets the lock handed to it.
+pub(crate) const FAIR_AFTER_LOSSES: u8 = 2;
+
+/// What a waiter wants, and how its wait has gone so far.
+struct Waiting<M> {
+    mode: M,
+    /// The waiting thread's token for the reentrancy check (0: a task).
+    owner: u64,
+    /// Woken to take a free lock, and not yet back to try.
+    woken: bool,
+    /// How often it was woken and found the lock taken again.
+    lost: u8,
+}
+
+/// A key's lock state and waiters. Only touched under the shard's write lock.
+struct SlotState<L: LockKind> {
+    lock: L,
+    /// The [`sync::thread_token`] of the thread that holds the key in an
+    /// exclusive mode through a blocking call, or 0.
+    owner: u64,
+    queue: WaitList<Waiting<L::Mode>>,
+}
+
+/// One live key: allocated when the key is first acquired, freed when it is
+/// neither held nor waited for.
+pub(crate) struct Slot<K, L: LockKind> {
+    key: K,
+    /// The key's hash under the map's hasher: finds the shard on release and
+    /// rehashes without calling user code when the table grows.
+    hash: u64,
+    state: UnsafeCell<SlotState<L>>,
+}
+
+/// A pointer to a live slot, held by the slot's table entry, its holders'
+/// guards and its waiters.
+pub(crate) struct SlotRef<K, L: LockKind>(NonNull<Slot<K, L>>);
+
+impl<K, L: LockKind> Clone for SlotRef<K, L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K, L: LockKind> Copy for SlotRef<K, L> {}
+
+// SAFETY: a `SlotRef` is a shared reference to a `Slot` whose lifetime the
+// protocol manages (see `Slot::get`). Through it, other threads read the
+// key (`K: Sync`) and drop it when they free the slot (`K: Send`); the lock
+// state and waker queue are only touched under the shard lock, which
+// serialises those accesses across threads (`L: Send` for the state moving
+// between threads with the lock; wakers and thread handles are `Send`).
+unsafe impl<K: Send + Sync, L: LockKind + Send> Send for SlotRef<K, L> {}
+// SAFETY: as for `Send`: every access through a shared `SlotRef` is either a
+// read of the immutable key and hash, or is serialised by the shard lock.
+unsafe impl<K: Send + Sync, L: LockKind + Send> Sync for SlotRef<K, L> {}
+
+impl<K, L: LockKind> SlotRef<K, L> {
+    /// The slot.
+    ///
+    /// # Safety
+    ///
+    /// The slot must be live: the caller holds its key, waits in its queue,
+    /// or holds its shard lock and found it in the table. A slot is freed
+    /// only by [`Core::remove_if_idle`], under the shard lock, when it is
+    /// neither held nor waited for.
+    unsafe fn get<'a>(self) -> &'a Slot<K, L> {
+        // SAFETY: live, per this function's contract.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// The key; for guards.
+    ///
+    /// # Safety
+    ///
+    /// As for [`get`](Self::get), and the returned reference must not
+    /// outlive the caller's hold on the key.
+    pub(crate) unsafe fn key<'a>(self) -> &'a K
+    where
+        L: 'a,
+    {
+        // SAFETY: forwarded to the caller.
+        unsafe { &self.get().key }
+    }
+}
+
+impl<K, L: LockKind> Slot<K, L> {
+    /// The lock state.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the write lock of this slot's shard, and lets the
+    /// returned reference go before unlocking. That lock is what makes the
+    /// access exclusive.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn state(&self) -> &mut SlotState<L> {
+        // SAFETY: exclusive per this function's contract.
+        self.state.with_mut(|state| unsafe { &mut *state })
+    }
+}
+
+impl<K, L: LockKind> Slot<K, L> {
+    /// The lock state, for reading.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds a lock (read or write) of this slot's shard, and
+    /// lets the returned reference go before unlocking.
+    unsafe fn state_ref(&self) -> &SlotState<L> {
+        // SAFETY: writes need the shard's write lock, which the caller's
+        // lock excludes.
+        self.state.with(|state| unsafe { &*state })
+    }
+}
+
+/// Counters kept per shard, under the shard lock, so that they add no shared
+/// cache line to any path: the shard's line is already owned by whoever
+/// holds its write lock.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Counters {
+    pub(crate) acquisitions: u64,
+    pub(crate) contended: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) cancelled: u64,
+    /// The most slots this shard has held at once.
+    peak: usize,
+}
+
+/// One shard: the live slots of its keys, and its counters.
+pub(crate) struct Shard<K, L: LockKind> {
+    slots: HashTable<SlotRef<K, L>>,
+    counters: Counters,
+}
+
+impl<K, L: LockKind> Default for Shard<K, L> {
+    fn default() -> Self {
+        Self {
+            slots: HashTable::new(),
+            counters: Counters::default(),
+        }
+    }
+}
+
+/// Wake-ups collected under the shard lock and delivered after unlocking.
+#[derive(Default)]
+struct Wakes {
+    first: Option<Unpark>,
+    rest: Vec<Unpark>,
+}
+
+impl Wakes {
+    fn push(&mut self, unpark: Unpark) {
+        match self.first {
+            None => self.first = Some(unpark),
+            // More than one only when a handoff grants several readers.
+            Some(_) => self.rest.push(unpark),
+        }
+    }
+
+    fn wake(self) {
+        for unpark in self.first.into_iter().chain(self.rest) {
+            unpark.wake();
+        }
+    }
+}
+
+/// Hands the key on after its state changed (a release, a cancelled waiter, a
+/// woken waiter that took it): see *Fairness* in the module docs.
+fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
+    let Some(front) = state.queue.front_mut() else {
+        return;
+    };
+    if front.data.woken || !state.lock.can_acquire(front.data.mode) {
+        // Already on its way, or a holder will dispatch again on release.
+        return;
+    }
+    if front.data.lost < FAIR_AFTER_LOSSES {
+        front.data.woken = true;
+        wakes.push(front.unpark.clone());
+        return;
+    }
+    // Handoff, in arrival order, to as many as the kind allows together.
+    while let Some(front) = state.queue.front() {
+        if !state.lock.can_acquire(front.data.mode) {
+            break;
+        }
+        let Some(waiter) = state.queue.pop_front() else {
+            break;
+        };
+        state.lock.acquire(waiter.data.mode);
+        if L::is_exclusive(waiter.data.mode) {
+            state.owner = waiter.data.owner;
+        }
+        wakes.push(waiter.unpark);
+    }
+}
+
+/// A key argument: a borrowed `&Q` (cloned into an owned key only if an
+/// entry is created) or an owned key (moved into the entry, never cloned).
+pub(crate) trait KeyArg<K> {
+    type Q: Hash + Eq + ?Sized;
+    fn get(&self) -> &Self::Q;
+    fn take(&mut self) -> K;
+}
+
+impl<K, Q> KeyArg<K> for &Q
+where
+    Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+{
+    type Q = Q;
+
+    fn get(&self) -> &Q {
+        self
+    }
+
+    fn take(&mut self) -> K {
+        self.to_owned()
+    }
+}
+
+/// An owned key for [`KeyArg`]; `take` may be called once.
+pub(crate) struct Owned<K>(pub(crate) Option<K>);
+
+impl<K: Hash + Eq> KeyArg<K> for Owned<K> {
+    type Q = K;
+
+    fn get(&self) -> &K {
+        self.0.as_ref().expect("key already moved into its entry")
+    }
+
+    fn take(&mut self) -> K {
+        self.0.take().expect("key already moved into its entry")
+    }
+}
+
+/// What [`Core::begin`] did.
+enum Begin<K, L: LockKind> {
+    /// The caller holds the key.
+    Held(SlotRef<K, L>),
+    /// The caller is queued with this id.
+    Queued(SlotRef<K, L>, u64),
+    /// The key is taken and the caller asked not to queue.
+    Busy,
+}
+
+/// What [`Core::check`] found.
+enum Check {
+    Granted,
+    Waiting,
+    GaveUp,
+}
+
+/// A keyed lock map: the table of slots, and the lifecycle operations that
+/// every front-end (`KeyedLocks`, `KeyedRwLocks`) shares.
+pub(crate) struct Core<K, L: LockKind, S> {
+    table: Table<Shard<K, L>, S>,
+    /// The largest total of live keys seen when some shard reached a new
+    /// high; written only then, so it stays out of every hot path.
+    peak: AtomicUsize,
+    /// The public type's name, for panic messages.
+    name: &'static str,
+}
+
+impl<K, L: LockKind, S> Core<K, L, S> {
+    pub(crate) fn with_hasher(hasher: S, name: &'static str) -> Self {
+        Self {
+            table: Table::with_hasher(hasher, name),
+            peak: AtomicUsize::new(0),
+            name,
+        }
+    }
+
+    pub(crate) fn hasher(&self) -> &S {
+        self.table.hasher()
+    }
+
+    /// The number of live keys (held or waited for), summed shard by shard.
+    pub(crate) fn len(&self) -> usize {
+        let mut len = 0;
+        self.table.for_each_shard(|shard| len += shard.slots.len());
+        len
+    }
+
+    /// The counters of every shard, summed, with the live keys and the
+    /// sampled peak.
+    pub(crate) fn counters(&self) -> (Counters, usize, usize) {
+        let mut sum = Counters::default();
+        let mut live = 0;
+        self.table.for_each_shard(|shard| {
+            let c = &shard.counters;
+            sum.acquisitions += c.acquisitions;
+            sum.contended += c.contended;
+            sum.timeouts += c.timeouts;
+            sum.cancelled += c.cancelled;
+            live += shard.slots.len();
+        });
+        // Relaxed: a statistic; no other memory is published through it.
+        let peak = self.peak.fetch_max(live, Ordering::Relaxed).max(live);
+        (sum, live, peak)
+    }
+
+    /// A shard grew past its own previous high: sample the total. Other
+    /// shards are only read if their lock is free at once, so this never
+    /// waits while holding `held`'s lock.
+    #[cold]
+    fn sample_peak(&self, held: usize, held_len: usize) {
+        let mut live = held_len;
+        for index in (0..self.table.shards()).filter(|&i| i != held) {
+            if let Some(shard) = self.table.try_read_at(index) {
+                live += shard.slots.len();
+            }
+        }
+        // Relaxed: a statistic; no other memory is published through it.
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+
+    /// Frees `slot` if it is neither held nor waited for: removes it from the
+    /// shard's table, and returns it to be dropped after unlocking (dropping
+    /// the key runs user code, which must not run under our lock).
+    fn remove_if_idle(shard: &mut Shard<K, L>, slot: SlotRef<K, L>) -> Option<Box<Slot<K, L>>> {
+        // SAFETY: the caller holds the shard's write lock, and `slot` is live
+        // (it is still in the table: only this function removes it).
+        let (idle, hash) = unsafe {
+            let s = slot.get();
+            let state = s.state();
+            (state.lock.is_free() && state.queue.is_empty(), s.hash)
+        };
+        if !idle {
+            return None;
+        }
+        // Found by identity, not by key: no user `Eq` runs, and a slot can
+        // never be confused with another for an equal key.
+        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;
+        entry.remove();
+        // SAFETY: the slot was allocated by `Box::new` in `begin`, and the
+        // table entry just removed was its last reference: it is idle, so no
+        // guard or waiter points to it, and we hold the shard lock, so no
+        // lookup can be reading it.
+        Some(unsafe { Box::from_raw(slot.0.as_ptr()) })
+    }
+
+    /// Releases a hold in `mode` and hands the key on.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `slot`'s key in `mode` and gives up that hold.
+    pub(crate) unsafe fn release(&self, slot: SlotRef<K, L>, mode: L::Mode) {
+        let mut wakes = Wakes::default();
+        // SAFETY: we hold the key, so the slot is live.
+        let hash = unsafe { slot.get().hash };
+        let freed = {
+            let mut shard = self.table.write(hash);
+            // SAFETY: we hold the shard lock, and the key keeps the slot live.
+            let state = unsafe { slot.get().state() };
+            state.lock.release(mode);
+            if L::is_exclusive(mode) {
+                state.owner = 0;
+            }
+            dispatch(state, &mut wakes);
+            Self::remove_if_idle(&mut shard, slot)
+        };
+        wakes.wake();
+        drop(freed);
+    }
+}
+
+impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
+    pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.table.hash(key)
+    }
+
+    /// Whether `key` is held right now.
+    pub(crate) fn is_held<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let shard = self.table.read(hash);
+        // SAFETY: slots in the table are live while we hold its lock.
+        let found = shard
+            .slots
+            .find(hash, |s| unsafe { s.get() }.key.borrow() == key);
+        // SAFETY: we hold the shard lock for reading, and the state is only
+        // written under its write lock.
+        found.is_some_and(|slot| !unsafe { slot.get().state_ref() }.lock.is_free())
+    }
+
+    /// One acquisition attempt: the check and the act in one critical
+    /// section. `enqueue`: how to wake the caller if it must wait; without
+    /// it, a taken key returns [`Begin::Busy`] and nothing changes.
+    /// `owner`: the caller's thread token (0 for tasks), remembered while
+    /// it holds the key exclusively. With `reentry_check`, a caller that
+    /// finds the key taken by its own thread panics instead of waiting.
+    fn begin<A: KeyArg<K>>(
+        &self,
+        hash: u64,
+        key: &mut A,
+        mode: L::Mode,
+        owner: u64,
+        reentry_check: bool,
+        enqueue: Option<&dyn Fn() -> Unpark>,
+    ) -> Begin<K, L>
+    where
+        K: Borrow<A::Q>,
+    {
+        let mut shard = self.table.write(hash);
+        let found = {
+            let q = key.get();
+            // SAFETY: slots in the table are live while we hold its lock.
+            shard
+                .slots
+                .find(hash, |s| unsafe { s.get() }.key.borrow() == q)
+                .copied()
+        };
+        let Some(slot) = found else {
+            let mut lock = L::default();
+            lock.acquire(mode);
+            let state = SlotState {
+                lock,
+                owner: if L::is_exclusive(mode) { owner } else { 0 },
+                queue: WaitList::new(),
+            };
+            let boxed = Box::new(Slot {
+                key: key.take(),
+                hash,
+                state: UnsafeCell::new(state),
+            });
+            let slot = SlotRef(NonNull::from(Box::leak(boxed)));
+            // SAFETY (rehash closure): slots in the table are live while we
+            // hold its lock; growing happens inside this call.
+            shard
+                .slots
+                .insert_unique(hash, slot, |s| unsafe { s.get() }.hash);
+            shard.counters.acquisitions += 1;
+            let len = shard.slots.len();
+            if len > shard.counters.peak {
+                shard.counters.peak = len;
+                self.sample_peak(self.table.index(hash), len);
+            }
+            return Begin::Held(slot);
+        };
+        // SAFETY: we hold the shard lock, and the slot is in the table.
+        let state = unsafe { slot.get().state() };
+        // A newcomer may take a grantable lock unless somebody queued has
+        // not yet been offered it (then the front waiter is owed it).
+        let may_take = state.queue.front().is_none_or(|front| front.data.woken);
+        if may_take && state.lock.can_acquire(mode) {
+            state.lock.acquire(mode);
+            if L::is_exclusive(mode) {
+                state.owner = owner;
+            }
+            shard.counters.acquisitions += 1;
+            return Begin::Held(slot);
+        }
+        if reentry_check && owner != 0 && state.owner == owner {
+            drop(shard);
+            panic!(
+                "{}: this thread already holds the key (of type `{}`) that it is now \
+                 waiting for, which would deadlock; drop its guard first \
+                 (note: a guard sent to another thread still counts as held by the \
+                 thread that acquired it)",
+                self.name,
+                std::any::type_name::<K>(),
+            );
+        }
+        let Some(make_unpark) = enqueue else {
+            return Begin::Busy;
+        };
+        let id = state.queue.push(
+            make_unpark(),
+            Waiting {
+                mode,
+                owner,
+                woken: false,
+                lost: 0,
+            },
+        );
+        shard.counters.contended += 1;
+        Begin::Queued(slot, id)
+    }
+
+    /// A queued waiter's look at its entry, after it was unparked or polled.
+    /// With `give_up`, a waiter that was not granted the key leaves the
+    /// queue (a timeout, or a dropped future: `cancelled`).
+    ///
+    /// # Safety
+    ///
+    /// `slot` and `id` come from a [`Begin::Queued`] for this caller, which
+    /// has not yet seen [`Check::Granted`] or [`Check::GaveUp`] for them.
+    unsafe fn check(
+        &self,
+        slot: SlotRef<K, L>,
+        id: u64,
+        give_up: bool,
+        cancelled: bool,
+        waker: Option<&Waker>,
+    ) -> Check {
+        let mut wakes = Wakes::default();
+        // SAFETY: we hold or wait for the key, so the slot is live.
+        let hash = unsafe { slot.get().hash };
+        let mut shard = self.table.write(hash);
+        // SAFETY: we hold the shard lock, and our hold or wait keeps the
+        // slot live.
+        let state = unsafe { slot.get().state() };
+        let Some(at) = state.queue.position(id) else {
+            // Handed to us by `dispatch`.
+            shard.counters.acquisitions += 1;
+            return Check::Granted;
+        };
+        let Some(waiter) = state.queue.get_mut(at) else {
+            unreachable!("position() returned an index in the queue");
+        };
+        let mode = waiter.data.mode;
+        if waiter.data.woken {
+            waiter.data.woken = false;
+            if !cancelled && state.lock.can_acquire(mode) {
+                let owner = waiter.data.owner;
+                state.queue.remove(at);
+                state.lock.acquire(mode);
+                if L::is_exclusive(mode) {
+                    state.owner = owner;
+                }
+                // The waiters behind may be compatible (readers).
+                dispatch(state, &mut wakes);
+                shard.counters.acquisitions += 1;
+                drop(shard);
+                wakes.wake();
+                return Check::Granted;
+            }
+            if !cancelled {
+                // A newcomer took it first. It will dispatch on release.
+                waiter.data.lost = waiter.data.lost.saturating_add(1);
+            }
+        }
+        if give_up {
+            state.queue.remove(at);
+            // We may have been the front, or a writer blocking readers
+            // behind us, or woken to take a free lock: pass it on.
+            dispatch(state, &mut wakes);
+            if cancelled {
+                shard.counters.cancelled += 1;
+            } else {
+                shard.counters.timeouts += 1;
+            }
+            let freed = Self::remove_if_idle(&mut shard, slot);
+            drop(shard);
+            wakes.wake();
+            drop(freed);
+            return Check::GaveUp;
+        }
+        if let (Some(waker), Some(waiter)) = (waker, state.queue.get_mut(at)) {
+            waiter.unpark.refresh(waker);
+        }
+        Check::Waiting
+    }
+
+    /// Blocks the thread until it holds `key` in `mode`, or `deadline`
+    /// passes (then `None`). `reentry_check`: panic if this thread already
+    /// holds the key exclusively (the blocking calls without a timeout).
+    pub(crate) fn acquire_blocking<A: KeyArg<K>>(
+        &self,
+        mut key: A,
+        mode: L::Mode,
+        deadline: Option<&Deadline>,
+        reentry_check: bool,
+    ) -> Option<SlotRef<K, L>>
+    where
+        K: Borrow<A::Q>,
+    {
+        let hash = self.hash(key.get());
+        let owner = sync::thread_token();
+        let unpark = || Unpark::current_thread();
+        let mut spin = SpinWait::default();
+        let (slot, id) = loop {
+            // Spin while the budget lasts, then queue.
+            let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
+            match self.begin(hash, &mut key, mode, owner, reentry_check, enqueue) {
+                Begin::Held(slot) => return Some(slot),
+                Begin::Queued(slot, id) => break (slot, id),
+                Begin::Busy => spin.spin(),
+            }
+        };
+        loop {
+            let expired = match deadline {
+                Some(deadline) => deadline.park(),
+                None => {
+                    sync::park();
+                    false
+                }
+            };
+            // SAFETY: `slot`, `id` are ours from `Begin::Queued`, and we
+            // return as soon as the check is final.
+            match unsafe { self.check(slot, id, expired, false, None) } {
+                Check::Granted => return Some(slot),
+                Check::GaveUp => return None,
+                Check::Waiting => {}
+            }
+        }
+    }
+
+    /// One acquisition attempt that never waits.
+    pub(crate) fn try_acquire<A: KeyArg<K>>(
+        &self,
+        mut key: A,
+        mode: L::Mode,
+    ) -> Option<SlotRef<K, L>>
+    where
+        K: Borrow<A::Q>,
+    {
+        let hash = self.hash(key.get());
+        match self.begin(hash, &mut key, mode, sync::thread_token(), false, None) {
+            Begin::Held(slot) => Some(slot),
+            Begin::Queued(..) | Begin::Busy => None,
+        }
+    }
+
+    /// Waits, without blocking the thread, until the task holds `key` in
+    /// `mode`. Dropping the future first leaves no trace: a queued waiter
+    /// removes itself, and a key handed to it in the meantime is released.
+    pub(crate) async fn acquire_async<A: KeyArg<K>>(
+        &self,
+        mut key: A,
+        mode: L::Mode,
+    ) -> SlotRef<K, L>
+    where
+        K: Borrow<A::Q>,
+    {
+        let hash = self.hash(key.get());
+        let mut queued: Option<Queued<'_, K, L, S>> = None;
+        poll_fn(|cx| match &queued {
+            None => {
+                let waker = cx.waker();
+                let unpark = || Unpark::Task(waker.clone());
+                // Owner 0: a task may move between threads, and another task
+                // on this thread may hold the key legitimately.
+                match self.begin(hash, &mut key, mode, 0, false, Some(&unpark)) {
+                    Begin::Held(slot) => Poll::Ready(slot),
+                    Begin::Queued(slot, id) => {
+                        queued = Some(Queued {
+                            core: self,
+                            slot,
+                            id,
+                            mode,
+                        });
+                        Poll::Pending
+                    }
+                    Begin::Busy => unreachable!("begin() with a waker never returns Busy"),
+                }
+            }
+            Some(q) => {
+                // SAFETY: `q` holds our `Begin::Queued` result, and is
+                // disarmed below as soon as the check is final.
+                match unsafe { self.check(q.slot, q.id, false, false, Some(cx.waker())) } {
+                    Check::Granted => {
+                        let slot = q.slot;
+                        if let Some(q) = queued.take() {
+                            std::mem::forget(q);
+                        }
+                        Poll::Ready(slot)
+                    }
+                    Check::Waiting => Poll::Pending,
+                    Check::GaveUp => unreachable!("check() without give_up never gives up"),
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// A queued async waiter. Dropping it (the future was cancelled) leaves the
+/// queue, or releases the key if it was handed over in the meantime.
+struct Queued<'a, K: Hash + Eq, L: LockKind, S: BuildHasher> {
+    core: &'a Core<K, L, S>,
+    slot: SlotRef<K, L>,
+    id: u64,
+    mode: L::Mode,
+}
+
+impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Drop for Queued<'_, K, L, S> {
+    fn drop(&mut self) {
+        // SAFETY: an armed `Queued` holds a `Begin::Queued` result whose
+        // check has not been final yet.
+        match unsafe { self.core.check(self.slot, self.id, true, true, None) } {
+            Check::GaveUp => {}
+            // SAFETY: the key was handed to us and we give it back.
+            Check::Granted => unsafe { self.core.release(self.slot, self.mode) },
+            Check::Waiting => unreachable!("check() with give_up is final"),
+        }
+    }
+}
+
+impl<K, L: LockKind, S> Drop for Core<K, L, S> {
+    fn drop(&mut self) {
+        // Every guard and waiter borrows the map (or an `Arc` of it), so none
+        // is left and every slot is gone already; free any left anyway.
+        for index in 0..self.table.shards() {
+            let mut shard = self.table.write_at(index);
+            for slot in shard.slots.drain() {
+                // SAFETY: allocated by `Box::new` in `begin`; the table held
+                // its only reference, and `&mut self` excludes every access.
+                drop(unsafe { Box::from_raw(slot.0.as_ptr()) });
+            }
+        }
+    }
+}

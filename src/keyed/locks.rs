@@ -1,0 +1,598 @@
+//! [`KeyedLocks<K>`]: a mutex per key, created on demand and removed when
+//! nobody holds or waits for it.
+
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::core::{Core, Owned, SlotRef};
+use super::kind::Exclusive;
+use super::stats::LockStats;
+use crate::sync::Deadline;
+
+/// A map of per-key mutexes whose entries exist exactly while somebody holds
+/// or waits for their key.
+///
+/// This is the fix for the lock-dictionary pattern
+/// `if key not in locks: locks[key] = Lock()` (or `setdefault`), which can
+/// create two locks for one key and never frees any. Here the lookup, the
+/// creation and the acquisition are one step, and so are the release and
+/// the removal: no two parties ever hold the same key, and once every guard
+/// is dropped and every waiter has finished or given up, [`len`](Self::len)
+/// is 0.
+///
+/// ```
+/// use toctou::KeyedLocks;
+///
+/// let locks = KeyedLocks::<String>::new();
+/// let guard = locks.lock("wf-1"); // `&str` works for `String` keys
+/// assert!(locks.is_locked("wf-1"));
+/// assert!(locks.try_lock("wf-1").is_none(), "one holder per key");
+/// assert!(locks.try_lock("wf-2").is_some(), "other keys are independent");
+/// drop(guard);
+/// assert_eq!(locks.len(), 0, "nothing is left behind");
+/// ```
+///
+/// # Semantics
+///
+/// - **Blocking, async, owned.** [`lock`](Self::lock) parks the thread;
+///   [`lock_async`](Self::lock_async) suspends the task and works on any
+///   runtime; [`lock_owned`](Self::lock_owned) returns a `'static` guard.
+///   Sync and async callers of one key exclude each other.
+/// - **Timeouts.** [`try_lock`](Self::try_lock) never waits;
+///   [`try_lock_for`](Self::try_lock_for) returns `None` after its timeout
+///   and leaves nothing behind. For async timeouts, wrap `lock_async` in
+///   your runtime's timeout: it is cancellation-safe.
+/// - **Cancellation.** Dropping a `lock_async` future removes its waiter
+///   (and the entry, if nobody else needs it). If the key had just been
+///   handed to it, it is released to the next waiter.
+/// - **Panics.** Guards release on drop, also during unwinding. There is no
+///   poisoning: the lock protects no data of its own.
+/// - **Reentrancy.** A thread that calls [`lock`](Self::lock),
+///   [`lock_owned`](Self::lock_owned) or [`lock_many`](Self::lock_many) on a
+///   key it already holds through a blocking call panics with a message
+///   instead of deadlocking. The check costs nothing until the key is found
+///   taken. Async acquisitions are not checked (another task on the same
+///   thread may hold the key legitimately), and a guard sent to another
+///   thread still counts as held by the thread that took it.
+/// - **Fairness.** Waiters queue in arrival order. A release wakes the
+///   front waiter and leaves the key free, so a running thread may take it
+///   first (barging, as with `parking_lot::Mutex`), but at most twice: a
+///   front waiter that has lost twice gets the key handed to it directly.
+/// - **Deadlock freedom for several keys.** [`lock_many`](Self::lock_many)
+///   sorts and deduplicates its keys and takes them in order.
+///
+/// # Compared with
+///
+/// - `DashMap<K, Arc<Mutex<()>>>`: never removes entries (the map grows with
+///   every key ever used), and removing them by hand has the removal race:
+///   a thread that cloned the `Arc` just before the removal locks a mutex
+///   that is no longer in the map, while a newcomer creates a second one.
+/// - `lockmap::LockMap`: also removes idle entries correctly; it is a
+///   key-value map with per-entry locking, blocking only. `KeyedLocks` adds
+///   async, owned and multi-key guards, timeouts, reentrancy detection,
+///   bounded fairness, statistics, and a reader-writer form
+///   ([`KeyedRwLocks`](crate::KeyedRwLocks)).
+pub struct KeyedLocks<K, S = RandomState> {
+    core: Core<K, Exclusive, S>,
+}
+
+impl<K> KeyedLocks<K> {
+    /// An empty map with the default hasher.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// assert!(locks.is_empty());
+    /// ```
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_hasher(RandomState::new())
+    }
+}
+
+impl<K, S: Default> Default for KeyedLocks<K, S> {
+    fn default() -> Self {
+        Self::with_hasher(S::default())
+    }
+}
+
+impl<K, S> KeyedLocks<K, S> {
+    /// An empty map that hashes keys with `hasher`.
+    ///
+    /// ```
+    /// use std::hash::BuildHasherDefault;
+    /// use std::collections::hash_map::DefaultHasher;
+    ///
+    /// let locks = toctou::KeyedLocks::<u64, _>::with_hasher(
+    ///     BuildHasherDefault::<DefaultHasher>::default(),
+    /// );
+    /// drop(locks.lock(&7));
+    /// ```
+    #[must_use]
+    pub fn with_hasher(hasher: S) -> Self {
+        Self {
+            core: Core::with_hasher(hasher, "toctou::KeyedLocks"),
+        }
+    }
+
+    /// The map's hasher.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// let _hasher: &std::collections::hash_map::RandomState = locks.hasher();
+    /// ```
+    pub fn hasher(&self) -> &S {
+        self.core.hasher()
+    }
+
+    /// The number of keys currently held or waited for.
+    ///
+    /// Exact when the map is not in use; under concurrency, a snapshot taken
+    /// shard by shard.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// let a = locks.lock(&1);
+    /// let b = locks.lock(&2);
+    /// assert_eq!(locks.len(), 2);
+    /// drop((a, b));
+    /// assert_eq!(locks.len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.core.len()
+    }
+
+    /// Whether no key is held or waited for.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// assert!(locks.is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The map's counters (see [`LockStats`]).
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// drop(locks.lock(&1));
+    /// assert_eq!(locks.stats().acquisitions, 1);
+    /// ```
+    pub fn stats(&self) -> LockStats {
+        let (counters, live, peak) = self.core.counters();
+        LockStats::new(counters, live, peak)
+    }
+}
+
+impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
+    /// Locks `key`, parking the thread until it is free.
+    ///
+    /// The key is cloned (`Q::to_owned`) only if this call creates its entry.
+    ///
+    /// # Panics
+    ///
+    /// If this thread already holds `key` through a blocking call (see
+    /// *Reentrancy* on [`KeyedLocks`]).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use toctou::KeyedLocks;
+    ///
+    /// let locks = Arc::new(KeyedLocks::<String>::new());
+    /// let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    /// std::thread::scope(|s| {
+    ///     for _ in 0..4 {
+    ///         s.spawn(|| {
+    ///             let _guard = locks.lock("account-7");
+    ///             // Read-modify-write under the key's lock: no lost update.
+    ///             let seen = counter.load(std::sync::atomic::Ordering::Relaxed);
+    ///             counter.store(seen + 1, std::sync::atomic::Ordering::Relaxed);
+    ///         });
+    ///     }
+    /// });
+    /// assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 4);
+    /// assert!(locks.is_empty());
+    /// ```
+    pub fn lock<Q>(&self, key: &Q) -> KeyGuard<'_, K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_blocking(key, (), None, true);
+        KeyGuard::new(
+            self,
+            slot.expect("a wait without deadline ends holding the key"),
+        )
+    }
+
+    /// Locks `key` if it is free now; never waits for another holder and
+    /// never leaves an entry behind when it fails.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<String>::new();
+    /// let held = locks.try_lock("job-1").expect("free");
+    /// assert!(locks.try_lock("job-1").is_none());
+    /// drop(held);
+    /// assert!(locks.try_lock("job-1").is_some());
+    /// ```
+    pub fn try_lock<Q>(&self, key: &Q) -> Option<KeyGuard<'_, K, S>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.try_acquire(key, ())?;
+        Some(KeyGuard::new(self, slot))
+    }
+
+    /// Locks `key`, waiting at most `timeout`. Returns `None` if the key
+    /// stayed taken; the waiter then leaves the queue and, if it was the
+    /// last party interested in the key, removes its entry.
+    ///
+    /// Not checked for reentrancy: waiting for a key this thread holds only
+    /// costs the timeout.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// let held = locks.lock(&1);
+    /// assert!(locks.try_lock_for(&1, Duration::from_millis(10)).is_none());
+    /// drop(held);
+    /// assert!(locks.try_lock_for(&1, Duration::from_millis(10)).is_some());
+    /// assert!(locks.is_empty());
+    /// ```
+    pub fn try_lock_for<Q>(&self, key: &Q, timeout: Duration) -> Option<KeyGuard<'_, K, S>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let deadline = Deadline::after(timeout);
+        let slot = self
+            .core
+            .acquire_blocking(key, (), Some(&deadline), false)?;
+        Some(KeyGuard::new(self, slot))
+    }
+
+    /// Locks `key` without blocking the thread: the returned future resolves
+    /// once the task holds the key. Runtime-agnostic.
+    ///
+    /// Cancellation-safe: dropping the future before it resolves removes
+    /// its waiter and leaves no entry behind; a key handed to it in the
+    /// meantime is passed on to the next waiter. The guard is `Send` when
+    /// `K: Send + Sync`, so it can be held across `.await` in a spawned task.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let locks = toctou::KeyedLocks::<String>::new();
+    /// block_on(async {
+    ///     let guard = locks.lock_async("wf-1").await;
+    ///     assert_eq!(guard.key(), "wf-1");
+    /// });
+    /// assert!(locks.is_empty());
+    /// ```
+    pub async fn lock_async<Q>(&self, key: &Q) -> KeyGuard<'_, K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_async(key, ()).await;
+        KeyGuard::new(self, slot)
+    }
+
+    /// Locks `key` and returns a guard that owns a reference to the map, so
+    /// it is `'static` (to store it, or to move it into a spawned task).
+    ///
+    /// # Panics
+    ///
+    /// As [`lock`](Self::lock), if this thread already holds `key`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// let locks = Arc::new(toctou::KeyedLocks::<String>::new());
+    /// let guard = locks.lock_owned("wf-1");
+    /// let worker = std::thread::spawn(move || {
+    ///     assert_eq!(guard.key(), "wf-1"); // released when the thread ends
+    /// });
+    /// worker.join().unwrap();
+    /// assert!(locks.is_empty());
+    /// ```
+    pub fn lock_owned<Q>(self: &Arc<Self>, key: &Q) -> OwnedKeyGuard<K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_blocking(key, (), None, true);
+        OwnedKeyGuard::new(
+            self.clone(),
+            slot.expect("a wait without deadline ends holding the key"),
+        )
+    }
+
+    /// The async form of [`lock_owned`](Self::lock_owned), cancellation-safe
+    /// as [`lock_async`](Self::lock_async).
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// use std::sync::Arc;
+    ///
+    /// let locks = Arc::new(toctou::KeyedLocks::<u64>::new());
+    /// let guard = block_on(locks.lock_owned_async(&3));
+    /// assert_eq!(*guard.key(), 3);
+    /// ```
+    pub async fn lock_owned_async<Q>(self: &Arc<Self>, key: &Q) -> OwnedKeyGuard<K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_async(key, ()).await;
+        OwnedKeyGuard::new(self.clone(), slot)
+    }
+
+    /// Locks every key in `keys`, in sorted order after removing duplicates,
+    /// and returns one guard that releases them all. Two `lock_many` calls
+    /// over overlapping keys cannot deadlock, whatever order they list them
+    /// in. The keys are moved into their entries, never cloned.
+    ///
+    /// Only calls that take several keys this way are ordered: a thread that
+    /// holds one key through [`lock`](Self::lock) and then calls `lock_many`
+    /// can still deadlock against another thread doing the opposite.
+    ///
+    /// # Panics
+    ///
+    /// As [`lock`](Self::lock), if this thread already holds one of the
+    /// keys; the keys taken so far are released.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<&str>::new();
+    /// // Transfer between two accounts, from either side, without deadlock.
+    /// let both = locks.lock_many(["bob", "alice", "bob"]);
+    /// assert_eq!(both.keys().collect::<Vec<_>>(), [&"alice", &"bob"]);
+    /// assert_eq!(locks.len(), 2);
+    /// drop(both);
+    /// assert!(locks.is_empty());
+    /// ```
+    pub fn lock_many<I>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
+    where
+        I: IntoIterator<Item = K>,
+        K: Ord,
+    {
+        let keys = sorted_unique(keys);
+        let mut guard = MultiKeyGuard {
+            locks: self,
+            slots: Vec::with_capacity(keys.len()),
+        };
+        for key in keys {
+            let slot = self.core.acquire_blocking(Owned(Some(key)), (), None, true);
+            guard
+                .slots
+                .push(slot.expect("a wait without deadline ends holding the key"));
+        }
+        guard
+    }
+
+    /// The async form of [`lock_many`](Self::lock_many). Dropping the future
+    /// part-way releases the keys taken so far and leaves the queue.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let locks = toctou::KeyedLocks::<u32>::new();
+    /// let guard = block_on(locks.lock_many_async([3, 1, 2]));
+    /// assert_eq!(guard.len(), 3);
+    /// ```
+    pub async fn lock_many_async<I>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
+    where
+        I: IntoIterator<Item = K>,
+        K: Ord,
+    {
+        let keys = sorted_unique(keys);
+        let mut guard = MultiKeyGuard {
+            locks: self,
+            slots: Vec::with_capacity(keys.len()),
+        };
+        for key in keys {
+            let slot = self.core.acquire_async(Owned(Some(key)), ()).await;
+            guard.slots.push(slot);
+        }
+        guard
+    }
+
+    /// Whether `key` is held right now (a snapshot: it may change as soon
+    /// as this returns).
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u64>::new();
+    /// assert!(!locks.is_locked(&1));
+    /// let _held = locks.lock(&1);
+    /// assert!(locks.is_locked(&1));
+    /// ```
+    pub fn is_locked<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.core.is_held(key)
+    }
+}
+
+fn sorted_unique<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
+    let mut keys: Vec<K> = keys.into_iter().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+impl<K, S> fmt::Debug for KeyedLocks<K, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedLocks")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Proof that the holder has `key` locked in a [`KeyedLocks`]; releases it
+/// on drop (also during unwinding).
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct KeyGuard<'a, K, S = RandomState> {
+    locks: &'a KeyedLocks<K, S>,
+    slot: SlotRef<K, Exclusive>,
+}
+
+impl<'a, K, S> KeyGuard<'a, K, S> {
+    fn new(locks: &'a KeyedLocks<K, S>, slot: SlotRef<K, Exclusive>) -> Self {
+        Self { locks, slot }
+    }
+
+    /// The locked key.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<String>::new();
+    /// assert_eq!(locks.lock("k").key(), "k");
+    /// ```
+    pub fn key(&self) -> &K {
+        // SAFETY: the guard holds the key, which keeps its slot alive for
+        // the guard's lifetime, and `&self` bounds the returned reference.
+        unsafe { self.slot.key() }
+    }
+}
+
+impl<K, S> Drop for KeyGuard<'_, K, S> {
+    fn drop(&mut self) {
+        // SAFETY: the guard holds the key exclusively and is giving it up.
+        unsafe { self.locks.core.release(self.slot, ()) }
+    }
+}
+
+impl<K: fmt::Debug, S> fmt::Debug for KeyGuard<'_, K, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyGuard").field("key", self.key()).finish()
+    }
+}
+
+/// A `'static` guard from [`KeyedLocks::lock_owned`]: holds an `Arc` of the
+/// map and releases the key on drop.
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct OwnedKeyGuard<K, S = RandomState> {
+    locks: Arc<KeyedLocks<K, S>>,
+    slot: SlotRef<K, Exclusive>,
+}
+
+impl<K, S> OwnedKeyGuard<K, S> {
+    fn new(locks: Arc<KeyedLocks<K, S>>, slot: SlotRef<K, Exclusive>) -> Self {
+        Self { locks, slot }
+    }
+
+    /// The locked key.
+    ///
+    /// ```
+    /// let locks = std::sync::Arc::new(toctou::KeyedLocks::<u8>::new());
+    /// assert_eq!(*locks.lock_owned(&9).key(), 9);
+    /// ```
+    pub fn key(&self) -> &K {
+        // SAFETY: as in `KeyGuard::key`.
+        unsafe { self.slot.key() }
+    }
+
+    /// The map this guard belongs to.
+    ///
+    /// ```
+    /// let locks = std::sync::Arc::new(toctou::KeyedLocks::<u8>::new());
+    /// let guard = locks.lock_owned(&9);
+    /// assert!(guard.map().is_locked(&9));
+    /// ```
+    pub fn map(&self) -> &Arc<KeyedLocks<K, S>> {
+        &self.locks
+    }
+}
+
+impl<K, S> Drop for OwnedKeyGuard<K, S> {
+    fn drop(&mut self) {
+        // SAFETY: the guard holds the key exclusively and is giving it up.
+        unsafe { self.locks.core.release(self.slot, ()) }
+    }
+}
+
+impl<K: fmt::Debug, S> fmt::Debug for OwnedKeyGuard<K, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedKeyGuard")
+            .field("key", self.key())
+            .finish()
+    }
+}
+
+/// The guard of [`KeyedLocks::lock_many`]: holds every key it was given and
+/// releases them all on drop.
+#[must_use = "the keys are released as soon as the guard is dropped"]
+pub struct MultiKeyGuard<'a, K, S = RandomState> {
+    locks: &'a KeyedLocks<K, S>,
+    /// In acquisition (sorted) order.
+    slots: Vec<SlotRef<K, Exclusive>>,
+}
+
+impl<K, S> MultiKeyGuard<'_, K, S> {
+    /// The locked keys, sorted, without duplicates.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u8>::new();
+    /// let guard = locks.lock_many([2, 1]);
+    /// assert_eq!(guard.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    /// ```
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &K> + '_ {
+        // SAFETY: as in `KeyGuard::key`, for each held key.
+        self.slots.iter().map(|slot| unsafe { slot.key() })
+    }
+
+    /// How many keys the guard holds.
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u8>::new();
+    /// assert_eq!(locks.lock_many([1, 1, 1]).len(), 1);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the guard holds no key (it was given none).
+    ///
+    /// ```
+    /// let locks = toctou::KeyedLocks::<u8>::new();
+    /// assert!(locks.lock_many([]).is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl<K, S> Drop for MultiKeyGuard<'_, K, S> {
+    fn drop(&mut self) {
+        // Release in reverse order of acquisition, as nested guards would.
+        for slot in self.slots.drain(..).rev() {
+            // SAFETY: the guard holds each of its keys exclusively.
+            unsafe { self.locks.core.release(slot, ()) }
+        }
+    }
+}
+
+impl<K: fmt::Debug, S> fmt::Debug for MultiKeyGuard<'_, K, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiKeyGuard")
+            .field("keys", &self.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}

@@ -1,0 +1,387 @@
+//! [`KeyedRwLocks<K>`]: a reader-writer lock per key, on the same entry
+//! lifecycle as [`KeyedLocks`](crate::KeyedLocks).
+
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::time::Duration;
+
+use super::core::{Core, SlotRef};
+use super::kind::{Access, ReadWrite};
+use super::stats::LockStats;
+use crate::sync::Deadline;
+
+/// A map of per-key reader-writer locks whose entries exist exactly while
+/// somebody holds or waits for their key: any number of readers of a key,
+/// or one writer.
+///
+/// Everything said on [`KeyedLocks`](crate::KeyedLocks) holds here too
+/// (entry lifecycle, cancellation, timeouts, no poisoning, bounded-barging
+/// fairness), with these differences:
+///
+/// - **Writers do not starve.** A new reader queues behind a waiting writer
+///   instead of joining the readers who hold the key. When the key is handed
+///   over, consecutive readers at the front of the queue get it together.
+/// - **Reentrancy.** A thread that holds a key for writing (through a
+///   blocking call) and calls [`read`](Self::read) or [`write`](Self::write)
+///   on it panics. A thread that holds a key for *reading* and asks again is
+///   not detected (readers are not tracked per thread): a second `read`
+///   succeeds unless a writer is queued, and then deadlocks, as with
+///   `std::sync::RwLock`; a `write` deadlocks.
+///
+/// Seed 002's per-file context: many readers of a file at once, one writer
+/// at a time, and no torn reads.
+///
+/// ```
+/// use toctou::KeyedRwLocks;
+///
+/// let files = KeyedRwLocks::<String>::new();
+/// let r1 = files.read("notes.md");
+/// let r2 = files.read("notes.md");
+/// assert!(files.try_write("notes.md").is_none(), "readers exclude a writer");
+/// drop((r1, r2));
+/// let w = files.write("notes.md");
+/// assert!(files.try_read("notes.md").is_none(), "a writer excludes readers");
+/// drop(w);
+/// assert!(files.is_empty());
+/// ```
+pub struct KeyedRwLocks<K, S = RandomState> {
+    core: Core<K, ReadWrite, S>,
+}
+
+impl<K> KeyedRwLocks<K> {
+    /// An empty map with the default hasher.
+    ///
+    /// ```
+    /// assert!(toctou::KeyedRwLocks::<u64>::new().is_empty());
+    /// ```
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_hasher(RandomState::new())
+    }
+}
+
+impl<K, S: Default> Default for KeyedRwLocks<K, S> {
+    fn default() -> Self {
+        Self::with_hasher(S::default())
+    }
+}
+
+impl<K, S> KeyedRwLocks<K, S> {
+    /// An empty map that hashes keys with `hasher`.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64, _>::with_hasher(
+    ///     std::collections::hash_map::RandomState::new(),
+    /// );
+    /// drop(files.read(&1));
+    /// ```
+    #[must_use]
+    pub fn with_hasher(hasher: S) -> Self {
+        Self {
+            core: Core::with_hasher(hasher, "toctou::KeyedRwLocks"),
+        }
+    }
+
+    /// The map's hasher.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// let _hasher: &std::collections::hash_map::RandomState = files.hasher();
+    /// ```
+    pub fn hasher(&self) -> &S {
+        self.core.hasher()
+    }
+
+    /// The number of keys currently held (in either mode) or waited for.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// let r = files.read(&1);
+    /// assert_eq!(files.len(), 1);
+    /// drop(r);
+    /// assert_eq!(files.len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.core.len()
+    }
+
+    /// Whether no key is held or waited for.
+    ///
+    /// ```
+    /// assert!(toctou::KeyedRwLocks::<u64>::new().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The map's counters (see [`LockStats`]); reads and writes both count
+    /// as acquisitions.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// drop(files.read(&1));
+    /// drop(files.write(&1));
+    /// assert_eq!(files.stats().acquisitions, 2);
+    /// ```
+    pub fn stats(&self) -> LockStats {
+        let (counters, live, peak) = self.core.counters();
+        LockStats::new(counters, live, peak)
+    }
+}
+
+impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
+    /// Locks `key` for reading, parking the thread while a writer holds it
+    /// or waits for it.
+    ///
+    /// # Panics
+    ///
+    /// If this thread holds `key` for writing through a blocking call.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<String>::new();
+    /// let a = files.read("a.txt");
+    /// let b = files.read("a.txt"); // readers share
+    /// assert_eq!(a.key(), b.key());
+    /// ```
+    pub fn read<Q>(&self, key: &Q) -> KeyReadGuard<'_, K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_blocking(key, Access::Read, None, true);
+        KeyReadGuard {
+            locks: self,
+            slot: slot.expect("a wait without deadline ends holding the key"),
+        }
+    }
+
+    /// Locks `key` for writing, parking the thread while anybody else holds
+    /// it.
+    ///
+    /// # Panics
+    ///
+    /// If this thread holds `key` for writing through a blocking call.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<String>::new();
+    /// let w = files.write("a.txt");
+    /// assert!(files.try_read("a.txt").is_none());
+    /// # drop(w);
+    /// ```
+    pub fn write<Q>(&self, key: &Q) -> KeyWriteGuard<'_, K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_blocking(key, Access::Write, None, true);
+        KeyWriteGuard {
+            locks: self,
+            slot: slot.expect("a wait without deadline ends holding the key"),
+        }
+    }
+
+    /// Locks `key` for reading if that needs no waiting (no writer holds it
+    /// or is queued for it).
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// assert!(files.try_read(&1).is_some());
+    /// ```
+    pub fn try_read<Q>(&self, key: &Q) -> Option<KeyReadGuard<'_, K, S>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.try_acquire(key, Access::Read)?;
+        Some(KeyReadGuard { locks: self, slot })
+    }
+
+    /// Locks `key` for writing if nobody holds it now.
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// let r = files.read(&1);
+    /// assert!(files.try_write(&1).is_none());
+    /// drop(r);
+    /// assert!(files.try_write(&1).is_some());
+    /// ```
+    pub fn try_write<Q>(&self, key: &Q) -> Option<KeyWriteGuard<'_, K, S>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.try_acquire(key, Access::Write)?;
+        Some(KeyWriteGuard { locks: self, slot })
+    }
+
+    /// Locks `key` for reading, waiting at most `timeout`; `None` if it did
+    /// not become available, and then nothing is left behind.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// let w = files.write(&1);
+    /// assert!(files.try_read_for(&1, Duration::from_millis(5)).is_none());
+    /// drop(w);
+    /// assert!(files.is_empty());
+    /// ```
+    pub fn try_read_for<Q>(&self, key: &Q, timeout: Duration) -> Option<KeyReadGuard<'_, K, S>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let deadline = Deadline::after(timeout);
+        let slot = self
+            .core
+            .acquire_blocking(key, Access::Read, Some(&deadline), false)?;
+        Some(KeyReadGuard { locks: self, slot })
+    }
+
+    /// Locks `key` for writing, waiting at most `timeout`; `None` if it did
+    /// not become available, and then nothing is left behind.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// let r = files.read(&1);
+    /// assert!(files.try_write_for(&1, Duration::from_millis(5)).is_none());
+    /// drop(r);
+    /// assert!(files.is_empty());
+    /// ```
+    pub fn try_write_for<Q>(&self, key: &Q, timeout: Duration) -> Option<KeyWriteGuard<'_, K, S>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let deadline = Deadline::after(timeout);
+        let slot = self
+            .core
+            .acquire_blocking(key, Access::Write, Some(&deadline), false)?;
+        Some(KeyWriteGuard { locks: self, slot })
+    }
+
+    /// The async form of [`read`](Self::read): runtime-agnostic and
+    /// cancellation-safe, as [`KeyedLocks::lock_async`](crate::KeyedLocks::lock_async).
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let files = toctou::KeyedRwLocks::<String>::new();
+    /// let r = block_on(files.read_async("a.txt"));
+    /// assert_eq!(r.key(), "a.txt");
+    /// ```
+    pub async fn read_async<Q>(&self, key: &Q) -> KeyReadGuard<'_, K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_async(key, Access::Read).await;
+        KeyReadGuard { locks: self, slot }
+    }
+
+    /// The async form of [`write`](Self::write): runtime-agnostic and
+    /// cancellation-safe.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let files = toctou::KeyedRwLocks::<String>::new();
+    /// let w = block_on(files.write_async("a.txt"));
+    /// assert!(files.try_read("a.txt").is_none());
+    /// # drop(w);
+    /// ```
+    pub async fn write_async<Q>(&self, key: &Q) -> KeyWriteGuard<'_, K, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let slot = self.core.acquire_async(key, Access::Write).await;
+        KeyWriteGuard { locks: self, slot }
+    }
+
+    /// Whether `key` is held right now, for reading or writing (a snapshot).
+    ///
+    /// ```
+    /// let files = toctou::KeyedRwLocks::<u64>::new();
+    /// let _r = files.read(&1);
+    /// assert!(files.is_locked(&1));
+    /// assert!(!files.is_locked(&2));
+    /// ```
+    pub fn is_locked<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.core.is_held(key)
+    }
+}
+
+impl<K, S> fmt::Debug for KeyedRwLocks<K, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedRwLocks")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shared access to a key of a [`KeyedRwLocks`]; released on drop.
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct KeyReadGuard<'a, K, S = RandomState> {
+    locks: &'a KeyedRwLocks<K, S>,
+    slot: SlotRef<K, ReadWrite>,
+}
+
+/// Exclusive access to a key of a [`KeyedRwLocks`]; released on drop.
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct KeyWriteGuard<'a, K, S = RandomState> {
+    locks: &'a KeyedRwLocks<K, S>,
+    slot: SlotRef<K, ReadWrite>,
+}
+
+macro_rules! rw_guard {
+    ($guard:ident, $mode:expr) => {
+        impl<K, S> $guard<'_, K, S> {
+            /// The locked key.
+            ///
+            /// ```
+            /// let files = toctou::KeyedRwLocks::<String>::new();
+            /// assert_eq!(files.read("k").key(), "k");
+            /// assert_eq!(files.write("k").key(), "k");
+            /// ```
+            pub fn key(&self) -> &K {
+                // SAFETY: the guard holds the key, which keeps its slot
+                // alive, and `&self` bounds the returned reference.
+                unsafe { self.slot.key() }
+            }
+        }
+
+        impl<K, S> Drop for $guard<'_, K, S> {
+            fn drop(&mut self) {
+                // SAFETY: the guard holds the key in this mode and is giving
+                // it up.
+                unsafe { self.locks.core.release(self.slot, $mode) }
+            }
+        }
+
+        impl<K: fmt::Debug, S> fmt::Debug for $guard<'_, K, S> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($guard))
+                    .field("key", self.key())
+                    .finish()
+            }
+        }
+    };
+}
+
+rw_guard!(KeyReadGuard, Access::Read);
+rw_guard!(KeyWriteGuard, Access::Write);

@@ -1,0 +1,795 @@
+//! `KeyedLocks` and `KeyedRwLocks`: mutual exclusion, the entry lifecycle
+//! (`len() == 0` once everybody is done), timeouts, cancellation,
+//! reentrancy, fairness, and seed 004's duplicate sequence numbers.
+
+mod common;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier, mpsc};
+use std::task::{Context, Poll, Waker};
+use std::thread;
+use std::time::Duration;
+
+use common::block_on;
+use toctou::{KeyedLocks, KeyedRwLocks};
+
+/// Runs `f` on a thread and fails if it has not finished within 10 s: the
+/// deadlock detector for tests whose bug would hang.
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} deadlocked (no result after 10 s)"))
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Polls `fut` once with a no-op waker.
+fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
+    std::pin::Pin::new(fut).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Waits (up to 10 s) until `cond` holds; for "the other thread is queued now".
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[test]
+fn stress_mutual_exclusion_over_64_keys() {
+    // 8 threads x 100k acquisitions over 64 keys; each key has an "inside"
+    // flag that a second holder would find already set.
+    let (threads, rounds) = if cfg!(miri) { (3, 50) } else { (8, 100_000) };
+    let locks = KeyedLocks::<u64>::new();
+    let inside: Vec<AtomicBool> = (0..64).map(|_| AtomicBool::new(false)).collect();
+    let violations = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for t in 0..threads {
+            let (locks, inside, violations) = (&locks, &inside, &violations);
+            s.spawn(move || {
+                let mut x = t as u64 + 1;
+                for _ in 0..rounds {
+                    // xorshift: a different key sequence per thread.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let key = x % 64;
+                    let _guard = locks.lock(&key);
+                    if inside[key as usize].swap(true, SeqCst) {
+                        violations.fetch_add(1, SeqCst);
+                    }
+                    std::hint::spin_loop();
+                    inside[key as usize].store(false, SeqCst);
+                }
+            });
+        }
+    });
+    assert_eq!(violations.load(SeqCst), 0, "two holders of one key");
+    assert_eq!(locks.len(), 0, "entries left behind");
+    assert_eq!(locks.stats().acquisitions, (threads * rounds) as u64);
+}
+
+#[test]
+fn a_million_distinct_keys_leave_nothing_behind() {
+    let keys: u64 = if cfg!(miri) { 500 } else { 1_000_000 };
+    let locks = KeyedLocks::<u64>::new();
+    thread::scope(|s| {
+        for part in 0..2 {
+            let locks = &locks;
+            s.spawn(move || {
+                for key in (part..keys).step_by(2) {
+                    let guard = locks.lock(&key);
+                    assert_eq!(*guard.key(), key);
+                }
+            });
+        }
+    });
+    assert_eq!(locks.len(), 0);
+    let stats = locks.stats();
+    assert_eq!(stats.acquisitions, keys);
+    assert!(stats.peak_live_keys >= 1);
+}
+
+#[test]
+fn keys_held_at_once_are_counted_and_then_removed() {
+    let locks = KeyedLocks::<u64>::new();
+    let guards: Vec<_> = (0..1000).map(|k| locks.lock(&k)).collect();
+    assert_eq!(locks.len(), 1000);
+    assert!(locks.is_locked(&999));
+    drop(guards);
+    assert_eq!(locks.len(), 0);
+    assert!(!locks.is_locked(&999));
+    assert_eq!(locks.stats().peak_live_keys, 1000);
+}
+
+#[test]
+fn str_lookups_clone_the_key_only_when_creating_its_entry() {
+    // `lock("wf-1")` on a `KeyedLocks<String>`: the `&str` is turned into a
+    // `String` when the entry is created, and the guard hands it back.
+    let locks = KeyedLocks::<String>::new();
+    let guard = locks.lock("wf-1");
+    assert_eq!(guard.key(), "wf-1");
+    assert!(locks.is_locked("wf-1"));
+    assert_eq!(format!("{guard:?}"), r#"KeyGuard { key: "wf-1" }"#);
+    assert_eq!(format!("{locks:?}"), "KeyedLocks { len: 1, .. }");
+}
+
+#[test]
+fn try_lock_fails_on_a_held_key_and_leaves_no_entry_when_it_fails() {
+    let locks = KeyedLocks::<u64>::new();
+    let held = locks.lock(&1);
+    assert!(locks.try_lock(&1).is_none());
+    assert_eq!(locks.len(), 1, "only the holder's entry");
+    drop(held);
+    assert_eq!(locks.len(), 0);
+    let again = locks.try_lock(&1).expect("free now");
+    drop(again);
+    assert_eq!(
+        locks.stats().contended,
+        0,
+        "a failed try_lock does not queue"
+    );
+}
+
+#[test]
+fn try_lock_for_times_out_and_leaves_nothing_behind() {
+    let locks = Arc::new(KeyedLocks::<u64>::new());
+    let held = locks.lock(&7);
+    let start = std::time::Instant::now();
+    assert!(locks.try_lock_for(&7, Duration::from_millis(30)).is_none());
+    assert!(
+        start.elapsed() >= Duration::from_millis(30),
+        "waited its timeout"
+    );
+    assert_eq!(locks.len(), 1, "the timed-out waiter left the queue");
+    drop(held);
+    assert_eq!(locks.len(), 0);
+    assert_eq!(locks.stats().timeouts, 1);
+    // A zero timeout on a free key still succeeds.
+    assert!(locks.try_lock_for(&7, Duration::ZERO).is_some());
+    // A timeout too large to represent waits like `lock`.
+    let waiter = {
+        let locks = locks.clone();
+        let held = locks.lock(&8);
+        let t = thread::spawn({
+            let locks = locks.clone();
+            move || locks.try_lock_for(&8, Duration::MAX).is_some()
+        });
+        eventually("the waiter is queued", || locks.stats().contended >= 1);
+        drop(held);
+        t
+    };
+    assert!(waiter.join().unwrap());
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn a_waiter_gets_the_key_when_the_holder_releases() {
+    let locks = Arc::new(KeyedLocks::<String>::new());
+    let held = locks.lock("k");
+    let waiter = thread::spawn({
+        let locks = locks.clone();
+        move || {
+            let guard = locks.lock("k");
+            guard.key().clone()
+        }
+    });
+    eventually("the waiter is queued", || locks.stats().contended == 1);
+    assert_eq!(locks.len(), 1);
+    drop(held);
+    assert_eq!(waiter.join().unwrap(), "k");
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn a_panic_while_holding_releases_the_key_without_poisoning() {
+    let locks = KeyedLocks::<u64>::new();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let _guard = locks.lock(&1);
+        panic!("boom");
+    }));
+    assert!(result.is_err());
+    assert_eq!(locks.len(), 0);
+    assert!(locks.try_lock(&1).is_some(), "no poisoning");
+}
+
+#[test]
+fn reentrant_lock_panics_with_a_message_instead_of_deadlocking() {
+    let locks = Arc::new(KeyedLocks::<String>::new());
+    let payload = within_10s("a reentrant lock", {
+        let locks = locks.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                let _outer = locks.lock("wf-1");
+                let _inner = locks.lock("wf-1");
+            }))
+        }
+    })
+    .expect_err("reentrancy must panic");
+    let message = panic_message(payload);
+    assert!(message.contains("toctou::KeyedLocks"), "{message}");
+    assert!(message.contains("already holds"), "{message}");
+    assert!(message.contains("alloc::string::String"), "{message}");
+    assert_eq!(locks.len(), 0, "the outer guard was released by the unwind");
+}
+
+#[test]
+fn reentrant_lock_many_panics_and_releases_the_keys_it_took() {
+    let locks = Arc::new(KeyedLocks::<u32>::new());
+    let result = within_10s("a reentrant lock_many", {
+        let locks = locks.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                let _held = locks.lock(&3);
+                let _many = locks.lock_many([1, 2, 3, 4]);
+            }))
+            .map_err(panic_message)
+        }
+    });
+    let message = result.expect_err("reentrancy must panic");
+    assert!(message.contains("already holds"), "{message}");
+    assert_eq!(locks.len(), 0, "keys 1 and 2 were released");
+}
+
+#[test]
+fn reentrant_owned_lock_panics_too() {
+    let locks = Arc::new(KeyedLocks::<u32>::new());
+    let result = within_10s("a reentrant lock_owned", {
+        let locks = locks.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                let _held = locks.lock_owned(&3);
+                let _again = locks.lock_owned(&3);
+            }))
+            .is_err()
+        }
+    });
+    assert!(result);
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn a_key_held_by_another_thread_is_not_reentrancy() {
+    // Thread A holds the key; this thread's `lock` must wait, not panic.
+    let locks = Arc::new(KeyedLocks::<u32>::new());
+    let (tx, rx) = mpsc::channel();
+    let holder = thread::spawn({
+        let locks = locks.clone();
+        move || {
+            let guard = locks.lock(&1);
+            tx.send(()).unwrap();
+            thread::sleep(Duration::from_millis(20));
+            drop(guard);
+        }
+    });
+    rx.recv().unwrap();
+    drop(locks.lock(&1));
+    holder.join().unwrap();
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn lock_many_in_opposite_orders_does_not_deadlock() {
+    let rounds = if cfg!(miri) { 20 } else { 20_000 };
+    let locks = Arc::new(KeyedLocks::<u32>::new());
+    let counter = Arc::new(AtomicUsize::new(0));
+    within_10s("lock_many in opposite orders", {
+        let (locks, counter) = (locks.clone(), counter.clone());
+        move || {
+            thread::scope(|s| {
+                for order in [[1, 2, 3], [3, 2, 1]] {
+                    let (locks, counter) = (&locks, &counter);
+                    s.spawn(move || {
+                        for _ in 0..rounds {
+                            let guard = locks.lock_many(order);
+                            assert_eq!(guard.len(), 3);
+                            counter.fetch_add(1, SeqCst);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    assert_eq!(counter.load(SeqCst), 2 * rounds);
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn lock_many_sorts_deduplicates_and_excludes() {
+    let locks = KeyedLocks::<&str>::new();
+    let guard = locks.lock_many(["b", "a", "b", "c"]);
+    assert_eq!(guard.keys().copied().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert!(locks.try_lock(&"a").is_none());
+    assert!(locks.try_lock(&"d").is_some());
+    assert_eq!(
+        format!("{guard:?}"),
+        r#"MultiKeyGuard { keys: ["a", "b", "c"] }"#
+    );
+    drop(guard);
+    assert!(locks.is_empty());
+}
+
+#[test]
+fn owned_guards_move_to_other_threads() {
+    let locks = Arc::new(KeyedLocks::<String>::new());
+    let guard = locks.lock_owned("job");
+    assert!(guard.map().is_locked("job"));
+    let t = thread::spawn(move || guard.key().clone());
+    assert_eq!(t.join().unwrap(), "job");
+    assert!(locks.is_empty());
+}
+
+#[test]
+fn a_front_waiter_is_not_starved_by_a_thread_that_relocks_at_once() {
+    // One thread re-locks the key in a tight loop; the waiter must get it
+    // (bounded barging), long before the loop would end on its own.
+    let locks = Arc::new(KeyedLocks::<u8>::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let hog = thread::spawn({
+        let (locks, stop) = (locks.clone(), stop.clone());
+        move || {
+            let mut rounds = 0u64;
+            while !stop.load(SeqCst) {
+                let _guard = locks.lock(&0);
+                rounds += 1;
+            }
+            rounds
+        }
+    });
+    within_10s("a waiter against a hot key", {
+        let locks = locks.clone();
+        move || {
+            for _ in 0..if cfg!(miri) { 2 } else { 100 } {
+                drop(locks.lock(&0));
+            }
+        }
+    });
+    stop.store(true, SeqCst);
+    hog.join().unwrap();
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn a_writer_is_not_starved_by_overlapping_readers() {
+    // Two readers keep the key read-locked at all times between them; a
+    // writer must still get in, because new readers queue behind it.
+    let files = Arc::new(KeyedRwLocks::<u8>::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let first = files.read(&0);
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (files, stop) = (files.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    let _r = files.read(&0);
+                    thread::sleep(Duration::from_micros(50));
+                }
+            })
+        })
+        .collect();
+    let writer = thread::spawn({
+        let files = files.clone();
+        move || drop(files.write(&0))
+    });
+    eventually("the writer is queued", || files.stats().contended >= 1);
+    drop(first);
+    within_10s("the writer", move || writer.join().unwrap());
+    stop.store(true, SeqCst);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(files.is_empty());
+}
+
+#[test]
+fn rw_readers_share_and_writers_exclude() {
+    let files = KeyedRwLocks::<String>::new();
+    let r1 = files.read("a");
+    let r2 = files.try_read("a").expect("readers share");
+    assert!(files.try_write("a").is_none());
+    assert!(files.try_write_for("a", Duration::from_millis(5)).is_none());
+    assert_eq!(files.len(), 1);
+    drop((r1, r2));
+    let w = files.try_write("a").expect("free");
+    assert!(files.try_read("a").is_none());
+    assert!(files.try_read_for("a", Duration::from_millis(5)).is_none());
+    assert_eq!(format!("{w:?}"), r#"KeyWriteGuard { key: "a" }"#);
+    drop(w);
+    assert!(files.is_empty());
+    assert_eq!(files.stats().timeouts, 2);
+}
+
+#[test]
+fn rw_reentrant_write_panics() {
+    let files = Arc::new(KeyedRwLocks::<u8>::new());
+    for read_again in [false, true] {
+        let result = within_10s("a reentrant write", {
+            let files = files.clone();
+            move || {
+                catch_unwind(AssertUnwindSafe(|| {
+                    let _w = files.write(&1);
+                    if read_again {
+                        drop(files.read(&1));
+                    } else {
+                        drop(files.write(&1));
+                    }
+                }))
+                .map_err(panic_message)
+            }
+        });
+        let message = result.expect_err("reentrancy must panic");
+        assert!(message.contains("toctou::KeyedRwLocks"), "{message}");
+    }
+    assert!(files.is_empty());
+}
+
+#[test]
+fn rw_readers_queued_behind_a_writer_get_the_key_together() {
+    let files = Arc::new(KeyedRwLocks::<u8>::new());
+    let w = files.write(&0);
+    let both_inside = Arc::new(Barrier::new(2));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (files, both_inside) = (files.clone(), both_inside.clone());
+            thread::spawn(move || {
+                let _r = files.read(&0);
+                // Both readers must hold the key at once to pass.
+                both_inside.wait();
+            })
+        })
+        .collect();
+    eventually("both readers are queued", || files.stats().contended == 2);
+    drop(w);
+    within_10s("two readers together", move || {
+        for r in readers {
+            r.join().unwrap();
+        }
+    });
+    assert!(files.is_empty());
+}
+
+mod asynchronous {
+    //! Async paths driven by the minimal executor in `common`, so that miri
+    //! checks them too.
+    use super::*;
+
+    // `Box::pin`, not `pin!`: dropping a `Pin<Box<F>>` drops the future,
+    // which is the cancellation under test.
+
+    #[test]
+    fn a_cancelled_waiter_leaves_no_entry_and_no_ghost() {
+        let locks = KeyedLocks::<String>::new();
+        let held = locks.lock("k");
+        let mut waiter = Box::pin(locks.lock_async("k"));
+        assert!(poll_once(&mut waiter).is_pending());
+        assert_eq!(locks.stats().contended, 1);
+        drop(waiter);
+        assert_eq!(locks.stats().cancelled, 1);
+        assert_eq!(locks.len(), 1, "only the holder's entry");
+        drop(held);
+        assert_eq!(locks.len(), 0, "no ghost waiter keeps the entry");
+    }
+
+    #[test]
+    fn a_waiter_cancelled_after_the_key_was_handed_to_it_passes_it_on() {
+        let locks = KeyedLocks::<u8>::new();
+        let held = locks.lock(&1);
+        let mut first = Box::pin(locks.lock_async(&1));
+        assert!(poll_once(&mut first).is_pending());
+        let mut second = Box::pin(locks.lock_async(&1));
+        assert!(poll_once(&mut second).is_pending());
+        drop(held); // wakes `first`, which never comes back to take it
+        drop(first);
+        assert!(
+            matches!(poll_once(&mut second), Poll::Ready(_)),
+            "the wake-up was passed to the next waiter"
+        );
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[test]
+    fn sync_and_async_callers_exclude_each_other() {
+        let locks = Arc::new(KeyedLocks::<u8>::new());
+        let held = locks.lock_owned(&1);
+        let mut waiter = Box::pin(locks.lock_async(&1));
+        assert!(poll_once(&mut waiter).is_pending());
+        let released = Arc::new(AtomicBool::new(false));
+        let t = thread::spawn({
+            let released = released.clone();
+            move || {
+                thread::sleep(Duration::from_millis(10));
+                released.store(true, SeqCst);
+                drop(held);
+            }
+        });
+        let guard = block_on(waiter);
+        assert!(
+            released.load(SeqCst),
+            "the async waiter waited for the sync holder"
+        );
+        assert!(
+            locks.try_lock(&1).is_none(),
+            "and the sync side waits for it"
+        );
+        drop(guard);
+        t.join().unwrap();
+        assert!(locks.is_empty());
+    }
+
+    #[test]
+    fn lock_many_async_cancelled_part_way_releases_what_it_took() {
+        let locks = KeyedLocks::<u8>::new();
+        let held = locks.lock(&2);
+        let mut many = Box::pin(locks.lock_many_async([1, 2, 3]));
+        assert!(poll_once(&mut many).is_pending(), "holds 1, waits for 2");
+        assert!(locks.is_locked(&1));
+        drop(many);
+        assert!(!locks.is_locked(&1));
+        drop(held);
+        assert!(locks.is_empty());
+    }
+
+    #[test]
+    fn owned_and_rw_async_forms_work() {
+        let locks = Arc::new(KeyedLocks::<u8>::new());
+        let guard = block_on(locks.lock_owned_async(&1));
+        assert!(locks.is_locked(&1));
+        drop(guard);
+        let files = KeyedRwLocks::<u8>::new();
+        let r = block_on(files.read_async(&1));
+        let mut w = Box::pin(files.write_async(&1));
+        assert!(poll_once(&mut w).is_pending());
+        drop(r);
+        assert!(matches!(poll_once(&mut w), Poll::Ready(_)));
+        assert!(files.is_empty() && locks.is_empty());
+    }
+
+    #[test]
+    fn guards_and_futures_are_send_for_send_sync_keys() {
+        fn is_send<T: Send>(_: &T) {}
+        let locks = KeyedLocks::<String>::new();
+        let fut = locks.lock_async("k");
+        is_send(&fut);
+        let guard = block_on(fut);
+        is_send(&guard);
+        let files = KeyedRwLocks::<String>::new();
+        is_send(&files.read_async("k"));
+        is_send(&files.write_async("k"));
+        is_send(&locks.lock_many_async(["a".to_string()]));
+    }
+}
+
+#[cfg(not(miri))]
+mod tokio_runtime {
+    //! The seed-004 scenario and the async stress test, on tokio.
+    use super::*;
+    use std::collections::BTreeMap;
+    use tokio::sync::Mutex as AsyncMutex;
+
+    /// Seed 004: each `emit` locks its workflow's key, reads the highest
+    /// sequence number, sleeps (an `.await` in the critical section) and
+    /// appends max + 1.
+    async fn emit(
+        locks: &KeyedLocks<String>,
+        events: &AsyncMutex<BTreeMap<String, Vec<u64>>>,
+        workflow: &str,
+    ) -> u64 {
+        let _guard = locks.lock_async(workflow).await;
+        let max = events
+            .lock()
+            .await
+            .get(workflow)
+            .and_then(|seqs| seqs.iter().max().copied())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let seq = max + 1;
+        events
+            .lock()
+            .await
+            .entry(workflow.to_string())
+            .or_default()
+            .push(seq);
+        seq
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn seed_004_ten_concurrent_emits_get_sequences_1_to_10() {
+        let locks = Arc::new(KeyedLocks::<String>::new());
+        let events = Arc::new(AsyncMutex::new(BTreeMap::new()));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (locks, events) = (locks.clone(), events.clone());
+                // Spawned: the guard is held across `.await` on a
+                // multi-threaded runtime, so it must be `Send`.
+                tokio::spawn(async move { emit(&locks, &events, "wf-new").await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.push(task.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=10).collect::<Vec<_>>(),
+            "duplicate sequence numbers"
+        );
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_async_waiters_with_timeouts_leave_nothing_behind() {
+        let locks = Arc::new(KeyedLocks::<String>::new());
+        let held = locks.lock_owned("hot");
+        let outcomes: Vec<_> = (0..10_000)
+            .map(|i| {
+                let locks = locks.clone();
+                tokio::spawn(async move {
+                    // Half give up before the holder lets go, half after.
+                    let timeout = Duration::from_millis(if i % 2 == 0 { 1 } else { 60_000 });
+                    tokio::time::timeout(timeout, locks.lock_async("hot"))
+                        .await
+                        .map(drop)
+                        .is_ok()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        let mut got_it = 0;
+        for outcome in outcomes {
+            if outcome.await.unwrap() {
+                got_it += 1;
+            }
+        }
+        assert!(
+            got_it >= 5_000,
+            "the patient half all got the key: {got_it}"
+        );
+        assert_eq!(locks.len(), 0, "no entry left behind");
+        // Every waiter either acquired the key (the holder's acquisition
+        // aside) or left the queue when its timeout cancelled it.
+        let stats = locks.stats();
+        assert_eq!(stats.acquisitions - 1 + stats.cancelled, 10_000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guard_held_across_await_in_a_spawned_task() {
+        let locks = Arc::new(KeyedLocks::<String>::new());
+        let task = tokio::spawn({
+            let locks = locks.clone();
+            async move {
+                let guard = locks.lock_async("k").await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                guard.key().clone()
+            }
+        });
+        assert_eq!(task.await.unwrap(), "k");
+        assert!(locks.is_empty());
+    }
+}
+
+mod model {
+    //! Random single-threaded sequences of `try_*` calls and guard drops,
+    //! checked against a model: which keys are held, and how.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        TryLock(u8),
+        TryRead(u8),
+        TryWrite(u8),
+        /// Drop the guard at this index (modulo the number of live guards).
+        Drop(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..4).prop_map(Op::TryLock),
+            (0u8..4).prop_map(Op::TryRead),
+            (0u8..4).prop_map(Op::TryWrite),
+            any::<usize>().prop_map(Op::Drop),
+        ]
+    }
+
+    enum Guard<'a> {
+        Lock(u8, toctou::KeyGuard<'a, u8>),
+        Read(u8, toctou::KeyReadGuard<'a, u8>),
+        Write(u8, toctou::KeyWriteGuard<'a, u8>),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: if cfg!(miri) { 4 } else { 256 },
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn try_calls_succeed_exactly_when_the_model_allows(ops in prop::collection::vec(op(), 1..64)) {
+            let locks = KeyedLocks::<u8>::new();
+            let files = KeyedRwLocks::<u8>::new();
+            let mut guards: Vec<Guard<'_>> = Vec::new();
+            // The model: held mutex keys; per rw key, (readers, writer).
+            let mut held: HashMap<u8, ()> = HashMap::new();
+            let mut rw: HashMap<u8, (usize, bool)> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::TryLock(k) => {
+                        let got = locks.try_lock(&k);
+                        prop_assert_eq!(got.is_some(), !held.contains_key(&k));
+                        if let Some(g) = got {
+                            held.insert(k, ());
+                            guards.push(Guard::Lock(k, g));
+                        }
+                    }
+                    Op::TryRead(k) => {
+                        let got = files.try_read(&k);
+                        let state = rw.get(&k).copied().unwrap_or((0, false));
+                        prop_assert_eq!(got.is_some(), !state.1);
+                        if let Some(g) = got {
+                            rw.entry(k).or_default().0 += 1;
+                            guards.push(Guard::Read(k, g));
+                        }
+                    }
+                    Op::TryWrite(k) => {
+                        let got = files.try_write(&k);
+                        let state = rw.get(&k).copied().unwrap_or((0, false));
+                        prop_assert_eq!(got.is_some(), state == (0, false));
+                        if let Some(g) = got {
+                            rw.entry(k).or_default().1 = true;
+                            guards.push(Guard::Write(k, g));
+                        }
+                    }
+                    Op::Drop(i) => {
+                        if guards.is_empty() {
+                            continue;
+                        }
+                        match guards.remove(i % guards.len()) {
+                            Guard::Lock(k, g) => {
+                                drop(g);
+                                held.remove(&k);
+                            }
+                            Guard::Read(k, g) => {
+                                drop(g);
+                                let s = rw.get_mut(&k).unwrap();
+                                s.0 -= 1;
+                                if *s == (0, false) {
+                                    rw.remove(&k);
+                                }
+                            }
+                            Guard::Write(k, g) => {
+                                drop(g);
+                                rw.remove(&k);
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(locks.len(), held.len());
+                prop_assert_eq!(files.len(), rw.len());
+                for k in 0..4 {
+                    prop_assert_eq!(locks.is_locked(&k), held.contains_key(&k));
+                    prop_assert_eq!(files.is_locked(&k), rw.contains_key(&k));
+                }
+            }
+            drop(guards);
+            prop_assert_eq!(locks.len(), 0);
+            prop_assert_eq!(files.len(), 0);
+        }
+    }
+}
