@@ -48,6 +48,11 @@ MAP_CHECK_THEN_ACT = (
 # A failed or cancelled init that never gives the RUNNING claim back.
 NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
 
+# KeyedLocks' removal race: an entry removed while a waiter is still queued on it.
+# The slot is leaked instead of freed, so the mutant shows the race, not undefined behaviour.
+KEYED_DETACH_OLD = '            (state.lock.is_free() && state.queue.is_empty(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        // Found by identity, not by key: no user `Eq` runs, and a slot can\n        // never be confused with another for an equal key.\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        // SAFETY: the slot was allocated by `Box::new` in `begin`, and the\n        // table entry just removed was its last reference: it is idle, so no\n        // guard or waiter points to it, and we hold the shard lock, so no\n        // lookup can be reading it.\n        Some(unsafe { Box::from_raw(slot.0.as_ptr()) })'
+KEYED_DETACH_NEW = '            (state.lock.is_free(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        None'
+
 # (name, file, old text, new text, loom test target, test name filter)
 MUTANTS = [
     (
@@ -232,6 +237,91 @@ MUTANTS = [
         "        let Ok(instance) = self.build_and_publish(settings, self.own_build());\n",
         "loom_registry",
         "reinit_if_changed_with_equal_settings_builds_once",
+    ),
+    (
+        "keyed: take the key without checking that it is free",
+        "src/keyed/core.rs",
+        "        if may_take && state.lock.can_acquire(mode) {",
+        "        if may_take {",
+        "loom_keyed_locks",
+        "two_threads_exclude_each_other_on_one_key",
+    ),
+    (
+        "keyed seed bug: unlock between 'no entry' and 'insert a held entry' (check, then act)",
+        "src/keyed/core.rs",
+        "        let Some(slot) = found else {\n",
+        "        let Some(slot) = found else {\n"
+        "            drop(shard);\n"
+        "            let mut shard = self.table.write(hash);\n",
+        "loom_keyed_locks",
+        "last_release_races_a_lookup_of_the_same_key",
+    ),
+    (
+        "keyed removal race: remove the entry without re-checking for waiters (the slot is leaked, not freed)",
+        "src/keyed/core.rs",
+        KEYED_DETACH_OLD,
+        KEYED_DETACH_NEW,
+        "loom_keyed_locks",
+        "a_waiter_queues_while_the_holder_releases",
+    ),
+    (
+        "keyed: release forgets to dispatch the queue (lost wake-up)",
+        "src/keyed/core.rs",
+        "            dispatch(state, &mut wakes);\n            Self::remove_if_idle(&mut shard, slot)\n",
+        "            Self::remove_if_idle(&mut shard, slot)\n",
+        "loom_keyed_locks",
+        "a_waiter_queues_while_the_holder_releases",
+    ),
+    (
+        "keyed: a cancelled waiter leaves the queue without passing its wake-up on",
+        "src/keyed/core.rs",
+        "            // behind us, or woken to take a free lock: pass it on.\n"
+        "            dispatch(state, &mut wakes);\n",
+        "",
+        "loom_keyed_locks",
+        "a_woken_async_waiter_cancels_and_the_next_one_is_woken",
+    ),
+    (
+        "keyed: a dropped future does not release a key handed to it",
+        "src/keyed/core.rs",
+        "            Check::Granted => unsafe { self.core.release(self.slot, self.mode) },",
+        "            Check::Granted => {}",
+        "loom_keyed_locks",
+        "an_async_waiter_dropped_after_a_handoff_releases_the_key",
+    ),
+    (
+        "keyed: a timed-out waiter ignores that the key was handed to it",
+        "src/keyed/core.rs",
+        "            // Handed to us by `dispatch`.\n",
+        "            if give_up && !cancelled {\n"
+        "                return Check::GaveUp;\n"
+        "            }\n",
+        "loom_keyed_locks",
+        "try_lock_for_against_barging_with_a_handoff_at_the_deadline",
+    ),
+    (
+        "keyed: a handoff grants the key but wakes nobody",
+        "src/keyed/core.rs",
+        "        wakes.push(waiter.unpark);\n",
+        "",
+        "loom_keyed_locks",
+        "handoff_after_repeated_barging",
+    ),
+    (
+        "keyed: lock_many takes the keys in the given order, not sorted",
+        "src/keyed/locks.rs",
+        "    keys.sort_unstable();\n",
+        "",
+        "loom_keyed_locks",
+        "lock_many_in_opposite_orders_does_not_deadlock",
+    ),
+    (
+        "keyed rw: a writer is granted while readers hold the key",
+        "src/keyed/kind.rs",
+        "            Access::Write => !self.writer && self.readers == 0,",
+        "            Access::Write => !self.writer,",
+        "loom_keyed_locks",
+        "readers_and_a_writer",
     ),
 ]
 

@@ -88,13 +88,16 @@ pub(crate) fn thread_token() -> u64 {
 
 /// A point in time after which a timed wait gives up.
 ///
-/// Under loom there is no clock: a timed wait yields once, so that other
-/// threads can run (and perhaps grant what is waited for), and then counts as
-/// timed out. That makes every loom execution explore the race between the
-/// timeout and the grant, which is the one that matters.
+/// Under loom there is no clock: each timed wait yields, so that other
+/// threads can run (and perhaps grant what is waited for), and the third
+/// counts as timed out. That makes loom explore the race between the
+/// timeout and the grant, also after a waiter has lost the key to newcomers
+/// twice (when keyed locks hand it over directly).
 pub(crate) struct Deadline {
     #[cfg(not(toctou_loom))]
     at: Option<std::time::Instant>,
+    #[cfg(toctou_loom)]
+    parks: std::cell::Cell<u32>,
 }
 
 impl Deadline {
@@ -109,7 +112,9 @@ impl Deadline {
         #[cfg(toctou_loom)]
         {
             let _ = timeout;
-            Self {}
+            Self {
+                parks: std::cell::Cell::new(0),
+            }
         }
     }
 
@@ -137,7 +142,8 @@ impl Deadline {
         #[cfg(toctou_loom)]
         {
             loom::thread::yield_now();
-            true
+            self.parks.set(self.parks.get() + 1);
+            self.parks.get() >= 3
         }
     }
 }
@@ -156,12 +162,17 @@ pub(crate) struct SpinWait {
 impl SpinWait {
     #[cfg(not(toctou_loom))]
     const ROUNDS: u32 = 6;
-    #[cfg(toctou_loom)]
-    const ROUNDS: u32 = 0;
 
     /// Whether the spin budget is spent (the caller should queue and park).
     pub(crate) fn exhausted(&self) -> bool {
-        self.round >= Self::ROUNDS
+        #[cfg(not(toctou_loom))]
+        {
+            self.round >= Self::ROUNDS
+        }
+        #[cfg(toctou_loom)]
+        {
+            true
+        }
     }
 
     /// Backs off for a moment, if the budget allows.
