@@ -50,8 +50,8 @@ NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
 
 # KeyedLocks' removal race: an entry removed while a waiter is still queued on it.
 # The slot is leaked instead of freed, so the mutant shows the race, not undefined behaviour.
-KEYED_DETACH_OLD = '            (state.lock.is_free() && state.queue.is_empty(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        // Found by identity, not by key: no user `Eq` runs, and a slot can\n        // never be confused with another for an equal key.\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        // SAFETY: the slot was allocated by `Box::new` in `begin`, and the\n        // table entry just removed was its last reference: it is idle, so no\n        // guard or waiter points to it, and we hold the shard lock, so no\n        // lookup can be reading it.\n        Some(unsafe { Box::from_raw(slot.0.as_ptr()) })'
-KEYED_DETACH_NEW = '            (state.lock.is_free(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        None'
+KEYED_DETACH_OLD = "            (state.lock.is_free() && state.queue.is_empty(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        // Found by identity, not by key: no user `Eq` runs, and a slot can\n        // never be confused with another for an equal key.\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        let raw = slot.0.as_ptr();\n        // SAFETY: the table entry just removed was the slot's last\n        // reference: it is idle, so no guard or waiter points to it, and we\n        // hold the shard lock, so no lookup is reading it. Its fields are\n        // moved out exactly once, and the memory (allocated by `Box` in\n        // `begin`, with the layout of `Slot`, which `MaybeUninit<Slot>`\n        // shares) is from now on treated as uninitialised.\n        let freed = unsafe {\n            Freed {\n                _key: std::ptr::read(&raw const (*raw).key),\n                _state: std::ptr::read(&raw const (*raw).state),\n                memory: Some(Spare(Box::from_raw(raw.cast::<MaybeUninit<Slot<K, L>>>()))),\n            }\n        };\n        let mut freed = freed;\n        if shard.spare.is_none() {\n            shard.spare = freed.memory.take();\n        }\n        Some(freed)\n"
+KEYED_DETACH_NEW = '            (state.lock.is_free(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        None\n'
 
 # (name, file, old text, new text, loom test target, test name filter)
 MUTANTS = [
@@ -247,12 +247,10 @@ MUTANTS = [
         "two_threads_exclude_each_other_on_one_key",
     ),
     (
-        "keyed seed bug: unlock between 'no entry' and 'insert a held entry' (check, then act)",
+        "keyed seed bug: a second entry (a second lock) for a key that already has one",
         "src/keyed/core.rs",
-        "        let Some(slot) = found else {\n",
-        "        let Some(slot) = found else {\n"
-        "            drop(shard);\n"
-        "            let mut shard = self.table.write(hash);\n",
+        "                |s| unsafe { s.get() }.key.borrow() == q,",
+        "                |_| false,",
         "loom_keyed_locks",
         "last_release_races_a_lookup_of_the_same_key",
     ),
@@ -267,8 +265,8 @@ MUTANTS = [
     (
         "keyed: release forgets to dispatch the queue (lost wake-up)",
         "src/keyed/core.rs",
-        "            dispatch(state, &mut wakes);\n            Self::remove_if_idle(&mut shard, slot)\n",
-        "            Self::remove_if_idle(&mut shard, slot)\n",
+        "        dispatch(unsafe { slot.get().state() }, &mut wakes);\n",
+        "",
         "loom_keyed_locks",
         "a_waiter_queues_while_the_holder_releases",
     ),

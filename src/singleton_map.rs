@@ -41,6 +41,7 @@ use std::sync::Arc;
 
 use crate::once::{Once, SharedInit};
 use crate::reentry;
+use crate::sync::RwLock;
 use crate::table::{Entries, Table};
 
 /// One shard's contents (see the module docs).
@@ -147,7 +148,7 @@ impl<K, V> Default for Shard<K, V> {
 /// assert!(servers.is_empty());
 /// ```
 pub struct SingletonMap<K, V, S = RandomState> {
-    table: Table<Shard<K, V>, S>,
+    table: Table<RwLock<Shard<K, V>>, S>,
     created_at: &'static Location<'static>,
 }
 

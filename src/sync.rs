@@ -1,7 +1,9 @@
-//! The sync layer: the only module that names `std` or `loom` primitives.
+//! The sync layer: the only module that names `std`, `parking_lot` or `loom`
+//! primitives.
 //!
 //! Every atomic, lock, park/unpark and thread-local that a primitive uses comes
-//! from here. In normal builds it maps to `std`. Under
+//! from here. In normal builds it maps to `std`, and the keyed locks' shard
+//! lock ([`ParkingRwLock`]) to `parking_lot`. Under
 //! `RUSTFLAGS="--cfg toctou_loom"` it maps to [`loom`](https://docs.rs/loom), so
 //! that the loom models in `loom-tests/` (and a downstream user's own models)
 //! explore every interleaving of our real protocol, not a copy of it.
@@ -18,6 +20,8 @@
 //! - Constructors are `const` only in std builds (loom's are not); use
 //!   [`loom_const_fn!`](crate::sync::loom_const_fn) to declare a function that
 //!   is `const` exactly when the back-end allows it.
+
+use std::ops::{Deref, DerefMut};
 
 #[cfg(not(toctou_loom))]
 mod imp {
@@ -70,6 +74,7 @@ pub(crate) fn unique_id() -> u64 {
 /// Used to recognise "this thread already holds this key": unlike a
 /// `ThreadId` comparison it needs no `Arc` clone, and unlike a thread-local
 /// address it is never reused by a later thread.
+#[inline]
 pub(crate) fn thread_token() -> u64 {
     thread_local! {
         // Not `const { .. }`: loom's `thread_local!` does not accept that form.
@@ -92,7 +97,7 @@ pub(crate) fn thread_token() -> u64 {
 /// threads can run (and perhaps grant what is waited for), and the third
 /// counts as timed out. That makes loom explore the race between the
 /// timeout and the grant, also after a waiter has lost the key to newcomers
-/// twice (when keyed locks hand it over directly).
+/// twice (when keyed locks hand it over directly, see [`WaitStart`]).
 pub(crate) struct Deadline {
     #[cfg(not(toctou_loom))]
     at: Option<std::time::Instant>,
@@ -148,9 +153,49 @@ impl Deadline {
     }
 }
 
+/// When a waiter started waiting, for eventual fairness: it is owed a
+/// direct handoff once it has lost a race for a woken-up lock and has been
+/// waiting for [`WaitStart::FAIR_AFTER`] (as parking_lot's fair unlocks,
+/// which come every 0.5 ms).
+///
+/// Under loom there is no clock: a waiter is owed the handoff after losing
+/// twice, so that the models reach the handoff path in a few steps.
+#[derive(Clone, Copy)]
+pub(crate) struct WaitStart {
+    #[cfg(not(toctou_loom))]
+    at: std::time::Instant,
+}
+
+impl WaitStart {
+    /// How long a waiter that lost a race waits before it is owed the key.
+    #[cfg(not(toctou_loom))]
+    pub(crate) const FAIR_AFTER: std::time::Duration = std::time::Duration::from_micros(500);
+
+    pub(crate) fn now() -> Self {
+        Self {
+            #[cfg(not(toctou_loom))]
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether a waiter that started now-ish and has lost `lost` races is
+    /// owed a direct handoff.
+    pub(crate) fn owed_handoff(&self, lost: u8) -> bool {
+        #[cfg(not(toctou_loom))]
+        {
+            lost >= 1 && self.at.elapsed() >= Self::FAIR_AFTER
+        }
+        #[cfg(toctou_loom)]
+        {
+            lost >= 2
+        }
+    }
+}
+
 /// Bounded spinning before a thread queues and parks, like parking_lot's
-/// `SpinWait`: each [`spin`](Self::spin) backs off twice as long as the
-/// last (1, 2, 4, .. 32 pause instructions), and then the budget is spent.
+/// `SpinWait`: the first [`spin`](Self::spin)s back off for 4, 8 and 16
+/// pause instructions, the next seven yield the thread, and then the budget
+/// is spent.
 ///
 /// Under loom the budget starts spent: a spin loop only multiplies the
 /// interleavings without adding behaviour.
@@ -161,7 +206,7 @@ pub(crate) struct SpinWait {
 
 impl SpinWait {
     #[cfg(not(toctou_loom))]
-    const ROUNDS: u32 = 6;
+    const ROUNDS: u32 = 10;
 
     /// Whether the spin budget is spent (the caller should queue and park).
     pub(crate) fn exhausted(&self) -> bool {
@@ -180,8 +225,12 @@ impl SpinWait {
         if self.exhausted() {
             return;
         }
-        for _ in 0..(1u32 << self.round) {
-            std::hint::spin_loop();
+        if self.round < 3 {
+            for _ in 0..(4u32 << self.round) {
+                std::hint::spin_loop();
+            }
+        } else {
+            std::thread::yield_now();
         }
         self.round += 1;
     }
@@ -250,6 +299,117 @@ impl<T> RwLock<T> {
             Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
+    }
+}
+
+/// The lock a sharded table puts around each shard: [`RwLock`] (std's, for
+/// read-mostly maps) or [`ParkingRwLock`] (parking_lot's, for maps that
+/// write on every operation under contention).
+pub(crate) trait ShardLock {
+    type Data;
+    type Read<'a>: Deref<Target = Self::Data>
+    where
+        Self: 'a;
+    type Write<'a>: DerefMut<Target = Self::Data>
+    where
+        Self: 'a;
+    fn new(data: Self::Data) -> Self;
+    fn read(&self) -> Self::Read<'_>;
+    fn write(&self) -> Self::Write<'_>;
+    fn try_read(&self) -> Option<Self::Read<'_>>;
+    fn try_write(&self) -> Option<Self::Write<'_>>;
+}
+
+impl<T> ShardLock for RwLock<T> {
+    type Data = T;
+    type Read<'a>
+        = RwLockReadGuard<'a, T>
+    where
+        T: 'a;
+    type Write<'a>
+        = RwLockWriteGuard<'a, T>
+    where
+        T: 'a;
+    fn new(data: T) -> Self {
+        RwLock::new(data)
+    }
+    #[inline]
+    fn read(&self) -> Self::Read<'_> {
+        RwLock::read(self)
+    }
+    #[inline]
+    fn write(&self) -> Self::Write<'_> {
+        RwLock::write(self)
+    }
+    #[inline]
+    fn try_read(&self) -> Option<Self::Read<'_>> {
+        RwLock::try_read(self)
+    }
+    #[inline]
+    fn try_write(&self) -> Option<Self::Write<'_>> {
+        RwLock::try_write(self)
+    }
+}
+
+/// A reader-writer lock with adaptive spinning: parking_lot's in std builds,
+/// loom's under `toctou_loom`.
+///
+/// Used by the keyed locks, whose every acquisition and release writes its
+/// shard: under contention, parking_lot's lock (spin, then park, with
+/// eventual fairness) keeps the holder running where std's futex lock makes
+/// threads sleep on the shard (measured: 2 threads on one hot key ran 2-3x
+/// faster). std's lock stays under the read-mostly `SingletonMap`, whose hit
+/// path it serves faster.
+#[derive(Default)]
+pub(crate) struct ParkingRwLock<T>(
+    #[cfg(not(toctou_loom))] parking_lot::RwLock<T>,
+    #[cfg(toctou_loom)] RwLock<T>,
+);
+
+#[cfg(not(toctou_loom))]
+type ParkingRead<'a, T> = parking_lot::RwLockReadGuard<'a, T>;
+#[cfg(not(toctou_loom))]
+type ParkingWrite<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
+#[cfg(toctou_loom)]
+type ParkingRead<'a, T> = RwLockReadGuard<'a, T>;
+#[cfg(toctou_loom)]
+type ParkingWrite<'a, T> = RwLockWriteGuard<'a, T>;
+
+impl<T> ShardLock for ParkingRwLock<T> {
+    type Data = T;
+    type Read<'a>
+        = ParkingRead<'a, T>
+    where
+        T: 'a;
+    type Write<'a>
+        = ParkingWrite<'a, T>
+    where
+        T: 'a;
+    fn new(data: T) -> Self {
+        #[cfg(not(toctou_loom))]
+        {
+            Self(parking_lot::RwLock::new(data))
+        }
+        #[cfg(toctou_loom)]
+        {
+            Self(RwLock::new(data))
+        }
+    }
+    #[inline]
+    fn read(&self) -> Self::Read<'_> {
+        self.0.read()
+    }
+    #[inline]
+    fn write(&self) -> Self::Write<'_> {
+        self.0.write()
+    }
+    #[inline]
+    fn try_read(&self) -> Option<Self::Read<'_>> {
+        self.0.try_read()
+    }
+    #[inline]
+    fn try_write(&self) -> Option<Self::Write<'_>> {
+        self.0.try_write()
     }
 }
 

@@ -26,7 +26,7 @@ use std::hash::{BuildHasher, Hash};
 use hashbrown::HashTable;
 
 use crate::reentry;
-use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::ShardLock;
 
 /// One key's entry: the owned key and the front-end's state for it.
 ///
@@ -120,22 +120,23 @@ impl<K, T> Entries<K, T> {
 #[repr(align(128))]
 struct Padded<T>(T);
 
-/// A sharded hash table whose shards hold a `C` each.
-pub(crate) struct Table<C, S> {
+/// A sharded hash table whose shards are each an `L` (a lock around the
+/// front-end's shard contents, `L::Data`).
+pub(crate) struct Table<L, S> {
     hasher: S,
-    shards: Box<[Padded<RwLock<C>>]>,
+    shards: Box<[Padded<L>]>,
     /// `shards.len() - 1`; the length is a power of two.
     mask: usize,
     /// The public type's name, for the reentrancy panic.
     owner: &'static str,
 }
 
-impl<C: Default, S> Table<C, S> {
+impl<L: ShardLock<Data: Default>, S> Table<L, S> {
     /// An empty table with `shard_count()` shards.
     pub(crate) fn with_hasher(hasher: S, owner: &'static str) -> Self {
         let count = shard_count();
         let shards = (0..count)
-            .map(|_| Padded(RwLock::new(C::default())))
+            .map(|_| Padded(L::new(L::Data::default())))
             .collect();
         Self {
             hasher,
@@ -146,7 +147,7 @@ impl<C: Default, S> Table<C, S> {
     }
 }
 
-impl<C, S> Table<C, S> {
+impl<L: ShardLock, S> Table<L, S> {
     pub(crate) fn hasher(&self) -> &S {
         &self.hasher
     }
@@ -154,18 +155,18 @@ impl<C, S> Table<C, S> {
     /// The shard for `hash`. hashbrown uses the low bits for the bucket and
     /// the top 7 for its tag byte, so the shard index comes from the middle.
     #[inline]
-    fn shard(&self, hash: u64) -> &RwLock<C> {
+    fn shard(&self, hash: u64) -> &L {
         &self.shards[self.index(hash)].0
     }
 
     /// Locks the shard of `hash` for reading.
     #[inline]
-    pub(crate) fn read(&self, hash: u64) -> RwLockReadGuard<'_, C> {
+    pub(crate) fn read(&self, hash: u64) -> L::Read<'_> {
         self.read_shard(self.shard(hash))
     }
 
     #[inline]
-    fn read_shard<'a>(&self, shard: &'a RwLock<C>) -> RwLockReadGuard<'a, C> {
+    fn read_shard<'a>(&self, shard: &'a L) -> L::Read<'a> {
         match shard.try_read() {
             Some(guard) => guard,
             None => self.read_slow(shard),
@@ -173,13 +174,14 @@ impl<C, S> Table<C, S> {
     }
 
     #[cold]
-    fn read_slow<'a>(&self, shard: &'a RwLock<C>) -> RwLockReadGuard<'a, C> {
+    fn read_slow<'a>(&self, shard: &'a L) -> L::Read<'a> {
         self.assert_not_reentrant(shard);
         shard.read()
     }
 
     /// Locks the shard of `hash` for writing.
-    pub(crate) fn write(&self, hash: u64) -> RwLockWriteGuard<'_, C> {
+    #[inline]
+    pub(crate) fn write(&self, hash: u64) -> L::Write<'_> {
         self.write_shard(self.shard(hash))
     }
 
@@ -189,7 +191,7 @@ impl<C, S> Table<C, S> {
     }
 
     /// Locks shard number `index` for writing.
-    pub(crate) fn write_at(&self, index: usize) -> RwLockWriteGuard<'_, C> {
+    pub(crate) fn write_at(&self, index: usize) -> L::Write<'_> {
         self.write_shard(&self.shards[index].0)
     }
 
@@ -200,7 +202,7 @@ impl<C, S> Table<C, S> {
     }
 
     /// Locks shard number `index` for reading if that needs no waiting.
-    pub(crate) fn try_read_at(&self, index: usize) -> Option<RwLockReadGuard<'_, C>> {
+    pub(crate) fn try_read_at(&self, index: usize) -> Option<L::Read<'_>> {
         self.shards[index].0.try_read()
     }
 
@@ -211,24 +213,28 @@ impl<C, S> Table<C, S> {
     }
 
     /// Runs `f` on every shard under its read lock, one at a time.
-    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&C)) {
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&L::Data)) {
         for shard in self.shards.iter() {
             f(&self.read_shard(&shard.0));
         }
     }
 
-    fn write_shard<'a>(&self, shard: &'a RwLock<C>) -> RwLockWriteGuard<'a, C> {
+    #[inline]
+    fn write_shard<'a>(&self, shard: &'a L) -> L::Write<'a> {
         match shard.try_write() {
             Some(guard) => guard,
-            None => {
-                self.assert_not_reentrant(shard);
-                shard.write()
-            }
+            None => self.write_slow(shard),
         }
     }
 
     #[cold]
-    fn assert_not_reentrant(&self, shard: &RwLock<C>) {
+    fn write_slow<'a>(&self, shard: &'a L) -> L::Write<'a> {
+        self.assert_not_reentrant(shard);
+        shard.write()
+    }
+
+    #[cold]
+    fn assert_not_reentrant(&self, shard: &L) {
         if reentry::is_initialising(shard_addr(shard)) {
             panic!(
                 "reentrant call into a {} from a callback that runs while the map \
@@ -240,7 +246,7 @@ impl<C, S> Table<C, S> {
     }
 }
 
-impl<C, S: BuildHasher> Table<C, S> {
+impl<L, S: BuildHasher> Table<L, S> {
     /// The hash of `key`. `K: Borrow<Q>` promises it equals the owned key's.
     #[inline]
     pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
@@ -248,8 +254,8 @@ impl<C, S: BuildHasher> Table<C, S> {
     }
 }
 
-fn shard_addr<T>(shard: &RwLock<T>) -> usize {
-    shard as *const RwLock<T> as usize
+fn shard_addr<L>(shard: &L) -> usize {
+    shard as *const L as usize
 }
 
 /// Four shards per core, rounded up to a power of two (as dashmap does), so

@@ -41,30 +41,33 @@
 //!   woken to take it. A thread that arrives in the meantime may take it
 //!   first ("barging"), as with parking_lot and std's mutexes. This keeps a
 //!   hot key busy instead of idle while a parked thread wakes up.
-//! - **Handoff**: a front waiter that has lost [`FAIR_AFTER_LOSSES`] races
-//!   that way is granted the lock directly on the next release, before it
-//!   even runs (with the compatible waiters behind it, for readers).
+//! - **Handoff**: a front waiter that has lost a race that way and has
+//!   waited [`WaitStart::FAIR_AFTER`] (0.5 ms) is granted the lock directly
+//!   on the next release, before it even runs (with the compatible waiters
+//!   behind it, for readers). Under loom, which has no clock, it is owed the
+//!   handoff after losing twice.
 //!
-//! So handoff is eventually fair with a fixed bound: a waiter at the front of
-//! the queue is overtaken at most twice. A newcomer never overtakes a queued
-//! waiter that has not been woken; in particular a new reader queues behind
-//! a waiting writer, so writers do not starve.
+//! So handoff is eventually fair, like parking_lot's: a waiter at the front
+//! of the queue waits for newcomers at most about 0.5 ms. A newcomer never
+//! overtakes a queued waiter that has not been woken; in particular a new
+//! reader queues behind a waiting writer, so writers do not starve.
 
 use std::borrow::Borrow;
 use std::future::poll_fn;
 use std::hash::{BuildHasher, Hash};
+use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::task::{Poll, Waker};
 
 use hashbrown::HashTable;
 
 use super::kind::LockKind;
-use crate::sync::{self, AtomicUsize, Deadline, Ordering, SpinWait, UnsafeCell};
+use crate::sync::{
+    self, AtomicUsize, Deadline, Ordering, ParkingRwLock, ShardLock, SpinWait, UnsafeCell,
+    WaitStart,
+};
 use crate::table::Table;
-use crate::wait::{Unpark, WaitList};
-
-/// Losses after which the front waiter gets the lock handed to it.
-pub(crate) const FAIR_AFTER_LOSSES: u8 = 2;
+use crate::wait::{Unpark, WaitList, Waiter};
 
 /// What a waiter wants, and how its wait has gone so far.
 struct Waiting<M> {
@@ -75,6 +78,8 @@ struct Waiting<M> {
     woken: bool,
     /// How often it was woken and found the lock taken again.
     lost: u8,
+    /// When it queued: with `lost`, decides when it is owed a handoff.
+    since: WaitStart,
 }
 
 /// A key's lock state and waiters. Only touched under the shard's write lock.
@@ -83,7 +88,54 @@ struct SlotState<L: LockKind> {
     /// The [`sync::thread_token`] of the thread that holds the key in an
     /// exclusive mode through a blocking call, or 0.
     owner: u64,
-    queue: WaitList<Waiting<L::Mode>>,
+    queue: Queue<L::Mode>,
+}
+
+/// A key's waiters: a [`WaitList`], allocated when the first waiter queues,
+/// so that an uncontended key's slot stays small and frees without a drop
+/// call for the list.
+struct Queue<M>(Option<Box<WaitList<Waiting<M>>>>);
+
+impl<M> Queue<M> {
+    const fn new() -> Self {
+        Self(None)
+    }
+
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    fn push(&mut self, unpark: Unpark, data: Waiting<M>) -> u64 {
+        self.0
+            .get_or_insert_with(|| Box::new(WaitList::new()))
+            .push(unpark, data)
+    }
+
+    #[inline]
+    fn front(&self) -> Option<&Waiter<Waiting<M>>> {
+        self.0.as_ref()?.front()
+    }
+
+    fn front_mut(&mut self) -> Option<&mut Waiter<Waiting<M>>> {
+        self.0.as_mut()?.front_mut()
+    }
+
+    fn pop_front(&mut self) -> Option<Waiter<Waiting<M>>> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    fn position(&self, id: u64) -> Option<usize> {
+        self.0.as_ref()?.position(id)
+    }
+
+    fn get_mut(&mut self, at: usize) -> Option<&mut Waiter<Waiting<M>>> {
+        self.0.as_mut()?.get_mut(at)
+    }
+
+    fn remove(&mut self, at: usize) -> Option<Waiter<Waiting<M>>> {
+        self.0.as_mut()?.remove(at)
+    }
 }
 
 /// One live key: allocated when the key is first acquired, freed when it is
@@ -194,15 +246,36 @@ pub(crate) struct Counters {
 pub(crate) struct Shard<K, L: LockKind> {
     slots: HashTable<SlotRef<K, L>>,
     counters: Counters,
+    /// The memory of the last removed slot, reused by the next new one: a
+    /// key that is locked and released over and over costs no allocation.
+    spare: Option<Spare<K, L>>,
 }
+
+/// Memory for one slot, uninitialised.
+struct Spare<K, L: LockKind>(Box<MaybeUninit<Slot<K, L>>>);
+
+// SAFETY: uninitialised memory holds no value that could be shared or sent;
+// owning it is owning an allocation, which any thread may free.
+unsafe impl<K, L: LockKind> Send for Spare<K, L> {}
+// SAFETY: as for `Send`; and it is only accessed under the shard lock.
+unsafe impl<K, L: LockKind> Sync for Spare<K, L> {}
 
 impl<K, L: LockKind> Default for Shard<K, L> {
     fn default() -> Self {
         Self {
             slots: HashTable::new(),
             counters: Counters::default(),
+            spare: None,
         }
     }
+}
+
+/// What is left of a removed slot: dropped after the shard is unlocked.
+struct Freed<K, L: LockKind> {
+    _key: K,
+    _state: UnsafeCell<SlotState<L>>,
+    /// The slot's memory, unless the shard kept it as its spare.
+    memory: Option<Spare<K, L>>,
 }
 
 /// Wake-ups collected under the shard lock and delivered after unlocking.
@@ -238,7 +311,7 @@ fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
         // Already on its way, or a holder will dispatch again on release.
         return;
     }
-    if front.data.lost < FAIR_AFTER_LOSSES {
+    if !front.data.since.owed_handoff(front.data.lost) {
         front.data.woken = true;
         wakes.push(front.unpark.clone());
         return;
@@ -317,7 +390,7 @@ enum Check {
 /// A keyed lock map: the table of slots, and the lifecycle operations that
 /// every front-end (`KeyedLocks`, `KeyedRwLocks`) shares.
 pub(crate) struct Core<K, L: LockKind, S> {
-    table: Table<Shard<K, L>, S>,
+    table: Table<ParkingRwLock<Shard<K, L>>, S>,
     /// The largest total of live keys seen when some shard reached a new
     /// high; written only then, so it stays out of every hot path.
     peak: AtomicUsize,
@@ -378,10 +451,12 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         self.peak.fetch_max(live, Ordering::Relaxed);
     }
 
-    /// Frees `slot` if it is neither held nor waited for: removes it from the
-    /// shard's table, and returns it to be dropped after unlocking (dropping
-    /// the key runs user code, which must not run under our lock).
-    fn remove_if_idle(shard: &mut Shard<K, L>, slot: SlotRef<K, L>) -> Option<Box<Slot<K, L>>> {
+    /// Removes `slot` if it is neither held nor waited for. Its key and state
+    /// are moved out, to be dropped after unlocking (dropping a key runs
+    /// user code, which must not run under our lock); its memory is kept as
+    /// the shard's spare if it has none, so that the next new key of this
+    /// shard needs no allocation.
+    fn remove_if_idle(shard: &mut Shard<K, L>, slot: SlotRef<K, L>) -> Option<Freed<K, L>> {
         // SAFETY: the caller holds the shard's write lock, and `slot` is live
         // (it is still in the table: only this function removes it).
         let (idle, hash) = unsafe {
@@ -396,11 +471,25 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         // never be confused with another for an equal key.
         let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;
         entry.remove();
-        // SAFETY: the slot was allocated by `Box::new` in `begin`, and the
-        // table entry just removed was its last reference: it is idle, so no
-        // guard or waiter points to it, and we hold the shard lock, so no
-        // lookup can be reading it.
-        Some(unsafe { Box::from_raw(slot.0.as_ptr()) })
+        let raw = slot.0.as_ptr();
+        // SAFETY: the table entry just removed was the slot's last
+        // reference: it is idle, so no guard or waiter points to it, and we
+        // hold the shard lock, so no lookup is reading it. Its fields are
+        // moved out exactly once, and the memory (allocated by `Box` in
+        // `begin`, with the layout of `Slot`, which `MaybeUninit<Slot>`
+        // shares) is from now on treated as uninitialised.
+        let freed = unsafe {
+            Freed {
+                _key: std::ptr::read(&raw const (*raw).key),
+                _state: std::ptr::read(&raw const (*raw).state),
+                memory: Some(Spare(Box::from_raw(raw.cast::<MaybeUninit<Slot<K, L>>>()))),
+            }
+        };
+        let mut freed = freed;
+        if shard.spare.is_none() {
+            shard.spare = freed.memory.take();
+        }
+        Some(freed)
     }
 
     /// Releases a hold in `mode` and hands the key on.
@@ -409,20 +498,36 @@ impl<K, L: LockKind, S> Core<K, L, S> {
     ///
     /// The caller holds `slot`'s key in `mode` and gives up that hold.
     pub(crate) unsafe fn release(&self, slot: SlotRef<K, L>, mode: L::Mode) {
-        let mut wakes = Wakes::default();
         // SAFETY: we hold the key, so the slot is live.
         let hash = unsafe { slot.get().hash };
-        let freed = {
-            let mut shard = self.table.write(hash);
-            // SAFETY: we hold the shard lock, and the key keeps the slot live.
-            let state = unsafe { slot.get().state() };
-            state.lock.release(mode);
-            if L::is_exclusive(mode) {
-                state.owner = 0;
-            }
-            dispatch(state, &mut wakes);
-            Self::remove_if_idle(&mut shard, slot)
-        };
+        let mut shard = self.table.write(hash);
+        // SAFETY: we hold the shard lock, and the key keeps the slot live.
+        let state = unsafe { slot.get().state() };
+        state.lock.release(mode);
+        if L::is_exclusive(mode) {
+            state.owner = 0;
+        }
+        if !state.queue.is_empty() {
+            return Self::release_contended(shard, slot);
+        }
+        let freed = Self::remove_if_idle(&mut shard, slot);
+        drop(shard);
+        drop(freed);
+    }
+
+    /// The rest of a release when waiters are queued, still under the shard
+    /// lock: dispatch them, and wake them after unlocking.
+    #[cold]
+    fn release_contended(
+        mut shard: <ParkingRwLock<Shard<K, L>> as ShardLock>::Write<'_>,
+        slot: SlotRef<K, L>,
+    ) {
+        let mut wakes = Wakes::default();
+        // SAFETY: we hold the shard lock, and the slot is live: its queue is
+        // not empty.
+        dispatch(unsafe { slot.get().state() }, &mut wakes);
+        let freed = Self::remove_if_idle(&mut shard, slot);
+        drop(shard);
         wakes.wake();
         drop(freed);
     }
@@ -469,40 +574,50 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let mut shard = self.table.write(hash);
-        let found = {
+        let Shard {
+            slots,
+            counters,
+            spare,
+        } = &mut *shard;
+        let entry = {
             let q = key.get();
-            // SAFETY: slots in the table are live while we hold its lock.
-            shard
-                .slots
-                .find(hash, |s| unsafe { s.get() }.key.borrow() == q)
-                .copied()
-        };
-        let Some(slot) = found else {
-            let mut lock = L::default();
-            lock.acquire(mode);
-            let state = SlotState {
-                lock,
-                owner: if L::is_exclusive(mode) { owner } else { 0 },
-                queue: WaitList::new(),
-            };
-            let boxed = Box::new(Slot {
-                key: key.take(),
+            // SAFETY (both closures): slots in the table are live while we
+            // hold its lock; a resize happens inside this critical section.
+            slots.entry(
                 hash,
-                state: UnsafeCell::new(state),
-            });
-            let slot = SlotRef(NonNull::from(Box::leak(boxed)));
-            // SAFETY (rehash closure): slots in the table are live while we
-            // hold its lock; growing happens inside this call.
-            shard
-                .slots
-                .insert_unique(hash, slot, |s| unsafe { s.get() }.hash);
-            shard.counters.acquisitions += 1;
-            let len = shard.slots.len();
-            if len > shard.counters.peak {
-                shard.counters.peak = len;
-                self.sample_peak(self.table.index(hash), len);
+                |s| unsafe { s.get() }.key.borrow() == q,
+                |s| unsafe { s.get() }.hash,
+            )
+        };
+        let slot = match entry {
+            hashbrown::hash_table::Entry::Occupied(occupied) => *occupied.get(),
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                let mut lock = L::default();
+                lock.acquire(mode);
+                let state = SlotState {
+                    lock,
+                    owner: if L::is_exclusive(mode) { owner } else { 0 },
+                    queue: Queue::new(),
+                };
+                let value = Slot {
+                    key: key.take(),
+                    hash,
+                    state: UnsafeCell::new(state),
+                };
+                let mut memory = spare.take().map_or_else(Box::new_uninit, |s| s.0);
+                memory.write(value);
+                // The pointer keeps the `Box`'s ownership; `remove_if_idle`
+                // turns it back into one.
+                let slot = SlotRef(NonNull::from(Box::leak(memory)).cast::<Slot<K, L>>());
+                vacant.insert(slot);
+                counters.acquisitions += 1;
+                let len = slots.len();
+                if len > counters.peak {
+                    counters.peak = len;
+                    self.sample_peak(self.table.index(hash), len);
+                }
+                return Begin::Held(slot);
             }
-            return Begin::Held(slot);
         };
         // SAFETY: we hold the shard lock, and the slot is in the table.
         let state = unsafe { slot.get().state() };
@@ -538,6 +653,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 owner,
                 woken: false,
                 lost: 0,
+                since: WaitStart::now(),
             },
         );
         shard.counters.contended += 1;
@@ -761,8 +877,9 @@ impl<K, L: LockKind, S> Drop for Core<K, L, S> {
         for index in 0..self.table.shards() {
             let mut shard = self.table.write_at(index);
             for slot in shard.slots.drain() {
-                // SAFETY: allocated by `Box::new` in `begin`; the table held
-                // its only reference, and `&mut self` excludes every access.
+                // SAFETY: allocated by `Box` in `begin` and initialised
+                // there; the table held its only reference, and `&mut self`
+                // excludes every access.
                 drop(unsafe { Box::from_raw(slot.0.as_ptr()) });
             }
         }

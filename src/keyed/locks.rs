@@ -60,8 +60,10 @@ use crate::sync::Deadline;
 ///   thread still counts as held by the thread that took it.
 /// - **Fairness.** Waiters queue in arrival order. A release wakes the
 ///   front waiter and leaves the key free, so a running thread may take it
-///   first (barging, as with `parking_lot::Mutex`), but at most twice: a
-///   front waiter that has lost twice gets the key handed to it directly.
+///   first (barging, as with `parking_lot::Mutex`): a hot key stays busy
+///   instead of idle while a parked thread wakes up. Fairness is eventual,
+///   as parking_lot's: a front waiter that has lost such a race and has
+///   waited 0.5 ms gets the key handed to it directly on the next release.
 /// - **Deadlock freedom for several keys.** [`lock_many`](Self::lock_many)
 ///   sorts and deduplicates its keys and takes them in order.
 ///
