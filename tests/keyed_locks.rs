@@ -717,6 +717,13 @@ mod model {
     proptest! {
         #![proptest_config(ProptestConfig {
             cases: if cfg!(miri) { 4 } else { 256 },
+            // Saving failing cases needs the working directory, which miri's
+            // isolation hides.
+            failure_persistence: if cfg!(miri) {
+                None
+            } else {
+                ProptestConfig::default().failure_persistence
+            },
             ..ProptestConfig::default()
         })]
 
