@@ -16,6 +16,7 @@
 //! | `if INSTANCE is None: INSTANCE = Build()` (a global singleton) | [`Singleton<T>`] |
 //! | a global built from a function on first use | [`Lazy<T, F>`] |
 //! | "is the server for this model running? no? start it" | [`SingletonMap<K, V>`] |
+//! | `if key not in locks: locks[key] = Lock()` (a lock per key) | [`KeyedLocks<K>`], [`KeyedRwLocks<K>`] |
 //! | `if registry is None or settings is not None: registry = Registry(settings)` | [`RegistryCell<T, S>`] |
 //!
 //! # Quick start
@@ -37,6 +38,13 @@
 //! let servers: toctou::SingletonMap<String, u16> = toctou::SingletonMap::new();
 //! let port = servers.get_or_init("phi-4", |_| 8080);
 //! assert_eq!(*servers.get_or_init("phi-4", |_| unreachable!("started once")), *port);
+//!
+//! // One lock per workflow id, created on demand, gone when unused.
+//! let workflows: toctou::KeyedLocks<String> = toctou::KeyedLocks::new();
+//! let held = workflows.lock("wf-1");
+//! assert!(workflows.try_lock("wf-1").is_none());
+//! drop(held);
+//! assert!(workflows.is_empty());
 //! ```
 //!
 //! # Guarantees
@@ -55,6 +63,10 @@
 //!   is one `Acquire` load and a branch, like `std::sync::OnceLock`. A
 //!   `SingletonMap` hit hashes once, takes a shard read lock and clones an
 //!   `Arc`, like `DashMap::get` plus an `Arc` clone.
+//! - **Keyed entries live exactly as long as they are needed.** A
+//!   [`KeyedLocks`] entry exists while somebody holds or waits for its key;
+//!   the lookup-and-lock and the unlock-and-remove are each one step, so two
+//!   parties never get two locks for one key.
 //! - **Removal is ordered against initialisation.** `SingletonMap::remove`
 //!   waits for an initialisation of its key in flight, so a shutdown cannot
 //!   miss a value that is being created.

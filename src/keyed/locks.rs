@@ -73,10 +73,10 @@ use crate::sync::Deadline;
 ///   every key ever used), and removing them by hand has the removal race:
 ///   a thread that cloned the `Arc` just before the removal locks a mutex
 ///   that is no longer in the map, while a newcomer creates a second one.
-/// - `lockmap::LockMap`: also removes idle entries correctly; it is a
-///   key-value map with per-entry locking, blocking only. `KeyedLocks` adds
-///   async, owned and multi-key guards, timeouts, reentrancy detection,
-///   bounded fairness, statistics, and a reader-writer form
+/// - `lockmap::LockMap`: also removes idle entries correctly, and locks
+///   batches of keys in sorted order; it is a key-value map with per-entry
+///   locking, blocking only. `KeyedLocks` adds async and owned guards,
+///   timeouts, reentrancy detection, statistics, and a reader-writer form
 ///   ([`KeyedRwLocks`](crate::KeyedRwLocks)).
 pub struct KeyedLocks<K, S = RandomState> {
     core: Core<K, Exclusive, S>,
