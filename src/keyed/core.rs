@@ -55,12 +55,12 @@
 use std::borrow::Borrow;
 use std::future::poll_fn;
 use std::hash::{BuildHasher, Hash};
-use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::task::{Poll, Waker};
 
 use hashbrown::HashTable;
 
+use super::block::Block;
 use super::kind::LockKind;
 use crate::sync::{
     self, AtomicUsize, Deadline, Ordering, ParkingRwLock, ShardLock, SpinWait, UnsafeCell,
@@ -246,26 +246,13 @@ pub(crate) struct Counters {
 pub(crate) struct Shard<K, L: LockKind> {
     slots: HashTable<SlotRef<K, L>>,
     counters: Counters,
-    /// The memory of the last removed slot, reused by the next new one: a
-    /// key that is locked and released over and over costs no allocation.
-    spare: Option<Spare<K, L>>,
 }
-
-/// Memory for one slot, uninitialised.
-struct Spare<K, L: LockKind>(Box<MaybeUninit<Slot<K, L>>>);
-
-// SAFETY: uninitialised memory holds no value that could be shared or sent;
-// owning it is owning an allocation, which any thread may free.
-unsafe impl<K, L: LockKind> Send for Spare<K, L> {}
-// SAFETY: as for `Send`; and it is only accessed under the shard lock.
-unsafe impl<K, L: LockKind> Sync for Spare<K, L> {}
 
 impl<K, L: LockKind> Default for Shard<K, L> {
     fn default() -> Self {
         Self {
             slots: HashTable::new(),
             counters: Counters::default(),
-            spare: None,
         }
     }
 }
@@ -274,8 +261,8 @@ impl<K, L: LockKind> Default for Shard<K, L> {
 struct Freed<K, L: LockKind> {
     _key: K,
     _state: UnsafeCell<SlotState<L>>,
-    /// The slot's memory, unless the shard kept it as its spare.
-    memory: Option<Spare<K, L>>,
+    /// The slot's memory, returned to this thread's block cache on drop.
+    _memory: Block<Slot<K, L>>,
 }
 
 /// Wake-ups collected under the shard lock and delivered after unlocking.
@@ -451,11 +438,10 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         self.peak.fetch_max(live, Ordering::Relaxed);
     }
 
-    /// Removes `slot` if it is neither held nor waited for. Its key and state
-    /// are moved out, to be dropped after unlocking (dropping a key runs
-    /// user code, which must not run under our lock); its memory is kept as
-    /// the shard's spare if it has none, so that the next new key of this
-    /// shard needs no allocation.
+    /// Removes `slot` if it is neither held nor waited for. Its key, state
+    /// and memory are moved out, to be dropped after unlocking (dropping a
+    /// key runs user code, which must not run under our lock; the memory goes
+    /// back to this thread's [`Block`] cache).
     fn remove_if_idle(shard: &mut Shard<K, L>, slot: SlotRef<K, L>) -> Option<Freed<K, L>> {
         // SAFETY: the caller holds the shard's write lock, and `slot` is live
         // (it is still in the table: only this function removes it).
@@ -475,21 +461,15 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         // SAFETY: the table entry just removed was the slot's last
         // reference: it is idle, so no guard or waiter points to it, and we
         // hold the shard lock, so no lookup is reading it. Its fields are
-        // moved out exactly once, and the memory (allocated by `Box` in
-        // `begin`, with the layout of `Slot`, which `MaybeUninit<Slot>`
-        // shares) is from now on treated as uninitialised.
-        let freed = unsafe {
-            Freed {
+        // moved out exactly once, and its memory (from `Block::write` in
+        // `begin`) is handed back to a `Block`, which frees it once.
+        unsafe {
+            Some(Freed {
                 _key: std::ptr::read(&raw const (*raw).key),
                 _state: std::ptr::read(&raw const (*raw).state),
-                memory: Some(Spare(Box::from_raw(raw.cast::<MaybeUninit<Slot<K, L>>>()))),
-            }
-        };
-        let mut freed = freed;
-        if shard.spare.is_none() {
-            shard.spare = freed.memory.take();
+                _memory: Block::from_raw(slot.0),
+            })
         }
-        Some(freed)
     }
 
     /// Releases a hold in `mode` and hands the key on.
@@ -574,11 +554,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let mut shard = self.table.write(hash);
-        let Shard {
-            slots,
-            counters,
-            spare,
-        } = &mut *shard;
+        let Shard { slots, counters } = &mut *shard;
         let entry = {
             let q = key.get();
             // SAFETY (both closures): slots in the table are live while we
@@ -604,11 +580,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                     hash,
                     state: UnsafeCell::new(state),
                 };
-                let mut memory = spare.take().map_or_else(Box::new_uninit, |s| s.0);
-                memory.write(value);
-                // The pointer keeps the `Box`'s ownership; `remove_if_idle`
-                // turns it back into one.
-                let slot = SlotRef(NonNull::from(Box::leak(memory)).cast::<Slot<K, L>>());
+                // The pointer owns the block; `remove_if_idle` (or the
+                // map's drop) takes it back.
+                let slot = SlotRef(Block::new().write(value));
                 vacant.insert(slot);
                 counters.acquisitions += 1;
                 let len = slots.len();
@@ -877,10 +851,13 @@ impl<K, L: LockKind, S> Drop for Core<K, L, S> {
         for index in 0..self.table.shards() {
             let mut shard = self.table.write_at(index);
             for slot in shard.slots.drain() {
-                // SAFETY: allocated by `Box` in `begin` and initialised
-                // there; the table held its only reference, and `&mut self`
-                // excludes every access.
-                drop(unsafe { Box::from_raw(slot.0.as_ptr()) });
+                // SAFETY: written by `Block::write` in `begin`; the table
+                // held its only reference, and `&mut self` excludes every
+                // access. The value is dropped once, then its memory freed.
+                unsafe {
+                    std::ptr::drop_in_place(slot.0.as_ptr());
+                    drop(Block::from_raw(slot.0));
+                }
             }
         }
     }

@@ -7,6 +7,7 @@
 //! - [`kind`]: the kinds of lock it manages (mutex, reader-writer).
 //! - [`locks`] and [`rwlocks`]: the public types and their guards.
 
+mod block;
 mod core;
 mod kind;
 mod locks;
