@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use super::core::{Core, Owned, SlotRef};
 use super::kind::Exclusive;
-use super::stats::LockStats;
 use crate::sync::Deadline;
 
 /// A map of per-key mutexes whose entries exist exactly while somebody holds
@@ -82,93 +81,7 @@ pub struct KeyedLocks<K, S = RandomState> {
     core: Core<K, Exclusive, S>,
 }
 
-impl<K> KeyedLocks<K> {
-    /// An empty map with the default hasher.
-    ///
-    /// ```
-    /// let locks = toctou::KeyedLocks::<u64>::new();
-    /// assert!(locks.is_empty());
-    /// ```
-    #[must_use]
-    pub fn new() -> Self {
-        Self::with_hasher(RandomState::new())
-    }
-}
-
-impl<K, S: Default> Default for KeyedLocks<K, S> {
-    fn default() -> Self {
-        Self::with_hasher(S::default())
-    }
-}
-
-impl<K, S> KeyedLocks<K, S> {
-    /// An empty map that hashes keys with `hasher`.
-    ///
-    /// ```
-    /// use std::hash::BuildHasherDefault;
-    /// use std::collections::hash_map::DefaultHasher;
-    ///
-    /// let locks = toctou::KeyedLocks::<u64, _>::with_hasher(
-    ///     BuildHasherDefault::<DefaultHasher>::default(),
-    /// );
-    /// drop(locks.lock(&7));
-    /// ```
-    #[must_use]
-    pub fn with_hasher(hasher: S) -> Self {
-        Self {
-            core: Core::with_hasher(hasher, "toctou::KeyedLocks"),
-        }
-    }
-
-    /// The map's hasher.
-    ///
-    /// ```
-    /// let locks = toctou::KeyedLocks::<u64>::new();
-    /// let _hasher: &std::collections::hash_map::RandomState = locks.hasher();
-    /// ```
-    pub fn hasher(&self) -> &S {
-        self.core.hasher()
-    }
-
-    /// The number of keys currently held or waited for.
-    ///
-    /// Exact when the map is not in use; under concurrency, a snapshot taken
-    /// shard by shard.
-    ///
-    /// ```
-    /// let locks = toctou::KeyedLocks::<u64>::new();
-    /// let a = locks.lock(&1);
-    /// let b = locks.lock(&2);
-    /// assert_eq!(locks.len(), 2);
-    /// drop((a, b));
-    /// assert_eq!(locks.len(), 0);
-    /// ```
-    pub fn len(&self) -> usize {
-        self.core.len()
-    }
-
-    /// Whether no key is held or waited for.
-    ///
-    /// ```
-    /// let locks = toctou::KeyedLocks::<u64>::new();
-    /// assert!(locks.is_empty());
-    /// ```
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The map's counters (see [`LockStats`]).
-    ///
-    /// ```
-    /// let locks = toctou::KeyedLocks::<u64>::new();
-    /// drop(locks.lock(&1));
-    /// assert_eq!(locks.stats().acquisitions, 1);
-    /// ```
-    pub fn stats(&self) -> LockStats {
-        let (counters, live, peak) = self.core.counters();
-        LockStats::new(counters, live, peak)
-    }
-}
+keyed_map_common!(KeyedLocks, "lock(&1)");
 
 impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks `key`, parking the thread until it is free.
@@ -438,14 +351,6 @@ fn sorted_unique<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
     keys.sort_unstable();
     keys.dedup();
     keys
-}
-
-impl<K, S> fmt::Debug for KeyedLocks<K, S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedLocks")
-            .field("len", &self.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// Proof that the holder has `key` locked in a [`KeyedLocks`]; releases it

@@ -7,6 +7,110 @@
 //! - [`kind`]: the kinds of lock it manages (mutex, reader-writer).
 //! - [`locks`] and [`rwlocks`]: the public types and their guards.
 
+/// The constructors, accessors and `Debug` that both front-ends share:
+/// `$ty` is the public type (with a `core` field), `$acquire` a method call
+/// that takes key `1` (or `7`) and returns a guard, for the doc examples.
+macro_rules! keyed_map_common {
+    ($ty:ident, $acquire:literal) => {
+        impl<K> $ty<K> {
+            /// An empty map with the default hasher (`RandomState`).
+            ///
+            /// ```
+            #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
+            /// assert!(map.is_empty());
+            /// ```
+            #[must_use]
+            pub fn new() -> Self {
+                Self::with_hasher(std::collections::hash_map::RandomState::new())
+            }
+        }
+
+        impl<K, S: Default> Default for $ty<K, S> {
+            fn default() -> Self {
+                Self::with_hasher(S::default())
+            }
+        }
+
+        impl<K, S> $ty<K, S> {
+            /// An empty map that hashes keys with `hasher`.
+            ///
+            /// ```
+            /// use std::collections::hash_map::DefaultHasher;
+            /// use std::hash::BuildHasherDefault;
+            ///
+            #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64, _>::with_hasher(")]
+            ///     BuildHasherDefault::<DefaultHasher>::default(),
+            /// );
+            #[doc = concat!("drop(map.", $acquire, ");")]
+            /// ```
+            #[must_use]
+            pub fn with_hasher(hasher: S) -> Self {
+                Self {
+                    core: $crate::keyed::core::Core::with_hasher(
+                        hasher,
+                        concat!("toctou::", stringify!($ty)),
+                    ),
+                }
+            }
+
+            /// The map's hasher.
+            ///
+            /// ```
+            #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
+            /// let _hasher: &std::collections::hash_map::RandomState = map.hasher();
+            /// ```
+            pub fn hasher(&self) -> &S {
+                self.core.hasher()
+            }
+
+            /// The number of keys currently held (in any mode) or waited for.
+            ///
+            /// Exact when the map is not in use; under concurrency, a
+            /// snapshot taken shard by shard.
+            ///
+            /// ```
+            #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
+            #[doc = concat!("let guard = map.", $acquire, ";")]
+            /// assert_eq!(map.len(), 1);
+            /// drop(guard);
+            /// assert_eq!(map.len(), 0);
+            /// ```
+            pub fn len(&self) -> usize {
+                self.core.len()
+            }
+
+            /// Whether no key is held or waited for.
+            ///
+            /// ```
+            #[doc = concat!("assert!(toctou::", stringify!($ty), "::<u64>::new().is_empty());")]
+            /// ```
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+
+            /// The map's counters (see [`LockStats`](crate::LockStats)).
+            ///
+            /// ```
+            #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
+            #[doc = concat!("drop(map.", $acquire, ");")]
+            /// assert_eq!(map.stats().acquisitions, 1);
+            /// ```
+            pub fn stats(&self) -> $crate::LockStats {
+                let (counters, live, peak) = self.core.counters();
+                $crate::keyed::stats::LockStats::new(counters, live, peak)
+            }
+        }
+
+        impl<K, S> std::fmt::Debug for $ty<K, S> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    .field("len", &self.len())
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
 mod block;
 mod core;
 mod kind;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use super::core::{Core, SlotRef};
 use super::kind::{Access, ReadWrite};
-use super::stats::LockStats;
 use crate::sync::Deadline;
 
 /// A map of per-key reader-writer locks whose entries exist exactly while
@@ -50,86 +49,7 @@ pub struct KeyedRwLocks<K, S = RandomState> {
     core: Core<K, ReadWrite, S>,
 }
 
-impl<K> KeyedRwLocks<K> {
-    /// An empty map with the default hasher.
-    ///
-    /// ```
-    /// assert!(toctou::KeyedRwLocks::<u64>::new().is_empty());
-    /// ```
-    #[must_use]
-    pub fn new() -> Self {
-        Self::with_hasher(RandomState::new())
-    }
-}
-
-impl<K, S: Default> Default for KeyedRwLocks<K, S> {
-    fn default() -> Self {
-        Self::with_hasher(S::default())
-    }
-}
-
-impl<K, S> KeyedRwLocks<K, S> {
-    /// An empty map that hashes keys with `hasher`.
-    ///
-    /// ```
-    /// let files = toctou::KeyedRwLocks::<u64, _>::with_hasher(
-    ///     std::collections::hash_map::RandomState::new(),
-    /// );
-    /// drop(files.read(&1));
-    /// ```
-    #[must_use]
-    pub fn with_hasher(hasher: S) -> Self {
-        Self {
-            core: Core::with_hasher(hasher, "toctou::KeyedRwLocks"),
-        }
-    }
-
-    /// The map's hasher.
-    ///
-    /// ```
-    /// let files = toctou::KeyedRwLocks::<u64>::new();
-    /// let _hasher: &std::collections::hash_map::RandomState = files.hasher();
-    /// ```
-    pub fn hasher(&self) -> &S {
-        self.core.hasher()
-    }
-
-    /// The number of keys currently held (in either mode) or waited for.
-    ///
-    /// ```
-    /// let files = toctou::KeyedRwLocks::<u64>::new();
-    /// let r = files.read(&1);
-    /// assert_eq!(files.len(), 1);
-    /// drop(r);
-    /// assert_eq!(files.len(), 0);
-    /// ```
-    pub fn len(&self) -> usize {
-        self.core.len()
-    }
-
-    /// Whether no key is held or waited for.
-    ///
-    /// ```
-    /// assert!(toctou::KeyedRwLocks::<u64>::new().is_empty());
-    /// ```
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The map's counters (see [`LockStats`]); reads and writes both count
-    /// as acquisitions.
-    ///
-    /// ```
-    /// let files = toctou::KeyedRwLocks::<u64>::new();
-    /// drop(files.read(&1));
-    /// drop(files.write(&1));
-    /// assert_eq!(files.stats().acquisitions, 2);
-    /// ```
-    pub fn stats(&self) -> LockStats {
-        let (counters, live, peak) = self.core.counters();
-        LockStats::new(counters, live, peak)
-    }
-}
+keyed_map_common!(KeyedRwLocks, "write(&1)");
 
 impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// Locks `key` for reading, parking the thread while a writer holds it
@@ -323,14 +243,6 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
         Q: Hash + Eq + ?Sized,
     {
         self.core.is_held(key)
-    }
-}
-
-impl<K, S> fmt::Debug for KeyedRwLocks<K, S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedRwLocks")
-            .field("len", &self.len())
-            .finish_non_exhaustive()
     }
 }
 
