@@ -54,6 +54,10 @@ REFERENCE = {
     "registry_get": "toctou::RegistryCell::get",
     "registry_get_arc": "toctou::RegistryCell::get_arc",
     "registry_get_parallel": "toctou::RegistryCell::get",
+    "keyed_fresh_key": "toctou::KeyedLocks::lock",
+    "keyed_beside_held_keys": "toctou::KeyedLocks::lock",
+    "keyed_disjoint_parallel": "toctou::KeyedLocks::lock",
+    "keyed_hot_key_parallel": "toctou::KeyedLocks::lock",
 }
 
 

@@ -30,6 +30,7 @@ unsafe impl<T> Sync for Block<T> {}
 impl<T> Block<T> {
     /// A block from this thread's cache if it has one of the right layout,
     /// or a new allocation.
+    #[inline]
     pub(crate) fn new() -> Self {
         let layout = Layout::new::<T>();
         assert!(layout.size() > 0, "slots are never zero-sized");
@@ -65,6 +66,7 @@ impl<T> Block<T> {
 }
 
 impl<T> Drop for Block<T> {
+    #[inline]
     fn drop(&mut self) {
         let layout = Layout::new::<T>();
         if let Some(evicted) = cache::put(self.ptr.cast(), layout) {
@@ -99,6 +101,7 @@ mod cache {
     }
 
     /// This thread's cached block, if it has `layout`.
+    #[inline]
     pub(super) fn take(layout: Layout) -> Option<NonNull<u8>> {
         CACHED
             .try_with(|c| match c.0.take() {
@@ -114,6 +117,7 @@ mod cache {
 
     /// Caches `ptr` (of `layout`) if this thread's cache is empty; otherwise
     /// (or during thread teardown) gives it back for the caller to free.
+    #[inline]
     pub(super) fn put(ptr: NonNull<u8>, layout: Layout) -> Option<NonNull<u8>> {
         CACHED
             .try_with(|c| match c.0.take() {
