@@ -393,3 +393,33 @@ fn handoff_after_repeated_barging() {
         assert_eq!(locks.len(), 0);
     });
 }
+
+/// A writer queued between a reader who holds the key and a reader who
+/// queues behind it gives up (its future is dropped): the waiting reader
+/// must now share the key with the holder, who only releases after that
+/// reader is done.
+///
+/// Catches: a cancelled waiter that leaves the queue without dispatching it
+/// again (the reader behind it stays parked behind a writer that is gone,
+/// and the holder waits for that reader: a deadlock).
+#[test]
+fn a_cancelled_writer_lets_the_readers_behind_it_in() {
+    loom::model(|| {
+        let files: std::sync::Arc<RwLocks> =
+            std::sync::Arc::new(KeyedRwLocks::with_hasher(Hasher::default()));
+        let first = files.read(&1);
+        let mut writer = Box::pin(files.write_async(&1));
+        assert!(
+            poll_once(&mut writer).is_pending(),
+            "queued behind the reader"
+        );
+        let reader = {
+            let files = files.clone();
+            thread::spawn(move || drop(files.read(&1)))
+        };
+        drop(writer);
+        reader.join().unwrap();
+        drop(first);
+        assert_eq!(files.len(), 0);
+    });
+}

@@ -127,8 +127,8 @@ MUTANTS = [
     (
         "async waiter is not re-registered with a waker (lost wake-up)",
         "src/wait.rs",
-        "                this.id = Some(list.push(Unpark::Task(cx.waker().clone())));\n",
-        "                this.id = Some(list.push(Unpark::Thread(sync::current())));\n",
+        "                this.id = Some(list.push(Unpark::Task(cx.waker().clone()), ()));\n",
+        "                this.id = Some(list.push(Unpark::current_thread(), ()));\n",
         "loom_singleton",
         "sync_and_async_callers_race",
     ),
@@ -278,6 +278,15 @@ MUTANTS = [
         "",
         "loom_keyed_locks",
         "a_woken_async_waiter_cancels_and_the_next_one_is_woken",
+    ),
+    (
+        "keyed rw: a cancelled writer does not let the readers queued behind it in",
+        "src/keyed/core.rs",
+        "            // behind us, or woken to take a free lock: pass it on.\n"
+        "            dispatch(state, &mut wakes);\n",
+        "",
+        "loom_keyed_locks",
+        "a_cancelled_writer_lets_the_readers_behind_it_in",
     ),
     (
         "keyed: a dropped future does not release a key handed to it",
