@@ -712,7 +712,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     /// Blocks the thread until it holds `key` in `mode`, or `deadline`
     /// passes (then `None`). `reentry_check`: panic if this thread already
     /// holds the key exclusively (the blocking calls without a timeout).
-    pub(crate) fn acquire_blocking<A: KeyArg<K>>(
+    fn acquire_blocking<A: KeyArg<K>>(
         &self,
         mut key: A,
         mode: L::Mode,
@@ -751,6 +751,31 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 Check::Waiting => {}
             }
         }
+    }
+
+    /// Blocks the thread until it holds `key` in `mode`; panics if this
+    /// thread already holds it exclusively (see [`acquire_blocking`](Self::acquire_blocking)).
+    pub(crate) fn acquire<A: KeyArg<K>>(&self, key: A, mode: L::Mode) -> SlotRef<K, L>
+    where
+        K: Borrow<A::Q>,
+    {
+        self.acquire_blocking(key, mode, None, true)
+            .expect("a wait without deadline ends holding the key")
+    }
+
+    /// Blocks the thread until it holds `key` in `mode`, for at most
+    /// `timeout`; `None` if the key stayed taken. Not checked for
+    /// reentrancy: such a wait only costs its timeout.
+    pub(crate) fn acquire_for<A: KeyArg<K>>(
+        &self,
+        key: A,
+        mode: L::Mode,
+        timeout: std::time::Duration,
+    ) -> Option<SlotRef<K, L>>
+    where
+        K: Borrow<A::Q>,
+    {
+        self.acquire_blocking(key, mode, Some(&Deadline::after(timeout)), false)
     }
 
     /// One acquisition attempt that never waits.

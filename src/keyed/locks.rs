@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use super::core::{Core, Owned, SlotRef};
 use super::kind::Exclusive;
-use crate::sync::Deadline;
 
 /// A map of per-key mutexes whose entries exist exactly while somebody holds
 /// or waits for their key.
@@ -117,11 +116,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire_blocking(key, (), None, true);
-        KeyGuard::new(
-            self,
-            slot.expect("a wait without deadline ends holding the key"),
-        )
+        let slot = self.core.acquire(key, ());
+        KeyGuard::new(self, slot)
     }
 
     /// Locks `key` if it is free now; never waits for another holder and
@@ -165,10 +161,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let deadline = Deadline::after(timeout);
-        let slot = self
-            .core
-            .acquire_blocking(key, (), Some(&deadline), false)?;
+        let slot = self.core.acquire_for(key, (), timeout)?;
         Some(KeyGuard::new(self, slot))
     }
 
@@ -225,11 +218,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire_blocking(key, (), None, true);
-        OwnedKeyGuard::new(
-            self.clone(),
-            slot.expect("a wait without deadline ends holding the key"),
-        )
+        let slot = self.core.acquire(key, ());
+        OwnedKeyGuard::new(self.clone(), slot)
     }
 
     /// The async form of [`lock_owned`](Self::lock_owned), cancellation-safe
@@ -290,10 +280,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            let slot = self.core.acquire_blocking(Owned(Some(key)), (), None, true);
-            guard
-                .slots
-                .push(slot.expect("a wait without deadline ends holding the key"));
+            guard.slots.push(self.core.acquire(Owned(Some(key)), ()));
         }
         guard
     }

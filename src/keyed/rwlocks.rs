@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use super::core::{Core, SlotRef};
 use super::kind::{Access, ReadWrite};
-use crate::sync::Deadline;
 
 /// A map of per-key reader-writer locks whose entries exist exactly while
 /// somebody holds or waits for their key: any number of readers of a key,
@@ -70,11 +69,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire_blocking(key, Access::Read, None, true);
-        KeyReadGuard {
-            locks: self,
-            slot: slot.expect("a wait without deadline ends holding the key"),
-        }
+        let slot = self.core.acquire(key, Access::Read);
+        KeyReadGuard { locks: self, slot }
     }
 
     /// Locks `key` for writing, parking the thread while anybody else holds
@@ -95,11 +91,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire_blocking(key, Access::Write, None, true);
-        KeyWriteGuard {
-            locks: self,
-            slot: slot.expect("a wait without deadline ends holding the key"),
-        }
+        let slot = self.core.acquire(key, Access::Write);
+        KeyWriteGuard { locks: self, slot }
     }
 
     /// Locks `key` for reading if that needs no waiting (no writer holds it
@@ -153,10 +146,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let deadline = Deadline::after(timeout);
-        let slot = self
-            .core
-            .acquire_blocking(key, Access::Read, Some(&deadline), false)?;
+        let slot = self.core.acquire_for(key, Access::Read, timeout)?;
         Some(KeyReadGuard { locks: self, slot })
     }
 
@@ -177,10 +167,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let deadline = Deadline::after(timeout);
-        let slot = self
-            .core
-            .acquire_blocking(key, Access::Write, Some(&deadline), false)?;
+        let slot = self.core.acquire_for(key, Access::Write, timeout)?;
         Some(KeyWriteGuard { locks: self, slot })
     }
 
