@@ -91,6 +91,36 @@ struct SlotState<L: LockKind> {
     queue: Queue<L::Mode>,
 }
 
+impl<L: LockKind> SlotState<L> {
+    /// A new state, held in `mode` by `owner`.
+    fn held(mode: L::Mode, owner: u64) -> Self {
+        let mut state = Self {
+            lock: L::default(),
+            owner: 0,
+            queue: Queue::new(),
+        };
+        state.grant(mode, owner);
+        state
+    }
+
+    /// Records a new holder in `mode`, remembering its thread (`owner`) for
+    /// the reentrancy check if the mode is exclusive.
+    fn grant(&mut self, mode: L::Mode, owner: u64) {
+        self.lock.acquire(mode);
+        if L::is_exclusive(mode) {
+            self.owner = owner;
+        }
+    }
+
+    /// Removes a holder in `mode`.
+    fn revoke(&mut self, mode: L::Mode) {
+        self.lock.release(mode);
+        if L::is_exclusive(mode) {
+            self.owner = 0;
+        }
+    }
+}
+
 /// A key's waiters: a [`WaitList`], allocated when the first waiter queues,
 /// so that an uncontended key's slot stays small and frees without a drop
 /// call for the list.
@@ -311,10 +341,7 @@ fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
         let Some(waiter) = state.queue.pop_front() else {
             break;
         };
-        state.lock.acquire(waiter.data.mode);
-        if L::is_exclusive(waiter.data.mode) {
-            state.owner = waiter.data.owner;
-        }
+        state.grant(waiter.data.mode, waiter.data.owner);
         wakes.push(waiter.unpark);
     }
 }
@@ -483,10 +510,7 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         let mut shard = self.table.write(hash);
         // SAFETY: we hold the shard lock, and the key keeps the slot live.
         let state = unsafe { slot.get().state() };
-        state.lock.release(mode);
-        if L::is_exclusive(mode) {
-            state.owner = 0;
-        }
+        state.revoke(mode);
         if !state.queue.is_empty() {
             return Self::release_contended(shard, slot);
         }
@@ -568,17 +592,10 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let slot = match entry {
             hashbrown::hash_table::Entry::Occupied(occupied) => *occupied.get(),
             hashbrown::hash_table::Entry::Vacant(vacant) => {
-                let mut lock = L::default();
-                lock.acquire(mode);
-                let state = SlotState {
-                    lock,
-                    owner: if L::is_exclusive(mode) { owner } else { 0 },
-                    queue: Queue::new(),
-                };
                 let value = Slot {
                     key: key.take(),
                     hash,
-                    state: UnsafeCell::new(state),
+                    state: UnsafeCell::new(SlotState::held(mode, owner)),
                 };
                 // The pointer owns the block; `remove_if_idle` (or the
                 // map's drop) takes it back.
@@ -599,11 +616,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         // not yet been offered it (then the front waiter is owed it).
         let may_take = state.queue.front().is_none_or(|front| front.data.woken);
         if may_take && state.lock.can_acquire(mode) {
-            state.lock.acquire(mode);
-            if L::is_exclusive(mode) {
-                state.owner = owner;
-            }
-            shard.counters.acquisitions += 1;
+            state.grant(mode, owner);
+            counters.acquisitions += 1;
             return Begin::Held(slot);
         }
         if reentry_check && owner != 0 && state.owner == owner {
@@ -630,7 +644,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 since: WaitStart::now(),
             },
         );
-        shard.counters.contended += 1;
+        counters.contended += 1;
         Begin::Queued(slot, id)
     }
 
@@ -671,10 +685,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             if !cancelled && state.lock.can_acquire(mode) {
                 let owner = waiter.data.owner;
                 state.queue.remove(at);
-                state.lock.acquire(mode);
-                if L::is_exclusive(mode) {
-                    state.owner = owner;
-                }
+                state.grant(mode, owner);
                 // The waiters behind may be compatible (readers).
                 dispatch(state, &mut wakes);
                 shard.counters.acquisitions += 1;
