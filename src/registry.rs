@@ -99,6 +99,37 @@ struct Current<T, S> {
 ///   first initialisation or `reinit` on the same thread panics with a message
 ///   instead of deadlocking. Reading the current instance from inside a
 ///   `reinit` build is fine.
+///
+/// # Example
+///
+/// The seed's `get_provider_registry(settings=None)`, with its two paths
+/// made explicit:
+///
+/// ```
+/// use toctou::RegistryCell;
+///
+/// #[derive(Default, PartialEq)]
+/// struct Settings {
+///     providers: Vec<&'static str>,
+/// }
+///
+/// struct ProviderRegistry {
+///     providers: Vec<&'static str>,
+/// }
+///
+/// static REGISTRY: RegistryCell<ProviderRegistry, Settings> =
+///     RegistryCell::new(|s| ProviderRegistry { providers: s.providers.clone() });
+///
+/// // Most callers: the current registry, built once on first use.
+/// assert!(REGISTRY.get().providers.is_empty());
+/// // A settings change: one rebuild, published atomically.
+/// let settings = Settings { providers: vec!["openai"] };
+/// REGISTRY.reinit_if_changed(settings);
+/// assert_eq!(REGISTRY.get().providers, ["openai"]);
+/// // The same settings again: no rebuild.
+/// REGISTRY.reinit_if_changed(Settings { providers: vec!["openai"] });
+/// assert_eq!(REGISTRY.generation(), 2);
+/// ```
 pub struct RegistryCell<T, S = ()> {
     build: fn(&S) -> T,
     /// The published generation; 0 while empty. See the module docs.
@@ -118,6 +149,17 @@ pub struct RegistryCell<T, S = ()> {
 /// It is not `Send`: it points into the reading thread's cache. Use
 /// [`RegistryCell::get_arc`] (or [`RegistryRef::to_arc`]) to hold the instance
 /// across threads or an `.await`.
+///
+/// ```
+/// static CELL: toctou::RegistryCell<String, u8> =
+///     toctou::RegistryCell::new(|v| format!("version {v}"));
+///
+/// let old = CELL.get();
+/// CELL.reinit(2);
+/// // `old` still reads the instance it was taken from.
+/// assert_eq!((old.as_str(), old.generation()), ("version 0", 1));
+/// assert_eq!(CELL.get().as_str(), "version 2");
+/// ```
 #[must_use]
 pub struct RegistryRef<'a, T> {
     /// Points at the `T` inside the `Arc<T>` that `keep` holds.

@@ -342,6 +342,16 @@ fn sorted_unique<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
 
 /// Proof that the holder has `key` locked in a [`KeyedLocks`]; releases it
 /// on drop (also during unwinding).
+///
+/// ```
+/// let locks: toctou::KeyedLocks<String> = toctou::KeyedLocks::new();
+/// let guard = locks.lock("invoice-7");
+/// assert_eq!(guard.key(), "invoice-7");
+/// assert!(locks.is_locked("invoice-7"));
+/// drop(guard);
+/// assert!(!locks.is_locked("invoice-7"));
+/// assert!(locks.is_empty(), "the entry went with the last holder");
+/// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
 pub struct KeyGuard<'a, K, S = RandomState> {
     locks: &'a KeyedLocks<K, S>,
@@ -381,6 +391,16 @@ impl<K: fmt::Debug, S> fmt::Debug for KeyGuard<'_, K, S> {
 
 /// A `'static` guard from [`KeyedLocks::lock_owned`]: holds an `Arc` of the
 /// map and releases the key on drop.
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// let locks: Arc<toctou::KeyedLocks<u32>> = Arc::new(toctou::KeyedLocks::new());
+/// let guard = locks.lock_owned(&7);
+/// // The guard owns what it needs: it can move to another thread.
+/// std::thread::spawn(move || assert_eq!(*guard.key(), 7)).join().unwrap();
+/// assert!(locks.is_empty());
+/// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
 pub struct OwnedKeyGuard<K, S = RandomState> {
     locks: Arc<KeyedLocks<K, S>>,
@@ -432,6 +452,15 @@ impl<K: fmt::Debug, S> fmt::Debug for OwnedKeyGuard<K, S> {
 
 /// The guard of [`KeyedLocks::lock_many`]: holds every key it was given and
 /// releases them all on drop.
+///
+/// ```
+/// let accounts: toctou::KeyedLocks<u32> = toctou::KeyedLocks::new();
+/// let both = accounts.lock_many([9, 3, 9]);
+/// assert_eq!(both.keys().copied().collect::<Vec<_>>(), [3, 9], "sorted, deduplicated");
+/// assert!(accounts.try_lock(&3).is_none());
+/// drop(both);
+/// assert!(accounts.try_lock(&3).is_some());
+/// ```
 #[must_use = "the keys are released as soon as the guard is dropped"]
 pub struct MultiKeyGuard<'a, K, S = RandomState> {
     locks: &'a KeyedLocks<K, S>,

@@ -234,6 +234,16 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
 }
 
 /// Shared access to a key of a [`KeyedRwLocks`]; released on drop.
+///
+/// ```
+/// let files: toctou::KeyedRwLocks<String> = toctou::KeyedRwLocks::new();
+/// let a = files.read("context.md");
+/// let b = files.read("context.md"); // readers share the key
+/// assert_eq!(a.key(), "context.md");
+/// assert!(files.try_write("context.md").is_none());
+/// drop((a, b));
+/// assert!(files.is_empty());
+/// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
 pub struct KeyReadGuard<'a, K, S = RandomState> {
     locks: &'a KeyedRwLocks<K, S>,
@@ -241,6 +251,15 @@ pub struct KeyReadGuard<'a, K, S = RandomState> {
 }
 
 /// Exclusive access to a key of a [`KeyedRwLocks`]; released on drop.
+///
+/// ```
+/// let files: toctou::KeyedRwLocks<String> = toctou::KeyedRwLocks::new();
+/// let writing = files.write("context.md");
+/// assert!(files.try_read("context.md").is_none());
+/// assert!(files.try_read("other.md").is_some(), "other keys are independent");
+/// drop(writing);
+/// assert!(files.try_read("context.md").is_some());
+/// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
 pub struct KeyWriteGuard<'a, K, S = RandomState> {
     locks: &'a KeyedRwLocks<K, S>,
