@@ -10,6 +10,12 @@
 //!   `READS` reads each; the time until all are done. Target: 2 readers reach
 //!   at least 1.8x the throughput of 1. Rows above the machine's core count
 //!   measure oversubscription.
+//! - `registry_get_scaling/N`: the lock-free readers only (`RegistryCell::get`
+//!   and `ArcSwap::load`), `SCALING_READS` reads per thread. At about 3 ns a
+//!   read, `READS` is a few hundred microseconds of work per thread, the same
+//!   order as the skew between threads starting; ten times the reads make the
+//!   group measure reading, not starting. (The lock-based rows would take
+//!   seconds per iteration at that size, so they stay in the group above.)
 //!
 //! Run: `cargo bench --bench registry`.
 
@@ -36,6 +42,8 @@ static CELL: RegistryCell<Registry, usize> = RegistryCell::new(build);
 
 /// Reads per thread per iteration in the parallel group.
 const READS: u64 = 100_000;
+/// Reads per thread per iteration in the scaling group.
+const SCALING_READS: u64 = 1_000_000;
 
 fn get(c: &mut Criterion) {
     CELL.reinit(3);
@@ -77,11 +85,16 @@ fn get(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3));
     /// `threads` readers at once, `READS` reads each; the time until all are
     /// done.
-    fn readers(iters: u64, threads: usize, read: &(dyn Fn() -> usize + Sync)) -> Duration {
+    fn readers(
+        iters: u64,
+        threads: usize,
+        reads: u64,
+        read: &(dyn Fn() -> usize + Sync),
+    ) -> Duration {
         (0..iters)
             .map(|_| {
                 common::released_together(threads, |_| {
-                    for _ in 0..READS {
+                    for _ in 0..reads {
                         black_box(read());
                     }
                 })
@@ -93,19 +106,21 @@ fn get(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::new("toctou::RegistryCell::get", threads),
             &threads,
-            |b, &n| b.iter_custom(|iters| readers(iters, n, &|| CELL.get().providers)),
+            |b, &n| b.iter_custom(|iters| readers(iters, n, READS, &|| CELL.get().providers)),
         );
         g.bench_with_input(
             BenchmarkId::new("arc_swap::ArcSwap::load", threads),
             &threads,
-            |b, &n| b.iter_custom(|iters| readers(iters, n, &|| swap.load().providers)),
+            |b, &n| b.iter_custom(|iters| readers(iters, n, READS, &|| swap.load().providers)),
         );
         g.bench_with_input(
             BenchmarkId::new("RwLock<Arc>::read + clone", threads),
             &threads,
             |b, &n| {
                 b.iter_custom(|iters| {
-                    readers(iters, n, &|| Arc::clone(&rw.read().unwrap()).providers)
+                    readers(iters, n, READS, &|| {
+                        Arc::clone(&rw.read().unwrap()).providers
+                    })
                 })
             },
         );
@@ -114,8 +129,32 @@ fn get(c: &mut Criterion) {
             &threads,
             |b, &n| {
                 b.iter_custom(|iters| {
-                    readers(iters, n, &|| Arc::clone(&mutex.lock().unwrap()).providers)
+                    readers(iters, n, READS, &|| {
+                        Arc::clone(&mutex.lock().unwrap()).providers
+                    })
                 })
+            },
+        );
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("registry_get_scaling");
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(3));
+    for threads in [1usize, 2, 4, 8, 16] {
+        g.throughput(Throughput::Elements(threads as u64 * SCALING_READS));
+        g.bench_with_input(
+            BenchmarkId::new("toctou::RegistryCell::get", threads),
+            &threads,
+            |b, &n| {
+                b.iter_custom(|iters| readers(iters, n, SCALING_READS, &|| CELL.get().providers))
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("arc_swap::ArcSwap::load", threads),
+            &threads,
+            |b, &n| {
+                b.iter_custom(|iters| readers(iters, n, SCALING_READS, &|| swap.load().providers))
             },
         );
     }

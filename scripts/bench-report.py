@@ -54,6 +54,7 @@ REFERENCE = {
     "registry_get": "toctou::RegistryCell::get",
     "registry_get_arc": "toctou::RegistryCell::get_arc",
     "registry_get_parallel": "toctou::RegistryCell::get",
+    "registry_get_scaling": "toctou::RegistryCell::get",
     "keyed_fresh_key": "toctou::KeyedLocks::lock",
     "keyed_beside_held_keys": "toctou::KeyedLocks::lock",
     "keyed_disjoint_parallel": "toctou::KeyedLocks::lock",
@@ -104,6 +105,13 @@ def render(groups, notes):
         "",
     ]
     lines += notes
+    lines += tables(groups, "##")
+    return lines
+
+
+def tables(groups, level):
+    """One Markdown table per (group, parameter), headed at `level`."""
+    lines = []
     for (group, value) in sorted(groups, key=lambda k: (k[0], int(k[1]) if (k[1] or "").isdigit() else 0)):
         rows = groups[(group, value)]
         # toctou rows first, then the baselines, each alphabetically.
@@ -112,7 +120,7 @@ def render(groups, notes):
             (n for n in names if n.startswith("toctou")), None)
         runs = max(len(v) for v in rows.values())
         title = f"`{group}`" + (f", {value} threads" if value else "")
-        lines += [f"## {title}", ""]
+        lines += [f"{level} {title}", ""]
         if runs > 1:
             lines += [f"Median of {runs} runs' medians, and the range from the lowest to the highest",
                       "run. Noise only ever adds time, so the ratio of the lowest runs is shown too.",
@@ -126,7 +134,34 @@ def render(groups, notes):
             lines.append(f"| `{name}` | {fmt_ns(median(meds))} | "
                          f"{fmt_ns(min(meds))} – {fmt_ns(max(meds))} | {ratio} | {low_ratio} |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def lscpu_field(text, field):
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def second_machine(criterion_dir, baselines, info_file):
+    """A section with the tables measured on another machine."""
+    groups = load(criterion_dir, baselines)
+    if not groups:
+        raise SystemExit(f"no criterion results under {criterion_dir}")
+    info = open(info_file).read()
+    cores = lscpu_field(info, "CPU(s)")
+    return [
+        "# Rows from a second machine",
+        "",
+        "The same bench binaries, built on the machine above and run on a second one",
+        f"(`{lscpu_field(info, 'Model name')}`, {cores} cores, "
+        f"{lscpu_field(info, 'Thread(s) per core')} thread(s) per core, a VM), for the",
+        "multi-threaded groups and the registry's read path. Fewer runs were taken",
+        f"there (the machine was lent for 30 minutes). Rows up to {cores} threads measure",
+        "scaling on this machine.",
+        "",
+    ] + tables(groups, "##")
 
 
 def main():
@@ -136,13 +171,25 @@ def main():
     ap.add_argument("--notes", help="a Markdown file whose text goes above the tables")
     ap.add_argument("--baselines", default="new",
                     help="comma-separated criterion baselines to aggregate (default: the last run)")
+    ap.add_argument("--second-machine", metavar="DIR",
+                    help="a criterion directory from another machine, reported in its own section")
+    ap.add_argument("--second-baselines", default="new",
+                    help="comma-separated baselines in --second-machine")
+    ap.add_argument("--second-machine-info", metavar="FILE",
+                    help="that machine's `lscpu` output (CPU model and core count)")
     args = ap.parse_args()
+    if args.second_machine and not args.second_machine_info:
+        ap.error("--second-machine needs --second-machine-info")
     groups = load(args.criterion_dir, args.baselines.split(","))
     if not groups:
         raise SystemExit(f"no criterion results under {args.criterion_dir}: run `cargo bench` first")
     notes = open(args.notes).read().splitlines() + [""] if args.notes else []
+    lines = render(groups, notes)
+    if args.second_machine:
+        lines += second_machine(args.second_machine, args.second_baselines.split(","),
+                                args.second_machine_info)
     with open(args.out, "w") as f:
-        f.write(render(groups, notes))
+        f.write("\n".join(lines))
     print(f"wrote {args.out} ({len(groups)} tables)")
 
 
