@@ -187,9 +187,9 @@ fn toctou_agent(
         match claimed {
             Some(task) => {
                 let file = &ws.files[task % FILES];
-                let _writing = files.write(file);
+                let writing = files.write(file);
                 ws.record(file, format!("task {task}: agent {agent}"));
-                drop(_writing);
+                drop(writing);
                 let file = &ws.files[(task + 1) % FILES];
                 let _reading = files.read(file);
                 ws.check_read(file);
