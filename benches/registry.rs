@@ -83,7 +83,7 @@ fn get(c: &mut Criterion) {
     let mut g = c.benchmark_group("registry_get_parallel");
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(3));
-    /// `threads` readers at once, `READS` reads each; the time until all are
+    /// `threads` readers at once, `reads` reads each; the time until all are
     /// done.
     fn readers(
         iters: u64,

@@ -105,12 +105,12 @@ def render(groups, notes):
         "",
     ]
     lines += notes
-    lines += tables(groups, "##")
+    lines += tables(groups)
     return lines
 
 
-def tables(groups, level):
-    """One Markdown table per (group, parameter), headed at `level`."""
+def tables(groups):
+    """One Markdown table per (group, parameter), each under a `##` heading."""
     lines = []
     for (group, value) in sorted(groups, key=lambda k: (k[0], int(k[1]) if (k[1] or "").isdigit() else 0)):
         rows = groups[(group, value)]
@@ -120,7 +120,7 @@ def tables(groups, level):
             (n for n in names if n.startswith("toctou")), None)
         runs = max(len(v) for v in rows.values())
         title = f"`{group}`" + (f", {value} threads" if value else "")
-        lines += [f"{level} {title}", ""]
+        lines += [f"## {title}", ""]
         if runs > 1:
             lines += [f"Median of {runs} runs' medians, and the range from the lowest to the highest",
                       "run. Noise only ever adds time, so the ratio of the lowest runs is shown too.",
@@ -154,14 +154,13 @@ def second_machine(criterion_dir, baselines, info_file):
     return [
         "# Rows from a second machine",
         "",
-        "The same bench binaries, built on the machine above and run on a second one",
-        f"(`{lscpu_field(info, 'Model name')}`, {cores} cores, "
-        f"{lscpu_field(info, 'Thread(s) per core')} thread(s) per core, a VM), for the",
-        "multi-threaded groups and the registry's read path. Fewer runs were taken",
-        f"there (the machine was lent for 30 minutes). Rows up to {cores} threads measure",
-        "scaling on this machine.",
+        "The same bench binaries, built on the machine above and run on a second one:",
+        f"`{lscpu_field(info, 'Model name')}`, {cores} cores, "
+        f"{lscpu_field(info, 'Thread(s) per core')} thread(s) per core. Rows up to {cores}",
+        "threads measure scaling on that machine. Which groups ran there, and how often,",
+        "is in the notes above.",
         "",
-    ] + tables(groups, "##")
+    ] + tables(groups)
 
 
 def main():
