@@ -208,3 +208,45 @@ fn a_held_ref_keeps_the_old_instance_alive() {
         );
     });
 }
+
+/// A reader that holds a `RegistryRef` while its own next `get` races a
+/// `reinit`: if that `get` sees the new instance, it replaces the old one in
+/// the reader's cache while the held reference still points at it. The old
+/// instance must live exactly until the held reference drops.
+///
+/// Catches: the cache freeing a replaced instance that references still
+/// count; a cache hit on the cell alone, ignoring the generation (a stale
+/// read after the reinit); a refresh that never lets go of the replaced
+/// instance (a leak).
+#[test]
+fn a_ref_held_across_its_own_threads_refresh() {
+    loom::model(|| {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let cell = Arc::new(RegistryCell::new(build));
+        cell.reinit(Probe {
+            value: 1,
+            dropped: Some(dropped.clone()),
+            ..Probe::default()
+        });
+        let held = cell.get();
+        let writer = {
+            let cell = cell.clone();
+            thread::spawn(move || drop(cell.reinit(probe(2))))
+        };
+        let seen = cell.get();
+        assert!(matches!(seen.value, 1 | 2), "reader saw {}", seen.value);
+        assert_eq!(held.value, 1);
+        assert!(!dropped.load(SeqCst), "dropped while a reader held it");
+        drop(seen);
+        writer.join().unwrap();
+        let now = cell.get();
+        assert_eq!((now.value, now.generation()), (2, 2), "a stale read");
+        assert_eq!(held.value, 1);
+        assert!(!dropped.load(SeqCst), "dropped while a reader held it");
+        drop(held);
+        assert!(
+            dropped.load(SeqCst),
+            "not dropped when its last reader let go"
+        );
+    });
+}

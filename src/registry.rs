@@ -11,53 +11,35 @@
 //! - `builder` (a mutex) is held around every build, so at most one build runs
 //!   at a time. Builds run outside the `current` lock: readers never wait for
 //!   a build, only (briefly) for another reader or a publish to clone an `Arc`.
-//! - Each thread keeps a small cache: for each cell id, the generation it last
-//!   saw and an `Rc` to that generation's `Arc<T>`. The fast path of `get` is
-//!   an `Acquire` load of `generation`, a `Relaxed` load of the cell's id, and
-//!   a lookup in the thread's cache: if the cached generation equals the
-//!   published one, the cached instance *is* the published instance
-//!   (generations are never reused), and the reader returns it without writing
-//!   any memory another thread can see. On a miss it takes the slow path:
-//!   lock `current`, clone the `Arc`, refresh its cache entry.
+//! - Each thread keeps a small cache ([`cache`]): for each cell it reads, the
+//!   key (cell id and generation) it last saw, and a thread-local block that
+//!   owns a strong count of that instance's `Arc<T>` and counts the thread's
+//!   `RegistryRef`s to it. The fast path of `get` is an `Acquire` load of
+//!   `generation`, a `Relaxed` load of the cell's id, and a look-up in the
+//!   thread's cache: if the cached key equals the published one, the cached
+//!   instance *is* the published instance (keys are never reused), and the
+//!   reader counts its reference in the block, memory that only its own
+//!   thread touches. On a miss it takes the slow path: lock `current`, clone
+//!   the `Arc`, and cache it in a new block, retiring the old one (which its
+//!   last reference frees, if any are left).
 //! - Cell ids come from a process-wide counter, never from the cell's address:
 //!   a dropped cell's address can be reused, its id cannot, so a cache entry
 //!   can never be mistaken for another cell's.
 
-use std::any::{Any, type_name};
-use std::cell::RefCell;
+mod cache;
+
+use std::any::type_name;
 use std::convert::Infallible;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::panic::Location;
 use std::ptr::NonNull;
-use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::reentry;
-use crate::sync::{AtomicU64, Mutex, Ordering, loom_const_fn, thread_local, unique_id};
-
-/// How many cells a thread caches before it forgets the least recently
-/// refreshed one. Programs rarely have more than a handful of registries.
-const CACHE_CAPACITY: usize = 16;
-
-/// One thread's cached view of one cell.
-struct Cached {
-    id: u64,
-    generation: u64,
-    /// The instance: `Arc::as_ptr` of the `Arc<T>` inside `keep`. The id
-    /// fixes the cell, and the cell fixes `T`.
-    ptr: NonNull<()>,
-    /// An `Rc<Arc<T>>`, type-erased: keeps the instance alive while this
-    /// entry or any `RegistryRef` made from it exists.
-    keep: Rc<dyn Any>,
-}
-
-thread_local! {
-    // Not `const { .. }`: loom's `thread_local!` does not accept that form.
-    #[allow(clippy::missing_const_for_thread_local)]
-    static CACHE: RefCell<Vec<Cached>> = RefCell::new(Vec::new());
-}
+use crate::sync::{AtomicU64, Mutex, Ordering, loom_const_fn};
+use cache::{Block, Key};
 
 /// The published state.
 struct Current<T, S> {
@@ -145,8 +127,10 @@ pub struct RegistryCell<T, S = ()> {
 /// A reference to the instance a [`RegistryCell`] had published when
 /// [`get`](RegistryCell::get) was called.
 ///
-/// It keeps that instance alive even if the cell is reinitialised meanwhile.
-/// It is not `Send`: it points into the reading thread's cache. Use
+/// It keeps that instance alive even if the cell is reinitialised meanwhile:
+/// the instance is dropped (if nothing else holds it) when its last
+/// `RegistryRef` on this thread drops. It is neither `Send` nor `Sync`: it is
+/// counted in the reading thread's cache, without atomics. Use
 /// [`RegistryCell::get_arc`] (or [`RegistryRef::to_arc`]) to hold the instance
 /// across threads or an `.await`.
 ///
@@ -162,11 +146,13 @@ pub struct RegistryCell<T, S = ()> {
 /// ```
 #[must_use]
 pub struct RegistryRef<'a, T> {
-    /// Points at the `T` inside the `Arc<T>` that `keep` holds.
+    /// Points at the `T` inside the `Arc<T>` whose count `block` owns (from
+    /// `Arc::into_raw`).
     ptr: NonNull<T>,
-    /// An `Rc<Arc<T>>` (type-erased): a count that only this thread touches.
-    keep: Rc<dyn Any>,
-    generation: u64,
+    /// This thread's block for the instance, which counts this reference.
+    /// Being raw pointers, these fields also make the type neither `Send`
+    /// nor `Sync`: a block never leaves its thread.
+    block: NonNull<Block>,
     _cell: PhantomData<&'a T>,
 }
 
@@ -244,7 +230,7 @@ impl<T, S> RegistryCell<T, S> {
             // Only builders write the id, and they are serialised by
             // `builder`. The Release store of `generation` below publishes it
             // to readers' Acquire load of `generation`.
-            self.id.store(unique_id(), Ordering::Relaxed);
+            self.id.store(cache::new_cell_id(), Ordering::Relaxed);
         }
         let replaced = {
             let mut current = self.current.lock();
@@ -314,37 +300,30 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     where
         S: Default,
     {
-        let cached = self.with_cached(|entry, generation| RegistryRef {
-            // The entry of this cell's id holds an `Arc<T>` of this cell's
-            // `T` (see `load_current`).
-            ptr: entry.ptr.cast::<T>(),
-            keep: Rc::clone(&entry.keep),
-            generation,
-            _cell: PhantomData,
-        });
-        cached.unwrap_or_else(|| self.get_slow())
+        match cache::pin_cached(self.published()) {
+            Some((block, ptr)) => RegistryRef {
+                // The entry of this cell's key holds an `Arc<T>` of this
+                // cell's `T` (see `load_current`).
+                ptr: ptr.cast::<T>(),
+                block,
+                _cell: PhantomData,
+            },
+            None => self.get_slow(),
+        }
     }
 
-    /// The fast path of `get` and `get_arc`: if this thread's cache holds
-    /// the published generation of this cell, runs `f` on that entry (and
-    /// the generation) while the cache still holds it.
+    /// The key of the published instance, for the cache look-up. Generation
+    /// 0 (an empty cell) is never cached, so it always misses.
     #[inline]
-    fn with_cached<R>(&self, f: impl FnOnce(&Cached, u64) -> R) -> Option<R> {
-        // Acquire: pairs with the Release store in `publish`; makes `id` and
-        // the instance behind a matching cache entry visible.
+    fn published(&self) -> Key {
+        // Acquire: pairs with the Release store in `publish`; makes `id`
+        // visible, and with it the rest of what `publish` wrote. (The
+        // instance behind a matching cache entry is this thread's own
+        // earlier read, made under the `current` lock.)
         let generation = self.generation.load(Ordering::Acquire);
-        if generation == 0 {
-            return None;
-        }
+        // Relaxed: written once, before the first Release of `generation`.
         let id = self.id.load(Ordering::Relaxed);
-        CACHE
-            .try_with(|cache| {
-                let cache = cache.borrow();
-                let entry = cache.iter().find(|e| e.id == id)?;
-                (entry.generation == generation).then(|| f(entry, generation))
-            })
-            .ok()
-            .flatten()
+        Key { id, generation }
     }
 
     #[cold]
@@ -367,23 +346,22 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
             let current = current.as_ref()?;
             (current.generation, Arc::clone(&current.instance))
         };
-        // From `Arc::as_ptr`, not from a `&T`: the pointer keeps the
-        // provenance of the whole allocation, which `get_arc` needs to reach
+        // Relaxed: `current` was Some, so the id was written before the
+        // `current` lock we just released.
+        let key = Key {
+            id: self.id.load(Ordering::Relaxed),
+            generation,
+        };
+        let block = cache::fill(key, &instance);
+        // SAFETY: `block` was just made, with one reference: ours.
+        let ptr = unsafe { cache::instance(block) };
+        // From `Arc::into_raw`, not from a `&T`: the pointer keeps the
+        // provenance of the whole allocation, which `to_arc` needs to reach
         // the reference counts (miri's Stacked Borrows check caught a
         // pointer derived from `&*instance`).
-        let ptr =
-            NonNull::new(Arc::as_ptr(&instance).cast_mut()).expect("Arc::as_ptr is never null");
-        let keep: Rc<dyn Any> = Rc::new(instance);
-        remember(
-            self.id.load(Ordering::Relaxed),
-            generation,
-            ptr.cast(),
-            &keep,
-        );
         Some(RegistryRef {
-            ptr,
-            keep,
-            generation,
+            ptr: ptr.cast::<T>(),
+            block,
             _cell: PhantomData,
         })
     }
@@ -414,19 +392,17 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     where
         S: Default,
     {
-        let cached = self.with_cached(|entry, _| {
-            let ptr = entry.ptr.cast::<T>().as_ptr().cast_const();
-            // SAFETY: `ptr` is `Arc::as_ptr` of an `Arc<T>` (this cell's id
-            // fixes `T`) that the cache entry, borrowed right now, holds: the
+        if let Some(ptr) = cache::peek_cached(self.published()) {
+            let ptr = ptr.cast::<T>().as_ptr().cast_const();
+            // SAFETY: `ptr` is `Arc::into_raw` of an `Arc<T>` (this cell's id
+            // fixes `T`) whose count this thread's cache entry owns, and
+            // nothing has touched the cache since `peek_cached` found it: the
             // strong count is at least 1 and may be incremented, and
             // `from_raw` then takes ownership of that new count.
-            unsafe {
+            return unsafe {
                 Arc::increment_strong_count(ptr);
                 Arc::from_raw(ptr)
-            }
-        });
-        if let Some(arc) = cached {
-            return arc;
+            };
         }
         self.get_slow().to_arc()
     }
@@ -527,30 +503,6 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     }
 }
 
-/// Records the instance at `ptr`, kept alive by `keep`, as this thread's view
-/// of cell `id` at `generation`.
-fn remember(id: u64, generation: u64, ptr: NonNull<()>, keep: &Rc<dyn Any>) {
-    let fresh = Cached {
-        id,
-        generation,
-        ptr,
-        keep: Rc::clone(keep),
-    };
-    let released = CACHE.try_with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if let Some(at) = cache.iter().position(|e| e.id == id) {
-            return Some(std::mem::replace(&mut cache[at], fresh));
-        }
-        let oldest = (cache.len() == CACHE_CAPACITY).then(|| cache.remove(0));
-        cache.push(fresh);
-        oldest
-    });
-    // The entry this one replaced (and with it, perhaps, the last `Arc` to an
-    // old instance) drops here, after the cache's borrow has ended: `T::drop`
-    // may read a `RegistryCell` itself.
-    drop(released);
-}
-
 impl<T, S> fmt::Debug for RegistryCell<T, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryCell")
@@ -570,7 +522,8 @@ impl<T> RegistryRef<'_, T> {
     /// assert_eq!(CELL.get().generation(), 2);
     /// ```
     pub fn generation(&self) -> u64 {
-        self.generation
+        // SAFETY: `self` is one of the block's references, so it is alive.
+        unsafe { cache::key(self.block) }.generation
     }
 
     /// An `Arc` to the same instance, to send to another thread.
@@ -580,15 +533,15 @@ impl<T> RegistryRef<'_, T> {
     /// let arc = CELL.get().to_arc();
     /// assert_eq!(*arc, 5);
     /// ```
-    pub fn to_arc(&self) -> Arc<T>
-    where
-        T: 'static,
-    {
-        let arc = self
-            .keep
-            .downcast_ref::<Arc<T>>()
-            .expect("a RegistryRef keeps an Arc of its own T");
-        Arc::clone(arc)
+    pub fn to_arc(&self) -> Arc<T> {
+        let ptr = self.ptr.as_ptr().cast_const();
+        // SAFETY: `ptr` is `Arc::into_raw` of an `Arc<T>` that `self` keeps
+        // alive (see `Deref`): the strong count is at least 1 and may be
+        // incremented, and `from_raw` then takes ownership of that new count.
+        unsafe {
+            Arc::increment_strong_count(ptr);
+            Arc::from_raw(ptr)
+        }
     }
 }
 
@@ -597,29 +550,40 @@ impl<T> Deref for RegistryRef<'_, T> {
 
     #[inline]
     fn deref(&self) -> &T {
-        // SAFETY: `ptr` points into the `Arc<T>` that `keep` holds (set in
-        // `load_current`, copied by `cached`), and `keep` lives as long as
-        // `self`, so the `T` is alive and, being behind an `Arc`, never
-        // mutated.
+        // SAFETY: `ptr` points into the `Arc<T>` whose count `block` owns,
+        // and `block` counts `self` among its references, so it keeps that
+        // count until `self` drops (`cache` module docs). A `T` behind an
+        // `Arc` is never mutated.
         unsafe { self.ptr.as_ref() }
     }
 }
 
 impl<T> Clone for RegistryRef<'_, T> {
     fn clone(&self) -> Self {
+        // SAFETY: `self` is one of the block's references, so it is alive.
+        unsafe { cache::pin(self.block) };
         Self {
             ptr: self.ptr,
-            keep: Rc::clone(&self.keep),
-            generation: self.generation,
+            block: self.block,
             _cell: PhantomData,
         }
+    }
+}
+
+impl<T> Drop for RegistryRef<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: `self` is one of the block's references (counted by
+        // `pin_cached`, `fill` or `clone`), so the block is alive, and it is
+        // this thread's (`RegistryRef` is not `Send`).
+        unsafe { cache::unpin(self.block) };
     }
 }
 
 impl<T: fmt::Debug> fmt::Debug for RegistryRef<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryRef")
-            .field("generation", &self.generation)
+            .field("generation", &self.generation())
             .field("instance", &**self)
             .finish()
     }

@@ -58,14 +58,48 @@ macro_rules! loom_const_fn {
 }
 pub(crate) use loom_const_fn;
 
-/// A process-wide unique, non-zero id.
+/// Declares a thread-local with a `const` initialiser in std builds (no lazy
+/// initialisation check on access) and a plain one under `toctou_loom`, whose
+/// `thread_local!` does not accept the `const { .. }` form.
+macro_rules! const_thread_local {
+    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr;) => {
+        #[cfg(not(toctou_loom))]
+        ::std::thread_local! {
+            $(#[$attr])* static $name: $t = const { $init };
+        }
+        #[cfg(toctou_loom)]
+        ::loom::thread_local! {
+            $(#[$attr])* static $name: $t = $init;
+        }
+    };
+}
+pub(crate) use const_thread_local;
+
+/// A process-wide counter: each [`next`](Self::next) returns a value no other
+/// call returns (until it wraps after 2^64 calls).
 ///
 /// Deliberately a plain `std` atomic in loom builds too: uniqueness needs no
 /// ordering with anything else, so there is nothing for loom to explore, and
-/// ids must stay unique across loom's repeated executions in one process.
+/// values must stay unique across loom's repeated executions in one process.
+pub(crate) struct Counter(std::sync::atomic::AtomicU64);
+
+impl Counter {
+    /// A counter whose first value is `first`.
+    pub(crate) const fn starting_at(first: u64) -> Self {
+        Self(std::sync::atomic::AtomicU64::new(first))
+    }
+
+    /// The next value.
+    pub(crate) fn next(&self) -> u64 {
+        // Relaxed: only uniqueness matters (see the type's docs).
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A process-wide unique, non-zero id.
 pub(crate) fn unique_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    static NEXT: Counter = Counter::starting_at(1);
+    NEXT.next()
 }
 
 /// A process-wide unique, non-zero id for the current thread, cheap enough

@@ -1,7 +1,10 @@
 //! Integration tests for `RegistryCell`: the seed's table (10 and 200
 //! workers), `reinit_if_changed` coalescing, readers during a slow reinit,
-//! and drop accounting.
+//! drop accounting, and the per-thread read cache's edge cases (references
+//! held across a refresh, cells sharing a cache slot, references outliving
+//! their thread's cache).
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -9,7 +12,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use toctou::RegistryCell;
+use toctou::{RegistryCell, RegistryRef};
 
 /// The seed's registry: built from settings, slowly.
 struct Registry {
@@ -179,6 +182,142 @@ fn replaced_instances_drop_when_their_last_reader_lets_go() {
     cell.reinit(2);
     assert_eq!(cell.get().generation(), 3);
     assert_eq!(DROPS.load(SeqCst), 2, "generation 2 dropped");
+}
+
+#[test]
+fn a_ref_held_across_its_own_threads_refresh_lives_until_it_drops() {
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    let cell: RegistryCell<(u8, Counted), u8> = RegistryCell::new(|s| (*s, Counted(&DROPS)));
+    let old = cell.get();
+    let old_clone = old.clone();
+    cell.reinit(1);
+    // This read replaces generation 1 in the thread's cache while two
+    // references of this thread still point at it.
+    let new = cell.get();
+    assert_eq!((new.0, new.generation()), (1, 2));
+    assert_eq!((old.0, old.generation()), (0, 1));
+    drop(old);
+    assert_eq!(old_clone.0, 0);
+    assert_eq!(DROPS.load(SeqCst), 0, "a clone still holds generation 1");
+    let arc = old_clone.to_arc();
+    drop(old_clone);
+    assert_eq!((arc.0, DROPS.load(SeqCst)), (0, 0), "an Arc still holds it");
+    drop(arc);
+    assert_eq!(
+        DROPS.load(SeqCst),
+        1,
+        "dropped with its last reader, with no further read"
+    );
+    drop(new);
+    assert_eq!(cell.get().0, 1);
+    assert_eq!(DROPS.load(SeqCst), 1, "generation 2 is current");
+}
+
+#[test]
+fn cells_sharing_a_cache_slot_stay_correct() {
+    // More cells than a thread's cache has slots (16), read in turn, with a
+    // reference to each held throughout: every read evicts another cell's
+    // entry that a reference still points at.
+    const CELLS: usize = 40;
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    // On a thread of its own, so that its cache's exit is part of the test.
+    thread::spawn(|| {
+        let cells: Vec<RegistryCell<(usize, Counted), usize>> = (0..CELLS)
+            .map(|_| RegistryCell::new(|s| (*s, Counted(&DROPS))))
+            .collect();
+        for (i, cell) in cells.iter().enumerate() {
+            cell.reinit(i);
+        }
+        let held: Vec<RegistryRef<'_, _>> = cells.iter().map(|c| c.get()).collect();
+        for _ in 0..3 {
+            for (i, cell) in cells.iter().enumerate() {
+                assert_eq!(cell.get().0, i);
+                assert_eq!(cell.get_arc().0, i);
+            }
+        }
+        for (i, cell) in cells.iter().enumerate() {
+            cell.reinit(i + CELLS);
+        }
+        for (i, (cell, held)) in cells.iter().zip(&held).enumerate() {
+            assert_eq!((held.0, held.generation()), (i, 1));
+            assert_eq!((cell.get().0, cell.get().generation()), (i + CELLS, 2));
+        }
+        assert_eq!(DROPS.load(SeqCst), 0, "every generation 1 is still held");
+        drop(held);
+        assert_eq!(
+            DROPS.load(SeqCst),
+            CELLS,
+            "every generation 1 dropped with its last reader"
+        );
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        DROPS.load(SeqCst),
+        2 * CELLS,
+        "the thread's exit released every generation 2"
+    );
+}
+
+#[test]
+fn a_ref_may_outlive_its_threads_cache() {
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    static CELL: RegistryCell<Counted, u8> = RegistryCell::new(|_| Counted(&DROPS));
+    thread_local! {
+        static HELD: RefCell<Option<RegistryRef<'static, Counted>>> = const { RefCell::new(None) };
+    }
+    // Thread-local destructors run in an order std does not promise, so
+    // the reference is stored both before and after the thread's first
+    // read: in one of the two threads it outlives the cache's emptying.
+    thread::spawn(|| {
+        HELD.with(|held| *held.borrow_mut() = Some(CELL.get()));
+    })
+    .join()
+    .unwrap();
+    thread::spawn(|| {
+        let _ = CELL.get();
+        HELD.with(|held| *held.borrow_mut() = Some(CELL.get()));
+    })
+    .join()
+    .unwrap();
+    assert_eq!(DROPS.load(SeqCst), 0, "generation 1 is current");
+    CELL.reinit(1);
+    assert_eq!(
+        DROPS.load(SeqCst),
+        1,
+        "the exited threads' references and caches let go of generation 1"
+    );
+}
+
+#[test]
+fn a_thread_local_destructor_may_read_a_cell() {
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    static CELL: RegistryCell<Counted, u8> = RegistryCell::new(|_| Counted(&DROPS));
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    struct ReadsOnExit;
+    impl Drop for ReadsOnExit {
+        fn drop(&mut self) {
+            let read = CELL.get();
+            SEEN.store(read.generation() as usize, SeqCst);
+        }
+    }
+    thread_local! {
+        static READER: ReadsOnExit = const { ReadsOnExit };
+    }
+    // As above, the reader's destructor runs before or after the cache is
+    // emptied, depending on the platform; two threads cover both orders.
+    thread::spawn(|| READER.with(|_| drop(CELL.get())))
+        .join()
+        .unwrap();
+    thread::spawn(|| {
+        let _ = CELL.get();
+        READER.with(|_| ());
+    })
+    .join()
+    .unwrap();
+    assert_eq!(SEEN.load(SeqCst), 1, "the destructor read generation 1");
+    CELL.reinit(1);
+    assert_eq!(DROPS.load(SeqCst), 1, "nothing kept generation 1 alive");
 }
 
 #[test]
