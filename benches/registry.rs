@@ -11,7 +11,9 @@
 //!   at least 1.8x the throughput of 1. Rows above the machine's core count
 //!   measure oversubscription.
 //! - `registry_get_scaling/N`: the lock-free readers only (`RegistryCell::get`
-//!   and `ArcSwap::load`), `SCALING_READS` reads per thread. At about 3 ns a
+//!   and `ArcSwap::load`), `SCALING_READS` reads per thread, beside a
+//!   calibration row that does register-only work of about a read's length:
+//!   its scaling is the most this machine and harness can show. At about 3 ns a
 //!   read, `READS` is a few hundred microseconds of work per thread, the same
 //!   order as the skew between threads starting; ten times the reads make the
 //!   group measure reading, not starting. (The lock-based rows would take
@@ -155,6 +157,19 @@ fn get(c: &mut Criterion) {
             &threads,
             |b, &n| {
                 b.iter_custom(|iters| readers(iters, n, SCALING_READS, &|| swap.load().providers))
+            },
+        );
+        // The machine's own ceiling: a loop of register-only work of about
+        // the same length as one read, which shares nothing at all.
+        g.bench_with_input(
+            BenchmarkId::new("calibration: no memory access", threads),
+            &threads,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    readers(iters, n, SCALING_READS, &|| {
+                        black_box(3usize).wrapping_mul(7).rotate_left(5) ^ 9
+                    })
+                })
             },
         );
     }
