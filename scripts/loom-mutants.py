@@ -241,7 +241,7 @@ MUTANTS = [
     (
         "RegistryCell cache: a replaced instance freed while references still count in its block",
         "src/registry/cache.rs",
-        "        if !b.retired.get() || b.made.get() != b.dropped.get() {\n",
+        "        if !b.retired.get() || b.refs.get() != 0 {\n",
         "        if !b.retired.get() {\n",
         "loom_registry",
         "a_ref_held_across_its_own_threads_refresh",

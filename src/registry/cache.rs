@@ -4,14 +4,14 @@
 //! id and generation) of the instance it last saw, and a [`Block`]. The block
 //! owns one strong count of the instance's `Arc` and counts the `RegistryRef`s
 //! this thread made from it. A cache hit costs two comparisons and one
-//! increment; dropping the `RegistryRef` costs one increment and one test. All
+//! increment; dropping the `RegistryRef` costs one decrement and one test. All
 //! of it is memory that only this thread touches: no shared counter, no
 //! `RefCell` flag, and the drop does not even look the cache up.
 //!
 //! # Lifetime rules
 //!
 //! - A block is alive while a cache entry points at it, or while a reference
-//!   made from it is alive (`made > dropped`). Whichever ends last frees it
+//!   made from it is alive (`refs > 0`). Whichever ends last frees it
 //!   and gives its strong count back: the cache when it *retires* the block
 //!   (a newer generation or another cell took the entry, or the thread is
 //!   exiting) and no reference is left, or else the last reference's drop.
@@ -19,11 +19,6 @@
 //!   reader on this thread lets go, or, if none holds it, when the thread next
 //!   reads the cell or exits. A `RegistryRef` may even outlive its thread's
 //!   cache (in another thread-local's destructor): its block lives on.
-//! - References are counted as two totals, `made` and `dropped`, rather than
-//!   one count up and down: a `get` and its drop then write two independent
-//!   memory locations, instead of each store waiting for the previous one
-//!   (a loop of reads would otherwise be bound by the store-to-load
-//!   forwarding latency of that chain).
 //! - A block never leaves its thread: `RegistryRef` is neither `Send` nor
 //!   `Sync`, and the cache is thread-local. That is what makes plain `Cell`s
 //!   enough.
@@ -81,8 +76,8 @@ pub(super) struct Block {
     ptr: NonNull<()>,
     /// Gives that count back: `release_arc::<T>`.
     release: unsafe fn(NonNull<()>),
-    made: Cell<u64>,
-    dropped: Cell<u64>,
+    /// How many `RegistryRef`s of this thread point here.
+    refs: Cell<usize>,
     /// No cache entry points here any more.
     retired: Cell<bool>,
 }
@@ -95,8 +90,7 @@ impl Block {
             key,
             ptr: NonNull::new(ptr).expect("Arc::into_raw is never null"),
             release: release_arc::<T>,
-            made: Cell::new(1),
-            dropped: Cell::new(0),
+            refs: Cell::new(1),
             retired: Cell::new(false),
         });
         NonNull::from(Box::leak(block))
@@ -112,12 +106,12 @@ impl Block {
     unsafe fn free_if_done(block: NonNull<Block>) {
         // SAFETY: alive and this thread's, per the caller.
         let b = unsafe { block.as_ref() };
-        if !b.retired.get() || b.made.get() != b.dropped.get() {
+        if !b.retired.get() || b.refs.get() != 0 {
             return;
         }
         let (ptr, release) = (b.ptr, b.release);
         // SAFETY: the block came from `Box::leak` in `Block::new`; nothing
-        // points at it any more (retired: no entry; made == dropped: no
+        // points at it any more (retired: no entry; refs == 0: no
         // reference), so this is its one free.
         drop(unsafe { Box::from_raw(block.as_ptr()) });
         // After the free: `T::drop` may read a cell and reach this cache.
@@ -261,7 +255,7 @@ pub(super) fn pin_cached(key: Key) -> Option<(NonNull<Block>, NonNull<()>)> {
             // SAFETY: the entry points at the block, so it is alive, and it
             // is this thread's.
             let b = unsafe { block.as_ref() };
-            b.made.set(b.made.get() + 1);
+            count_one_more(&b.refs);
             Some((block, b.ptr))
         })
         .ok()
@@ -306,8 +300,19 @@ pub(super) fn fill<T>(key: Key, instance: &Arc<T>) -> NonNull<Block> {
 #[inline]
 pub(super) unsafe fn pin(block: NonNull<Block>) {
     // SAFETY: per the caller.
-    let made = &unsafe { block.as_ref() }.made;
-    made.set(made.get() + 1);
+    count_one_more(&unsafe { block.as_ref() }.refs);
+}
+
+/// Adds a reference to a block's count, aborting (as `Rc` does) if the count
+/// would wrap: only `mem::forget` can get it there, and a wrapped count would
+/// free the block under live references.
+#[inline]
+fn count_one_more(refs: &Cell<usize>) {
+    let n = refs.get().wrapping_add(1);
+    refs.set(n);
+    if n == 0 {
+        std::process::abort();
+    }
 }
 
 /// Counts one reference fewer to `block`'s instance, freeing the block if
@@ -321,7 +326,7 @@ pub(super) unsafe fn pin(block: NonNull<Block>) {
 pub(super) unsafe fn unpin(block: NonNull<Block>) {
     // SAFETY: per the caller.
     let b = unsafe { block.as_ref() };
-    b.dropped.set(b.dropped.get() + 1);
+    b.refs.set(b.refs.get() - 1);
     if b.retired.get() {
         // SAFETY: per the caller; not used again.
         unsafe { unpin_retired(block) };
