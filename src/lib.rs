@@ -187,8 +187,8 @@
 //! - [`SingletonMap::get_or_init`] hit / `DashMap::get` + `Arc::clone`: 0.97.
 //! - [`KeyedLocks::lock`] + unlock / `lockmap::LockMap::entry`: 0.71 to 0.88
 //!   across the fresh-key, populated, disjoint-keys and hot-key groups.
-//! - [`RegistryCell::get`] / `ArcSwap::load`: 0.69 (0.16 to 0.17 on a 16-core
-//!   Xeon); [`RegistryCell::get_arc`] / `ArcSwap::load_full`: 0.53.
+//! - [`RegistryCell::get`] / `ArcSwap::load`: 0.35, alone or with 2 readers;
+//!   [`RegistryCell::get_arc`] / `ArcSwap::load_full`: 0.57.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

@@ -352,7 +352,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
             id: self.id.load(Ordering::Relaxed),
             generation,
         };
-        let block = cache::fill(key, &instance);
+        let block = cache::fill(key, instance);
         // SAFETY: `block` was just made, with one reference: ours.
         let ptr = unsafe { cache::instance(block) };
         // From `Arc::into_raw`, not from a `&T`: the pointer keeps the
