@@ -178,23 +178,33 @@ fn reinit_if_changed_with_equal_settings_builds_once() {
     });
 }
 
+/// A cell whose published instance has value 1 and sets the returned flag
+/// when it is dropped.
+fn cell_at_value_1() -> (Arc<RegistryCell<Instance, Probe>>, Arc<AtomicBool>) {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let cell = Arc::new(RegistryCell::new(build));
+    cell.reinit(Probe {
+        value: 1,
+        dropped: Some(dropped.clone()),
+        ..Probe::default()
+    });
+    (cell, dropped)
+}
+
+/// A thread that reinitialises `cell` to value 2.
+fn spawn_reinit_to_2(cell: &Arc<RegistryCell<Instance, Probe>>) -> thread::JoinHandle<()> {
+    let cell = cell.clone();
+    thread::spawn(move || drop(cell.reinit(probe(2))))
+}
+
 /// A reader holding a `RegistryRef` across a `reinit` keeps the old instance
 /// alive until it drops the reference.
 #[test]
 fn a_held_ref_keeps_the_old_instance_alive() {
     loom::model(|| {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let cell = Arc::new(RegistryCell::new(build));
-        cell.reinit(Probe {
-            value: 1,
-            dropped: Some(dropped.clone()),
-            ..Probe::default()
-        });
+        let (cell, dropped) = cell_at_value_1();
         let held = cell.get();
-        let writer = {
-            let cell = cell.clone();
-            thread::spawn(move || drop(cell.reinit(probe(2))))
-        };
+        let writer = spawn_reinit_to_2(&cell);
         writer.join().unwrap();
         assert_eq!(held.value, 1);
         assert!(!dropped.load(SeqCst), "dropped while a reader held it");
@@ -221,18 +231,9 @@ fn a_held_ref_keeps_the_old_instance_alive() {
 #[test]
 fn a_ref_held_across_its_own_threads_refresh() {
     loom::model(|| {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let cell = Arc::new(RegistryCell::new(build));
-        cell.reinit(Probe {
-            value: 1,
-            dropped: Some(dropped.clone()),
-            ..Probe::default()
-        });
+        let (cell, dropped) = cell_at_value_1();
         let held = cell.get();
-        let writer = {
-            let cell = cell.clone();
-            thread::spawn(move || drop(cell.reinit(probe(2))))
-        };
+        let writer = spawn_reinit_to_2(&cell);
         let seen = cell.get();
         assert!(matches!(seen.value, 1 | 2), "reader saw {}", seen.value);
         assert_eq!(held.value, 1);
