@@ -96,13 +96,29 @@ impl Block {
         NonNull::from(Box::leak(block))
     }
 
+    /// Marks the block as no longer in the cache, and frees it if no
+    /// reference is left.
+    ///
+    /// # Safety
+    ///
+    /// As `free_if_done`; no cache entry points at `block` any more.
+    unsafe fn retire(block: NonNull<Block>) {
+        // SAFETY: alive and this thread's, per the caller.
+        unsafe { block.as_ref() }.retired.set(true);
+        // SAFETY: per the caller; not used again.
+        unsafe { Block::free_if_done(block) };
+    }
+
     /// Frees the block and gives its count back, if it is retired and has no
-    /// references left.
+    /// references left. Out of line: only retirement and the drop of a
+    /// retired block's references get here.
     ///
     /// # Safety
     ///
     /// `block` is alive (see the module docs) and this thread's, and the
     /// caller does not use it again if it was freed.
+    #[cold]
+    #[inline(never)]
     unsafe fn free_if_done(block: NonNull<Block>) {
         // SAFETY: alive and this thread's, per the caller.
         let b = unsafe { block.as_ref() };
@@ -149,12 +165,10 @@ impl Entry {
     /// Empties the entry and retires its block, if it had one.
     fn retire(&self) {
         if self.key.replace(VACANT) != VACANT {
-            let block = self.block.get();
             // SAFETY: an entry's block is alive while the entry points at it
-            // (module docs), and the cache is this thread's.
-            unsafe { block.as_ref() }.retired.set(true);
-            // SAFETY: as above; not used again.
-            unsafe { Block::free_if_done(block) };
+            // (module docs), and the cache is this thread's; the entry is
+            // vacant now.
+            unsafe { Block::retire(self.block.get()) };
         }
     }
 }
@@ -219,10 +233,8 @@ impl ThreadCache {
         entry.key.set(key);
         if let Some(old) = old {
             // SAFETY: the entry pointed at `old` until just now, so it is
-            // alive, and it is this thread's.
-            unsafe { old.as_ref() }.retired.set(true);
-            // SAFETY: as above; not used again.
-            unsafe { Block::free_if_done(old) };
+            // alive, and it is this thread's; it points elsewhere now.
+            unsafe { Block::retire(old) };
         }
     }
 
@@ -242,25 +254,29 @@ fn armed() -> bool {
     EXIT.try_with(|_| ()).is_ok()
 }
 
+/// This thread's block for `key`, if it caches `key`. The block stays alive
+/// until this thread next touches the cache or a `RegistryRef`.
+#[inline]
+fn cached(key: Key) -> Option<NonNull<Block>> {
+    CACHE
+        .try_with(|cache| {
+            let entry = cache.entry(key.id);
+            (entry.key.get() == key).then(|| entry.block.get())
+        })
+        .ok()
+        .flatten()
+}
+
 /// If this thread caches `key`, counts one more reference to it and returns
 /// its block and instance (an `Arc::into_raw` pointer).
 #[inline]
 pub(super) fn pin_cached(key: Key) -> Option<(NonNull<Block>, NonNull<()>)> {
-    CACHE
-        .try_with(|cache| {
-            let entry = cache.entry(key.id);
-            if entry.key.get() != key {
-                return None;
-            }
-            let block = entry.block.get();
-            // SAFETY: the entry points at the block, so it is alive, and it
-            // is this thread's.
-            let b = unsafe { block.as_ref() };
-            count_one_more(&b.refs);
-            Some((block, b.ptr))
-        })
-        .ok()
-        .flatten()
+    let block = cached(key)?;
+    // SAFETY: the entry points at the block, so it is alive, and it is this
+    // thread's.
+    let b = unsafe { block.as_ref() };
+    count_one_more(&b.refs);
+    Some((block, b.ptr))
 }
 
 /// If this thread caches `key`, returns its instance (an `Arc::into_raw`
@@ -268,15 +284,9 @@ pub(super) fn pin_cached(key: Key) -> Option<(NonNull<Block>, NonNull<()>)> {
 /// this thread next touches the cache or a `RegistryRef`.
 #[inline]
 pub(super) fn peek_cached(key: Key) -> Option<NonNull<()>> {
-    CACHE
-        .try_with(|cache| {
-            let entry = cache.entry(key.id);
-            // SAFETY: the entry points at the block, so it is alive, and it
-            // is this thread's.
-            (entry.key.get() == key).then(|| unsafe { entry.block.get().as_ref() }.ptr)
-        })
-        .ok()
-        .flatten()
+    // SAFETY: the entry points at the block, so it is alive, and it is this
+    // thread's.
+    cached(key).map(|block| unsafe { block.as_ref() }.ptr)
 }
 
 /// Makes a block with one reference for `key`'s `instance`, and caches it
@@ -285,8 +295,8 @@ pub(super) fn peek_cached(key: Key) -> Option<NonNull<()>> {
 /// references alone keep it.
 pub(super) fn fill<T>(key: Key, instance: Arc<T>) -> NonNull<Block> {
     let block = Block::new(key, instance);
-    let cached = armed() && CACHE.try_with(|cache| cache.install(key, block)).is_ok();
-    if !cached {
+    let installed = armed() && CACHE.try_with(|cache| cache.install(key, block)).is_ok();
+    if !installed {
         // SAFETY: just made, and this thread's.
         unsafe { block.as_ref() }.retired.set(true);
     }
@@ -330,20 +340,8 @@ pub(super) unsafe fn unpin(block: NonNull<Block>) {
     b.refs.set(b.refs.get() - 1);
     if b.retired.get() {
         // SAFETY: per the caller; not used again.
-        unsafe { unpin_retired(block) };
+        unsafe { Block::free_if_done(block) };
     }
-}
-
-/// The rare end of `unpin`, kept out of line.
-///
-/// # Safety
-///
-/// As `Block::free_if_done`.
-#[cold]
-#[inline(never)]
-unsafe fn unpin_retired(block: NonNull<Block>) {
-    // SAFETY: forwarded from the caller.
-    unsafe { Block::free_if_done(block) };
 }
 
 /// The instance a block holds: an `Arc::into_raw` pointer.
