@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering::SeqCst;
 
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
-use loom::sync::{Arc, Mutex};
+use loom::sync::{Arc, Mutex, Notify};
 use loom::thread;
 use toctou::RegistryCell;
 
@@ -63,6 +63,27 @@ fn build(p: &Probe) -> Instance {
     Instance {
         value: p.value,
         dropped: p.dropped.clone(),
+    }
+}
+
+/// A one-shot signal between two threads (loom's `Notify` may wake up
+/// spuriously, so the waiter re-checks a flag).
+#[derive(Default)]
+struct Signal {
+    sent: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    fn send(&self) {
+        self.sent.store(true, SeqCst);
+        self.notify.notify();
+    }
+
+    fn wait(&self) {
+        while !self.sent.load(SeqCst) {
+            self.notify.wait();
+        }
     }
 }
 
@@ -209,13 +230,101 @@ fn a_held_ref_keeps_the_old_instance_alive() {
         assert_eq!(held.value, 1);
         assert!(!dropped.load(SeqCst), "dropped while a reader held it");
         drop(held);
-        // This thread's cache still holds generation 2's predecessor until
-        // it reads again.
-        assert_eq!(cell.get().value, 2);
+        // Gone with its last reader, before this thread reads again: its
+        // cache does not keep it.
         assert!(
             dropped.load(SeqCst),
             "not dropped after its last reader let go"
         );
+        assert_eq!(cell.get().value, 2);
+    });
+}
+
+/// A reader whose cache holds generation 1 reads again while a `reinit`
+/// replaces it: its `get` may be anywhere between the generation check and
+/// the deref when the writer's sweep looks at its cache. The writer must
+/// never give back an instance the reader is about to use, and once both are
+/// done the old instance is gone (the reader holds nothing; it exits only
+/// after the check, so its cache is still there).
+///
+/// Catches: the writer taking an instance back without the barrier; the
+/// reader skipping its re-check after announcing itself; a sweep that takes
+/// back a block a reference holds.
+///
+/// Bounded to 3 preemptions: unbounded, the model runs for minutes (the
+/// sweep takes several locks), and every mutant above is caught within 2.
+#[test]
+fn a_reader_between_its_check_and_its_deref_races_a_reinit() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let (cell, dropped) = cell_at_value_1();
+        let signals = || Arc::new(Signal::default());
+        let (cached, checked, exit) = (signals(), signals(), signals());
+        let reader = {
+            let (cell, dropped) = (cell.clone(), dropped.clone());
+            let (cached, checked, exit) = (cached.clone(), checked.clone(), exit.clone());
+            thread::spawn(move || {
+                // Caches generation 1 before the race (racing the fill is
+                // the next model's business).
+                drop(cell.get());
+                cached.send();
+                let seen = cell.get();
+                if seen.generation() == 1 {
+                    // Checked through the flag, before any deref.
+                    assert!(!dropped.load(SeqCst), "dropped while a reader held it");
+                    assert_eq!(seen.value, 1);
+                } else {
+                    assert_eq!(seen.value, 2);
+                }
+                drop(seen);
+                checked.send();
+                exit.wait();
+            })
+        };
+        cached.wait();
+        drop(cell.reinit(probe(2)));
+        checked.wait();
+        assert!(
+            dropped.load(SeqCst),
+            "generation 1 kept alive by an idle reader's cache"
+        );
+        exit.send();
+        reader.join().unwrap();
+    });
+}
+
+/// A thread reads the cell once, while a `reinit` runs, and then idles with
+/// the cell in its cache: after both, the replaced instance is gone, however
+/// the read and the sweep interleaved.
+///
+/// Catches: a last reference that drops without checking `doomed`; a cache
+/// fill that does not re-check the generation under its record's lock (it
+/// can then cache a block the sweep has already passed).
+#[test]
+fn an_idle_cached_thread_does_not_keep_a_replaced_instance() {
+    loom::model(|| {
+        let (cell, dropped) = cell_at_value_1();
+        let (read, exit) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
+        let reader = {
+            let cell = cell.clone();
+            let (read, exit) = (read.clone(), exit.clone());
+            thread::spawn(move || {
+                let seen = cell.get();
+                assert!(matches!(seen.value, 1 | 2), "reader saw {}", seen.value);
+                drop(seen);
+                read.send();
+                exit.wait();
+            })
+        };
+        drop(cell.reinit(probe(2)));
+        read.wait();
+        assert!(
+            dropped.load(SeqCst),
+            "generation 1 kept alive by an idle reader's cache"
+        );
+        exit.send();
+        reader.join().unwrap();
     });
 }
 

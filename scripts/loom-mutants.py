@@ -215,52 +215,97 @@ MUTANTS = [
     (
         "RegistryCell: first init without the re-check under the builder lock",
         "src/registry.rs",
-        "        let _builder = self.builder.lock();\n        if self.current.lock().is_some() {\n            return;\n        }\n",
-        "        let _builder = self.builder.lock();\n",
+        "        let builder = self.builder.lock();\n        if self.current.lock().is_some() {\n            return;\n        }\n",
+        "        let builder = self.builder.lock();\n",
         "loom_registry",
         "first_init_race",
     ),
     (
         "RegistryCell: reinit builds and publishes without holding the builder lock",
         "src/registry.rs",
-        "        let _builder = self.builder.lock();\n        self.build_and_publish(settings, build)\n",
-        "        let _builder = self.builder.lock();\n        drop(_builder);\n"
-        "        self.build_and_publish(settings, build)\n",
+        "        let builder = self.builder.lock();\n        self.build_and_publish(builder, settings, build)\n",
+        "        let builder = self.builder.lock();\n        drop(builder);\n"
+        "        let unlocked = crate::sync::Mutex::new(());\n"
+        "        self.build_and_publish(unlocked.lock(), settings, build)\n",
         "loom_registry",
         "two_reinits",
     ),
     (
         "RegistryCell: reinit_if_changed compares and builds under different locks",
         "src/registry.rs",
-        "        }\n        let Ok(instance) = self.build_and_publish(settings, self.own_build());\n",
-        "        }\n        drop(_builder);\n        let _builder = self.builder.lock();\n"
-        "        let Ok(instance) = self.build_and_publish(settings, self.own_build());\n",
+        "        }\n        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());\n",
+        "        }\n        drop(builder);\n        let builder = self.builder.lock();\n"
+        "        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());\n",
         "loom_registry",
         "reinit_if_changed_with_equal_settings_builds_once",
     ),
     (
         "RegistryCell cache: a replaced instance freed while references still count in its block",
         "src/registry/cache.rs",
-        "        if !b.retired.get() || b.refs.get() != 0 {\n",
-        "        if !b.retired.get() {\n",
+        "        if b.refs.load(Ordering::Relaxed) != 0 {\n            return None;\n        }\n",
+        "",
+        "loom_registry",
+        "a_ref_held_across_its_own_threads_refresh",
+    ),
+    # No mutant for "a cache hit on the cell id alone, ignoring the
+    # generation": since the sweep marks every older cached block `doomed`
+    # before `reinit` returns, and a reader re-checks `doomed` after it
+    # announces itself, such a hit backs off exactly where a stale read would
+    # have happened. The mutant is equivalent; the generation compare stays as
+    # the cheaper way to miss.
+    (
+        "RegistryCell cache: a refresh that never retires the block it replaces (lost track of)",
+        "src/registry/cache.rs",
+        "                .and_then(|old| unsafe { Block::retire(old) })\n",
+        "                .and_then(|_old| None::<Count>)\n",
         "loom_registry",
         "a_ref_held_across_its_own_threads_refresh",
     ),
     (
-        "RegistryCell cache: a hit on the cell id alone, ignoring the generation (stale reads)",
+        "RegistryCell sweep: the writer takes an instance back without the barrier",
         "src/registry/cache.rs",
-        "            (entry.key.get() == key).then(|| entry.block.get())\n",
-        "            (entry.key.get().id == key.id).then(|| entry.block.get())\n",
+        "    barrier::heavy();\n",
+        "",
         "loom_registry",
-        "a_ref_held_across_its_own_threads_refresh",
+        "a_reader_between_its_check_and_its_deref_races_a_reinit",
     ),
     (
-        "RegistryCell cache: a refresh that never retires the block it replaces (a leak)",
+        "RegistryCell cache: the reader skips its re-check after announcing itself",
         "src/registry/cache.rs",
-        "            unsafe { Block::retire(old) };\n",
-        "            let _ = old;\n",
+        "    if b.doomed.load(Ordering::Relaxed) {\n"
+        "        // SAFETY: we just counted this reference; the block is alive.\n"
+        "        unsafe { unpin(block) };\n"
+        "        return false;\n"
+        "    }\n",
+        "",
         "loom_registry",
-        "a_ref_held_across_its_own_threads_refresh",
+        "a_reader_between_its_check_and_its_deref_races_a_reinit",
+    ),
+    (
+        "RegistryCell sweep: takes back a block that a reference holds",
+        "src/registry/cache.rs",
+        "            if ours && b.refs.load(Ordering::Acquire) == 0 {\n",
+        "            if ours {\n",
+        "loom_registry",
+        "a_reader_between_its_check_and_its_deref_races_a_reinit",
+    ),
+    (
+        "RegistryCell cache: the last reference drops without checking doomed (an idle cache pins the instance)",
+        "src/registry/cache.rs",
+        "    if b.doomed.load(Ordering::Relaxed) {\n"
+        "        // SAFETY: alive, this thread's, in its entry, unreferenced.\n",
+        "    if false {\n"
+        "        // SAFETY: alive, this thread's, in its entry, unreferenced.\n",
+        "loom_registry",
+        "an_idle_cached_thread_does_not_keep_a_replaced_instance",
+    ),
+    (
+        "RegistryCell cache: a fill caches without re-checking the generation under the record's lock",
+        "src/registry/cache.rs",
+        "            if generation.load(Ordering::Acquire) != key.generation {\n",
+        "            if false {\n",
+        "loom_registry",
+        "an_idle_cached_thread_does_not_keep_a_replaced_instance",
     ),
     (
         "keyed: take the key without checking that it is free",

@@ -38,7 +38,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::reentry;
-use crate::sync::{AtomicU64, Mutex, Ordering, loom_const_fn};
+use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering, loom_const_fn};
 use cache::{Block, Key};
 
 /// The published state.
@@ -222,8 +222,12 @@ impl<T, S> RegistryCell<T, S> {
         }
     }
 
-    /// Publishes `instance` built from `settings`. The caller holds `builder`.
-    fn publish(&self, settings: S, instance: T) -> Arc<T> {
+    /// Publishes `instance` built from `settings`, and takes the replaced
+    /// instance back from every thread's cache that holds it without a
+    /// reference. Returns the published instance, and the replaced state for
+    /// the caller to drop once it has released `builder`. The caller holds
+    /// `builder`.
+    fn publish(&self, settings: S, instance: T) -> (Arc<T>, Option<Current<T, S>>) {
         let instance = Arc::new(instance);
         let settings = Arc::new(settings);
         if self.id.load(Ordering::Relaxed) == 0 {
@@ -246,16 +250,22 @@ impl<T, S> RegistryCell<T, S> {
             self.generation.store(generation, Ordering::Release);
             replaced
         };
-        // The replaced instance (if this was its last holder) drops here,
-        // outside the lock.
-        drop(replaced);
-        instance
+        if let Some(replaced) = &replaced {
+            // Under `builder`, which serialises the sweeps of this cell (see
+            // `cache::reclaim`). The counts it takes back are given back
+            // inside; this `Arc` drops at the caller.
+            cache::reclaim(self.id.load(Ordering::Relaxed), replaced.generation + 1);
+        }
+        (instance, replaced)
     }
 
-    /// Runs `build` with this thread marked as building the cell, and
-    /// publishes its `Ok`. The caller holds `builder`.
+    /// Runs `build` with this thread marked as building the cell, publishes
+    /// its `Ok`, releases `builder`, and only then drops the replaced
+    /// instance (if this was its last holder), so that its `drop` may use
+    /// the cell.
     fn build_and_publish<E>(
         &self,
+        builder: MutexGuard<'_, ()>,
         settings: S,
         build: impl FnOnce(&S) -> Result<T, E>,
     ) -> Result<Arc<T>, E> {
@@ -263,7 +273,10 @@ impl<T, S> RegistryCell<T, S> {
             let _mark = reentry::Mark::enter(self.addr());
             build(&settings)?
         };
-        Ok(self.publish(settings, instance))
+        let (instance, replaced) = self.publish(settings, instance);
+        drop(builder);
+        drop(replaced);
+        Ok(instance)
     }
 
     /// The cell's own build function, in the form `build_and_publish` takes.
@@ -352,7 +365,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
             id: self.id.load(Ordering::Relaxed),
             generation,
         };
-        let block = cache::fill(key, instance);
+        let block = cache::fill(key, instance, &self.generation);
         // SAFETY: `block` was just made, with one reference: ours.
         let ptr = unsafe { cache::instance(block) };
         // From `Arc::into_raw`, not from a `&T`: the pointer keeps the
@@ -372,11 +385,11 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         S: Default,
     {
         self.assert_not_reentrant("first initialisation");
-        let _builder = self.builder.lock();
+        let builder = self.builder.lock();
         if self.current.lock().is_some() {
             return;
         }
-        let Ok(_) = self.build_and_publish(S::default(), self.own_build());
+        let Ok(_) = self.build_and_publish(builder, S::default(), self.own_build());
     }
 
     /// The published instance as an `Arc`, to hold across threads or an
@@ -392,19 +405,9 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     where
         S: Default,
     {
-        if let Some(ptr) = cache::peek_cached(self.published()) {
-            let ptr = ptr.cast::<T>().as_ptr().cast_const();
-            // SAFETY: `ptr` is `Arc::into_raw` of an `Arc<T>` (this cell's id
-            // fixes `T`) whose count this thread's cache entry owns, and
-            // nothing has touched the cache since `peek_cached` found it: the
-            // strong count is at least 1 and may be incremented, and
-            // `from_raw` then takes ownership of that new count.
-            return unsafe {
-                Arc::increment_strong_count(ptr);
-                Arc::from_raw(ptr)
-            };
-        }
-        self.get_slow().to_arc()
+        // Through a `RegistryRef`, not a bare look-up: the reference is what
+        // keeps a sweep from taking the instance back while we clone it.
+        self.get().to_arc()
     }
 
     /// Builds a new instance from `settings` and publishes it. Returns the
@@ -449,13 +452,13 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         S: PartialEq,
     {
         self.assert_not_reentrant("reinit");
-        let _builder = self.builder.lock();
+        let builder = self.builder.lock();
         if let Some(current) = &*self.current.lock() {
             if *current.settings == settings {
                 return Arc::clone(&current.instance);
             }
         }
-        let Ok(instance) = self.build_and_publish(settings, self.own_build());
+        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());
         instance
     }
 
@@ -477,8 +480,8 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         build: impl FnOnce(&S) -> Result<T, E>,
     ) -> Result<Arc<T>, E> {
         self.assert_not_reentrant("reinit");
-        let _builder = self.builder.lock();
-        self.build_and_publish(settings, build)
+        let builder = self.builder.lock();
+        self.build_and_publish(builder, settings, build)
     }
 
     /// The settings of the published instance, building the first instance
@@ -499,6 +502,20 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
                 return Arc::clone(&current.settings);
             }
             self.init_first();
+        }
+    }
+}
+
+impl<T, S> Drop for RegistryCell<T, S> {
+    /// Takes the instance back from every thread's cache, so that it drops
+    /// with the cell unless an `Arc` from [`get_arc`](Self::get_arc) or
+    /// [`reinit`](Self::reinit) still holds it. (No `RegistryRef` can: they
+    /// borrow the cell.)
+    fn drop(&mut self) {
+        // Relaxed: `&mut self`; nothing runs concurrently on this cell.
+        let id = self.id.load(Ordering::Relaxed);
+        if id != 0 {
+            cache::reclaim(id, u64::MAX);
         }
     }
 }

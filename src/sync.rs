@@ -25,7 +25,7 @@ use std::ops::{Deref, DerefMut};
 
 #[cfg(not(toctou_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use std::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use std::thread::{Thread, current, park};
@@ -34,7 +34,7 @@ mod imp {
 
 #[cfg(toctou_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use loom::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use loom::thread::{Thread, current, park};
@@ -42,8 +42,8 @@ mod imp {
 }
 
 pub(crate) use imp::{
-    AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard, Thread,
-    current, park, thread_local,
+    AtomicBool, AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard,
+    Thread, current, park, thread_local,
 };
 
 /// Declares a function that is `const fn` in std builds and a plain `fn`
@@ -74,6 +74,194 @@ macro_rules! const_thread_local {
     };
 }
 pub(crate) use const_thread_local;
+
+/// Declares `fn $name() -> &'static $t`, a process-wide value. In std
+/// builds it is a plain `static` with a `const` initialiser. Under
+/// `toctou_loom` it is created afresh in every execution of a model (loom's
+/// primitives are not `const`, and state must not leak from one execution
+/// into the next) and leaked, so that a reference to it stays valid for the
+/// rest of the execution: loom drops its lazy statics *before* the main
+/// thread's thread-locals, and a joined thread's thread-local destructors
+/// may still be running then.
+macro_rules! global_ref {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident() -> &'static $t:ty = $init:expr;) => {
+        #[cfg(not(toctou_loom))]
+        $(#[$attr])*
+        $vis fn $name() -> &'static $t {
+            static VALUE: $t = $init;
+            &VALUE
+        }
+        #[cfg(toctou_loom)]
+        $(#[$attr])*
+        $vis fn $name() -> &'static $t {
+            ::loom::lazy_static! {
+                static ref VALUE: &'static $t = Box::leak(Box::new($init));
+            }
+            *VALUE
+        }
+    };
+}
+pub(crate) use global_ref;
+
+/// Asymmetric fences: a [`light`](barrier::light) one that a hot read path
+/// pays on every read, and a [`heavy`](barrier::heavy) one that a rare writer
+/// pays, which together order memory as if *both* sides had executed a
+/// `SeqCst` fence at the instant of the heavy one.
+///
+/// The hand-shake they serve is Dekker's: a reader stores "I am using X",
+/// fences, and loads "X is being taken back"; a writer stores "X is being
+/// taken back", fences, and loads "is anyone using X?". With a fence on both
+/// sides at least one of them sees the other's store. The reader's fence is
+/// the expensive one to pay on every read, so on Linux it is only a compiler
+/// fence, and the writer makes it a real one after the fact:
+/// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` interrupts every CPU that
+/// is running a thread of this process and executes a full memory barrier
+/// there (a thread that is not running passed one when it was switched out).
+/// Linux's RCU, folly's hazard pointers and seize use the same scheme.
+///
+/// - Linux (not under miri): the process registers for the expedited command
+///   the first time [`prepare`](barrier::prepare) runs. If the kernel lacks
+///   it (before 4.14, or a sandbox that filters the syscall), both sides fall
+///   back to `SeqCst` fences for the life of the process.
+/// - Other platforms, and miri: `SeqCst` fences on both sides: correct, at
+///   the price of a hardware fence on the read path. This is the fallback
+///   code path, and the one miri checks.
+/// - Under `toctou_loom` both are `SeqCst` fences: loom then explores exactly
+///   the semantics above, a full fence on both sides at the barrier's instant.
+pub(crate) mod barrier {
+    #[cfg(all(target_os = "linux", not(miri), not(toctou_loom)))]
+    pub(crate) use self::membarrier::{heavy, light, prepare};
+
+    #[cfg(not(all(target_os = "linux", not(miri), not(toctou_loom))))]
+    pub(crate) use self::fences::{heavy, light, prepare};
+
+    #[cfg(not(all(target_os = "linux", not(miri), not(toctou_loom))))]
+    mod fences {
+        #[cfg(toctou_loom)]
+        use loom::sync::atomic::{Ordering, fence};
+        #[cfg(not(toctou_loom))]
+        use std::sync::atomic::{Ordering, fence};
+
+        /// Nothing to set up.
+        #[inline]
+        pub(crate) fn prepare() {}
+
+        /// The read side: a full fence.
+        #[inline]
+        pub(crate) fn light() {
+            fence(Ordering::SeqCst);
+        }
+
+        /// The write side: a full fence.
+        #[inline]
+        pub(crate) fn heavy() {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    #[cfg(all(target_os = "linux", not(miri), not(toctou_loom)))]
+    mod membarrier {
+        use std::sync::atomic::{AtomicU8, Ordering, compiler_fence, fence};
+
+        /// Not decided yet: [`light`] fences fully.
+        const UNDECIDED: u8 = 0;
+        /// No expedited membarrier: both sides fence fully.
+        const FENCES: u8 = 1;
+        /// Registered for the expedited membarrier.
+        const MEMBARRIER: u8 = 2;
+
+        /// Decided once per process, by the first [`strategy`] call; it only
+        /// ever moves away from `UNDECIDED`, by one compare-exchange.
+        static STRATEGY: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+        // From the kernel's uapi `linux/membarrier.h`.
+        const CMD_QUERY: libc::c_int = 0;
+        const CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+        const CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+        fn membarrier(cmd: libc::c_int) -> libc::c_long {
+            // SAFETY: membarrier(2) takes (cmd, flags, cpu_id) and touches no
+            // memory of ours; flags 0 and cpu_id 0 are valid for every
+            // command used here.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_membarrier,
+                    cmd,
+                    0 as libc::c_uint,
+                    0 as libc::c_int,
+                )
+            }
+        }
+
+        /// The process's strategy, deciding it on first use.
+        fn strategy() -> u8 {
+            // Relaxed: a value other than UNDECIDED is final. A stale
+            // UNDECIDED only sends us to `decide`, whose compare-exchange
+            // reads the latest value.
+            match STRATEGY.load(Ordering::Relaxed) {
+                UNDECIDED => decide(),
+                decided => decided,
+            }
+        }
+
+        #[cold]
+        fn decide() -> u8 {
+            let supported = membarrier(CMD_QUERY);
+            let mine = if supported >= 0
+                && supported & libc::c_long::from(CMD_PRIVATE_EXPEDITED) != 0
+                && membarrier(CMD_REGISTER_PRIVATE_EXPEDITED) == 0
+            {
+                MEMBARRIER
+            } else {
+                FENCES
+            };
+            // Relaxed: the registration above is a syscall, complete before
+            // this store; a reader that sees MEMBARRIER only needs the
+            // kernel to know this process is registered, which it does.
+            match STRATEGY.compare_exchange(UNDECIDED, mine, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => mine,
+                Err(first) => first,
+            }
+        }
+
+        /// Decides the strategy (a syscall or two, once per process), so that
+        /// [`light`] can be a compiler fence from now on. Call it before the
+        /// first read that will use [`light`] on a hot path.
+        #[inline]
+        pub(crate) fn prepare() {
+            strategy();
+        }
+
+        /// The read side: a compiler fence once the process is registered
+        /// for the expedited membarrier, a full fence otherwise.
+        #[inline]
+        pub(crate) fn light() {
+            // Relaxed: see `strategy`. If this thread sees MEMBARRIER, every
+            // `heavy` in the process sees it too (the value is final), so the
+            // compiler fence here is made a full one by their membarrier.
+            if STRATEGY.load(Ordering::Relaxed) == MEMBARRIER {
+                compiler_fence(Ordering::SeqCst);
+            } else {
+                fence(Ordering::SeqCst);
+            }
+        }
+
+        /// The write side: an expedited membarrier, or a full fence where
+        /// the readers fence fully.
+        pub(crate) fn heavy() {
+            if strategy() == MEMBARRIER {
+                if membarrier(CMD_PRIVATE_EXPEDITED) != 0 {
+                    // Registered, so the kernel cannot refuse it; if it did,
+                    // readers that trusted their compiler fences could use
+                    // freed memory. Nothing safe is left to do.
+                    std::process::abort();
+                }
+            } else {
+                fence(Ordering::SeqCst);
+            }
+        }
+    }
+}
 
 /// A process-wide counter: each [`next`](Self::next) returns a value no other
 /// call returns (until it wraps after 2^64 calls).
