@@ -19,6 +19,13 @@
 //!   group measure reading, not starting. (The lock-based rows would take
 //!   seconds per iteration at that size, so they stay in the group above.)
 //!
+//! - `registry_reinit`: publishing a new instance (a trivial build), beside
+//!   `ArcSwap::store` and `RwLock<Arc<T>>::write`. `reinit` sweeps every
+//!   thread's cache for the replaced instance; when a cache holds it (the
+//!   `get + reinit` rows: this thread read it, and with `+ N idle readers`
+//!   other threads did too) the sweep pays one expedited membarrier, whose
+//!   bare cost is the `membarrier` row (Linux only).
+//!
 //! Run: `cargo bench --bench registry`.
 
 use std::hint::black_box;
@@ -176,5 +183,80 @@ fn get(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, get);
+fn reinit(c: &mut Criterion) {
+    static CELL: RegistryCell<Registry, usize> = RegistryCell::new(build);
+    CELL.reinit(1);
+    let swap = ArcSwap::from_pointee(build(&1));
+    let rw = RwLock::new(Arc::new(build(&1)));
+
+    let mut g = c.benchmark_group("registry_reinit");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("toctou::RegistryCell::reinit", |b| {
+        b.iter(|| black_box(CELL.reinit(black_box(2))))
+    });
+    g.bench_function("toctou::RegistryCell::get + reinit", |b| {
+        b.iter(|| {
+            black_box(CELL.get().providers);
+            black_box(CELL.reinit(black_box(2)))
+        })
+    });
+    g.bench_function("arc_swap::ArcSwap::store", |b| {
+        b.iter(|| swap.store(Arc::new(build(black_box(&2)))))
+    });
+    g.bench_function("arc_swap::ArcSwap::load + store", |b| {
+        b.iter(|| {
+            black_box(swap.load().providers);
+            swap.store(Arc::new(build(black_box(&2))))
+        })
+    });
+    g.bench_function("RwLock<Arc>::write + assign", |b| {
+        b.iter(|| *rw.write().unwrap() = Arc::new(build(black_box(&2))))
+    });
+    #[cfg(target_os = "linux")]
+    g.bench_function("membarrier(PRIVATE_EXPEDITED)", |b| {
+        // Registration is idempotent: the cell's first read already did it.
+        // SAFETY: membarrier(2) with (cmd, flags = 0, cpu_id = 0) touches no
+        // memory of ours.
+        let membarrier = |cmd: libc::c_int| unsafe {
+            libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_uint, 0 as libc::c_int)
+        };
+        assert_eq!(membarrier(1 << 4), 0, "register for the expedited command");
+        b.iter(|| membarrier(1 << 3))
+    });
+    // The same, with idle (parked) readers whose caches the sweep must visit
+    // on every reinit: they cached the first instance, which the first sweep
+    // took back; the membarrier does not interrupt parked threads.
+    for idle in [2usize, 8] {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cached = Arc::new(std::sync::Barrier::new(idle + 1));
+        let readers: Vec<_> = (0..idle)
+            .map(|_| {
+                let (stop, cached) = (stop.clone(), cached.clone());
+                std::thread::spawn(move || {
+                    black_box(CELL.get().providers);
+                    cached.wait();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::thread::park();
+                    }
+                })
+            })
+            .collect();
+        cached.wait();
+        g.bench_function(
+            BenchmarkId::new("toctou::RegistryCell::get + reinit, idle readers", idle),
+            |b| {
+                b.iter(|| {
+                    black_box(CELL.get().providers);
+                    black_box(CELL.reinit(black_box(2)))
+                })
+            },
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        readers.iter().for_each(|r| r.thread().unpark());
+        readers.into_iter().for_each(|r| r.join().unwrap());
+    }
+    g.finish();
+}
+
+criterion_group!(benches, get, reinit);
 criterion_main!(benches);
