@@ -5,8 +5,10 @@
 //! Each shard of the [`Table`] holds two hash tables: `ready`, the stored
 //! values (`K -> Arc<V>`), and `pending`, the initialisations in flight
 //! (`K -> Arc<Once>`). A key is in at most one of them. Keeping them apart
-//! keeps a ready entry as small as a `HashMap<K, Arc<V>>` entry, so the hit
-//! path touches no more memory than dashmap's.
+//! keeps a ready entry small: the key, its hash and the `Arc`, one word more
+//! than a `HashMap<K, Arc<V>>` entry. The stored hash is what lets a table
+//! grow without calling the user's `Hash` (see [`Entry`](crate::table::Entry)),
+//! so a panicking `Hash` cannot drop other keys' values or claims.
 //!
 //! Every step that decides something happens under the shard's write lock,
 //! so check and act are one atomic step:
@@ -511,9 +513,7 @@ where
         let Some(entry) = shard.pending.find(hash, key) else {
             let init = SharedInit::new();
             let once = Arc::clone(init.once());
-            shard
-                .pending
-                .insert_new(hash, key.to_owned(), once, |k| self.table.hash(k));
+            shard.pending.insert_new(hash, key.to_owned(), once);
             return Step::Claimed(Claim {
                 map: self,
                 hash,
@@ -718,11 +718,10 @@ impl<K: Hash + Eq, V, S: BuildHasher> Claim<'_, K, V, S> {
                 .pending
                 .remove_by(self.hash, Self::is_ours(init.once()))
                 .expect("a pending entry stays in the map until its claimant ends it");
-            // The key moves from `pending` to `ready`: no clone.
-            let table = &self.map.table;
+            // The key moves from `pending` to `ready`: no clone, no rehash.
             shard
                 .ready
-                .insert_new(self.hash, entry.key, Arc::clone(&value), |k| table.hash(k));
+                .insert_new(self.hash, entry.key, Arc::clone(&value));
         }
         // After the map holds the value: a woken waiter re-reads the map.
         init.complete();

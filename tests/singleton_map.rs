@@ -2,9 +2,12 @@
 //! parallel keys, `remove` against an in-flight init, retry after error, panic
 //! and cancellation, reentrancy, and drop accounting.
 
+use std::cell::Cell;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, mpsc};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -526,6 +529,160 @@ fn clear_waits_for_an_init_in_flight() {
     });
     assert!(map.is_empty());
     assert_eq!(drops.load(SeqCst), 1);
+}
+
+/// A key whose `Hash` panics for key 0 while this thread has armed it with
+/// [`with_hash_of_zero_panicking`]: hostile user code that the map calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fragile(u64);
+
+thread_local! {
+    static HASH_OF_ZERO_PANICS: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Hash for Fragile {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        if self.0 == 0 && HASH_OF_ZERO_PANICS.get() {
+            panic!("the Hash of key 0 panics");
+        }
+        state.write_u64(self.0);
+    }
+}
+
+/// Runs `f` with key 0's `Hash` panicking on this thread, and catches the
+/// panic if one escapes.
+fn with_hash_of_zero_panicking<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    HASH_OF_ZERO_PANICS.set(true);
+    let result = catch_unwind(AssertUnwindSafe(f));
+    HASH_OF_ZERO_PANICS.set(false);
+    result
+}
+
+/// Hashes a `u64` to itself, so that which bucket a key lands in, and when
+/// the table rehashes in place, are deterministic.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("Fragile hashes one u64")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdentityHash = BuildHasherDefault<Identity>;
+
+/// The keys that survive the table set-up below: 0 and 41..56.
+fn survivors() -> impl Iterator<Item = u64> {
+    std::iter::once(0).chain(41..56)
+}
+
+#[test]
+fn a_panicking_hash_during_a_rehash_does_not_lose_other_keys_values() {
+    // 56 keys fill a 64-bucket table (capacity 56); removing 40 of them
+    // leaves 40 tombstones and no growth left, so the next insert rehashes
+    // in place. If that rehash called `Hash` on the stored keys, key 0's
+    // panic would drop every entry not yet rehashed: here, all 16.
+    let map: SingletonMap<Fragile, u64, IdentityHash> = SingletonMap::default();
+    let runs = AtomicUsize::new(0);
+    let init = |k: &Fragile| {
+        runs.fetch_add(1, SeqCst);
+        k.0
+    };
+    for k in 0..56 {
+        map.get_or_init(&Fragile(k), init);
+    }
+    for k in 1..=40 {
+        assert_eq!(map.remove(&Fragile(k)).as_deref(), Some(&k));
+    }
+    assert_eq!(map.len(), 16);
+
+    let inserted = with_hash_of_zero_panicking(|| *map.get_or_init(&Fragile(60), init));
+    for k in survivors() {
+        assert_eq!(
+            map.get(&Fragile(k)).as_deref(),
+            Some(&k),
+            "key {k}'s value survived"
+        );
+    }
+    assert_eq!(*map.get_or_init(&Fragile(41), init), 41);
+    assert_eq!(runs.load(SeqCst), 57, "no key is initialised twice");
+    assert_eq!(
+        inserted.ok(),
+        Some(60),
+        "growing the table calls no user Hash, so key 0's cannot panic"
+    );
+    assert_eq!(map.len(), 17);
+}
+
+#[test]
+fn a_panicking_hash_during_a_rehash_does_not_lose_inits_in_flight() {
+    // The same table shape, in `pending`: 56 async inits are suspended, 40
+    // are cancelled, and a 57th claim rehashes the in-flight table in place.
+    let map: SingletonMap<Fragile, u64, IdentityHash> = SingletonMap::default();
+    let open = Cell::new(false);
+    let runs = Cell::new(0);
+    let gated = |k: &Fragile| {
+        runs.set(runs.get() + 1);
+        let k = k.0;
+        let open = &open;
+        async move {
+            std::future::poll_fn(|_| {
+                if open.get() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            k
+        }
+    };
+    let keys: Vec<Fragile> = (0..=60).map(Fragile).collect();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut inits: Vec<_> = keys[..56]
+        .iter()
+        .map(|k| Box::pin(map.get_or_init_async(k, gated)))
+        .collect();
+    for init in &mut inits {
+        assert!(init.as_mut().poll(&mut cx).is_pending(), "suspended");
+    }
+    // Cancelled: each gives its claim back, leaving a tombstone.
+    drop(inits.drain(1..=40));
+
+    let mut sixty = Box::pin(map.get_or_init_async(&keys[60], gated));
+    let claimed = with_hash_of_zero_panicking(|| sixty.as_mut().poll(&mut cx).is_pending());
+
+    // Every surviving claim is still in the map: a newcomer for its key
+    // waits for it instead of claiming the key a second time.
+    for k in survivors() {
+        let mut newcomer = Box::pin(map.get_or_init_async(&keys[k as usize], gated));
+        assert!(newcomer.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(runs.get(), 57, "key {k}'s initialiser ran twice");
+    }
+    assert_eq!(
+        claimed.ok(),
+        Some(true),
+        "growing the table calls no user Hash, so key 0's cannot panic"
+    );
+
+    open.set(true);
+    inits.push(sixty);
+    for (init, k) in inits.iter_mut().zip(survivors().chain([60])) {
+        let published = catch_unwind(AssertUnwindSafe(|| init.as_mut().poll(&mut cx)));
+        match published {
+            Ok(Poll::Ready(value)) => assert_eq!(*value, k),
+            Ok(Poll::Pending) => panic!("key {k}'s init is still pending"),
+            Err(_) => panic!("publishing key {k} panicked: its pending entry was lost"),
+        }
+    }
+    assert_eq!(map.len(), 17);
+    assert_eq!(format!("{map:?}").matches("<initializing>").count(), 0);
 }
 
 #[test]
