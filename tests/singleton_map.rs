@@ -732,6 +732,8 @@ fn thread_safety_bounds() {
     assert_send(&map.get_or_init_async("k", |_| async { 1 }));
     assert_send(&map.get_or_try_init_async("k", |_| async { Ok::<_, ()>(1) }));
     assert_send(&map.remove_async("k"));
+    assert_send(&map.retain_async(|_, _| true));
+    assert_send(&map.clear_async());
 }
 
 mod without_a_runtime {
@@ -809,6 +811,96 @@ mod without_a_runtime {
         assert_eq!(map.get(&1).as_deref(), Some(&4));
         assert_eq!(block_on(map.remove_async(&1)).as_deref(), Some(&4));
         assert!(map.is_empty());
+    }
+
+    /// Counts how often it is woken.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    #[test]
+    fn dropped_clear_async_and_retain_async_leave_no_waiter_and_no_entry_behind() {
+        let map: SingletonMap<u8, u8> = SingletonMap::new();
+        for k in 2..40 {
+            map.get_or_init(&k, |k| *k);
+        }
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let (in_init_tx, in_init_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        thread::scope(|s| {
+            let release_tx = release_tx; // dropped if an assertion fails
+            let map = &map;
+            let initialiser = s.spawn(move || {
+                *map.get_or_init(&1, |_| {
+                    in_init_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    1
+                })
+            });
+            in_init_rx.recv().unwrap();
+            let mut cx = Context::from_waker(&waker);
+            let mut clear = Box::pin(map.clear_async());
+            assert!(clear.as_mut().poll(&mut cx).is_pending(), "waits for key 1");
+            drop(clear);
+            let mut retain = Box::pin(map.retain_async(|_, _| false));
+            assert!(
+                retain.as_mut().poll(&mut cx).is_pending(),
+                "waits for key 1"
+            );
+            drop(retain);
+            release_tx.send(()).unwrap();
+            assert_eq!(initialiser.join().unwrap(), 1);
+        });
+        // A waiter left queued on key 1's init would have been woken when
+        // it finished.
+        assert_eq!(wakes.0.load(SeqCst), 0, "no waiter left behind");
+        assert_eq!(
+            map.get(&1).as_deref(),
+            Some(&1),
+            "a cancelled clear leaves the shard it waited in untouched"
+        );
+        let left = (1..40).filter(|k| map.contains_key(k)).count();
+        assert_eq!(map.len(), left, "len agrees with the keys present");
+        assert!(!format!("{map:?}").contains("<initializing>"));
+        // No stale claim either: a new init of key 1 runs at once.
+        block_on(map.clear_async());
+        assert!(map.is_empty());
+        let mut again = Box::pin(map.get_or_init_async(&1, |_| async { 2 }));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(again.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn clear_async_or_retain_async_inside_the_keys_own_initialiser_panics() {
+        let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+        for op in ["clear_async", "retain_async"] {
+            let payload = within_10s(op, {
+                let map = map.clone();
+                move || {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        *block_on(map.get_or_init_async(&1, |_| async {
+                            match op {
+                                "clear_async" => map.clear_async().await,
+                                _ => map.retain_async(|_, _| true).await,
+                            }
+                            1
+                        }))
+                    }))
+                }
+            })
+            .expect_err("it would wait for itself");
+            let message = panic_message(payload);
+            assert!(
+                message.contains("reentrant initialisation"),
+                "{op}: {message}"
+            );
+            assert!(map.is_empty(), "{op}");
+        }
     }
 
     #[test]
@@ -920,6 +1012,51 @@ mod with_tokio {
         });
         assert_eq!(initialiser.await.unwrap(), 1);
         assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    /// On a current-thread runtime, an async init suspended on the runtime's
+    /// one thread finishes only if that thread keeps polling it: a `clear`
+    /// or `retain` that parks the thread to wait for it never returns. The
+    /// `_async` forms wait by returning `Pending`, so the init finishes and
+    /// they complete. Run under a watchdog, so a deadlock fails the test.
+    #[test]
+    fn clear_and_retain_async_wait_for_an_init_suspended_on_the_same_thread() {
+        for op in ["clear", "retain"] {
+            let (value_of_1, value_of_2) = within_10s(op, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+                    map.get_or_init(&2, |_| 2);
+                    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+                    let init = tokio::spawn({
+                        let map = map.clone();
+                        async move {
+                            *map.get_or_init_async(&1, |_| async move {
+                                started_tx.send(()).unwrap();
+                                sleep(Duration::from_millis(20)).await;
+                                1
+                            })
+                            .await
+                        }
+                    });
+                    // The init is now suspended in its sleep, on this thread.
+                    started_rx.await.unwrap();
+                    match op {
+                        "clear" => map.clear_async().await,
+                        _ => map.retain_async(|k, _| *k == 2).await,
+                    }
+                    assert_eq!(init.await.unwrap(), 1, "the init finished");
+                    (map.get(&1), map.get(&2))
+                })
+            });
+            // It waited for the init and then acted on its result.
+            assert_eq!(value_of_1, None, "{op} removed the init's value");
+            let kept = (op == "retain").then_some(2);
+            assert_eq!(value_of_2.as_deref().copied(), kept, "{op}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
