@@ -99,9 +99,12 @@ impl<K, V> Default for Shard<K, V> {
 ///   forms, wait for an initialisation in flight and then act on its result,
 ///   so a shutdown can never interleave with a start and leave a live value
 ///   that the map does not track.
-/// - **Reentrancy panics.** An initialiser that asks the map for its own key,
-///   on the same thread, panics with a message naming the map and where it was
-///   created. Asking for a different key is fine.
+/// - **Same-thread reentrancy panics; cycles through other threads
+///   deadlock.** An initialiser that asks the map for its own key, on the
+///   thread that runs it, panics with a message naming the map and where it
+///   was created. A wait that closes the cycle through another thread or task
+///   is not detected. See [Reentrancy](#reentrancy) for exactly what is
+///   caught.
 /// - **[`len`](Self::len) counts stored values only**: in-flight, failed and
 ///   cancelled initialisations are not counted.
 /// - **Blocking is explicit.** [`get_or_init`](Self::get_or_init),
@@ -119,6 +122,43 @@ impl<K, V> Default for Shard<K, V> {
 ///   is a task suspended on that same thread (this is not detected).
 ///   [`get`](Self::get), [`contains_key`](Self::contains_key) and
 ///   [`len`](Self::len) never wait for an initialiser.
+///
+/// # Reentrancy
+///
+/// The map detects a wait that only the waiting thread itself could end, and
+/// panics instead of waiting, with a message naming the map's types and where
+/// it was created. The check is per thread and per key:
+///
+/// - **Same thread, same key.** While a thread runs the initialiser of key
+///   `k` (the closure, or an async initialiser's future while that thread
+///   polls it), a call on that thread that would wait for `k`'s
+///   initialisation panics: a `get_or_*` call for `k`, `remove` of `k`, and
+///   `retain` or `clear` when they reach `k`'s shard, sync or async.
+/// - **A `retain` predicate and its shard.** The predicate of
+///   [`retain`](Self::retain) or [`retain_async`](Self::retain_async) runs
+///   under its shard's write lock; a call from it into the same map that
+///   needs that shard (a look-up of any key there, or [`len`](Self::len),
+///   which visits every shard) panics.
+///
+/// Asking for a different key from inside an initialiser is not reentrancy:
+/// it initialises that key, or waits for it, as any other caller would.
+///
+/// Not detected, because the thread that would wait is not the thread that
+/// runs the initialisation:
+///
+/// - **A cycle through another thread.** An initialiser that spawns a thread
+///   which calls `get_or_init` (or `remove`, `retain`, `clear`) for the same
+///   key, and then joins it, deadlocks: the spawned thread waits for the
+///   initialiser, which waits for the thread.
+/// - **A cycle between keys.** The initialiser of `a` waits for `b` while the
+///   initialiser of `b`, on another thread, waits for `a`: both wait forever,
+///   as two mutexes taken in opposite orders do.
+/// - **A cycle through another task.** An async initialiser that awaits a
+///   task (or any future polled elsewhere) that waits for the same key never
+///   completes.
+/// - **A parked executor thread.** A sync form called on a current-thread
+///   runtime while the initialiser it must wait for is a task suspended on
+///   that same thread deadlocks. Use the `_async` forms in async code.
 ///
 /// # Keys
 ///
@@ -259,7 +299,7 @@ impl<K, V, S> SingletonMap<K, V, S> {
             panic!(
                 "reentrant initialisation of a key in toctou::SingletonMap<{}, {}> created at {}: \
                  the initialiser for this key asked the map for the same key on the same thread, \
-                 which would deadlock (asking for a different key is fine)",
+                 which would deadlock (a different key may be asked for)",
                 std::any::type_name::<K>(),
                 std::any::type_name::<V>(),
                 self.created_at,
@@ -332,7 +372,10 @@ where
     ///
     /// If `f` panics, the panic propagates, the key stays absent, and one
     /// waiting caller runs its own initialiser. If `f` asks this map for the
-    /// same key on the same thread, that call panics instead of deadlocking.
+    /// same key on the thread that runs `f`, that call panics instead of
+    /// deadlocking. A cycle through another thread is not detected: if `f`
+    /// spawns a thread that calls `get_or_init` for the same key and joins
+    /// it, both wait forever (see [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -431,8 +474,12 @@ where
     ///
     /// # Panics
     ///
-    /// As [`get_or_init`](Self::get_or_init); reentrancy is detected while the
-    /// initialiser's future is being polled.
+    /// As [`get_or_init`](Self::get_or_init). The same-thread check applies
+    /// while a thread creates or polls the initialiser's future, on that
+    /// thread only, so other tasks on the thread may wait for the key while
+    /// the future is suspended. An initialiser that awaits another task which
+    /// waits for the same key is not detected and never completes (see
+    /// [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -552,8 +599,10 @@ where
     ///
     /// # Panics
     ///
-    /// If called from inside the initialiser of the same key, on the same
-    /// thread: that would wait for itself.
+    /// If called from inside the initialiser of the same key, on the thread
+    /// that runs it: that would wait for itself. A `remove` of that key on
+    /// another thread that the initialiser joins deadlocks instead; that is
+    /// not detected (see [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// let map = toctou::SingletonMap::new();
@@ -644,13 +693,13 @@ where
     ///
     /// If `f` panics, the panic propagates: the shards already visited stay
     /// filtered, the values `f` already rejected in the current shard are
-    /// removed, and the other shards are untouched. Panics
-    /// instead of deadlocking if `f` calls back into the map for a key in
-    /// the shard being processed, or if `retain` is called on the thread
-    /// that is running the initialiser of a key in flight in this map (from
-    /// inside that initialiser). Waits that go through another thread are
-    /// not detected: an initialiser that hands `retain` to another thread
-    /// and joins it deadlocks.
+    /// removed, and the other shards are untouched. Panics instead of
+    /// deadlocking if `f` calls back into the map for a key in the shard
+    /// being processed, or if `retain` is called on the thread that is
+    /// running the initialiser of a key in flight in this map (from inside
+    /// that initialiser). Waits that go through another thread are not
+    /// detected: an initialiser that hands `retain` to another thread and
+    /// joins it deadlocks (see [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// use std::sync::Arc;
