@@ -168,10 +168,26 @@ MUTANTS = [
     (
         "SingletonMap: clear does not wait for inits in flight",
         "src/singleton_map.rs",
-        "                shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()\n",
-        "                Vec::new()\n",
+        "        shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()\n",
+        "        Vec::new()\n",
         "loom_singleton_map",
         "clear_against_an_init_in_flight",
+    ),
+    (
+        "SingletonMap: clear_async does not wait for inits in flight",
+        "src/singleton_map.rs",
+        "        shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()\n",
+        "        Vec::new()\n",
+        "loom_singleton_map",
+        "clear_async_against_an_init_in_flight",
+    ),
+    (
+        "SingletonMap: retain_async skips its wait for an init in flight",
+        "src/singleton_map.rs",
+        "                once.wait_async().await;\n",
+        "                let _ = &once;\n",
+        "loom_singleton_map",
+        "clear_async_against_an_init_in_flight",
     ),
     (
         "SingletonMap: a failed claim leaves its Pending entry in the map",

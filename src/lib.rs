@@ -104,9 +104,13 @@
 //! - **Cancellation-safe async.** Dropping an initialising future hands the
 //!   work to one waiter; dropping a waiting future leaves nothing behind.
 //!   The async API is runtime-agnostic: the crate depends on no runtime.
-//! - **Reentrancy panics, never deadlocks.** An initialiser that calls back
-//!   into its own cell (or its own key) on the same thread gets a panic naming
-//!   the type and the place the cell or map was created.
+//! - **Same-thread reentrancy panics instead of deadlocking.** An initialiser
+//!   that calls back into its own cell (or its own key) on the thread that
+//!   runs it gets a panic naming the type and the place the cell or map was
+//!   created. The check is per thread: a cycle through another thread (an
+//!   initialiser that spawns a thread which calls `get_or_init` on the same
+//!   cell, then joins it) or through another task is not detected and
+//!   deadlocks, as it does with `OnceLock`.
 //! - **Fast paths cost what the baseline costs.** Reading an initialised cell
 //!   is one `Acquire` load and a branch, like `std::sync::OnceLock`. A
 //!   `SingletonMap` hit hashes once, takes a shard read lock and clones an

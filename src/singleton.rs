@@ -28,8 +28,11 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 ///   future, on any runtime, and sync and async callers may race on the same
 ///   cell.
 /// - Calling back into the same cell from inside its own initialiser, on the
-///   same thread, panics with a message naming the type and the place the cell
-///   was declared. `OnceLock` and `once_cell` deadlock instead.
+///   thread that runs it, panics with a message naming the type and the place
+///   the cell was declared. `OnceLock` and `once_cell` deadlock instead. A
+///   cycle through another thread is not detected and deadlocks here too: an
+///   initialiser that spawns a thread which calls `get_or_init` on the same
+///   cell, and then joins it, waits forever, as does the spawned thread.
 ///
 /// # Semantics under concurrency
 ///
@@ -46,8 +49,11 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 /// - **Cancellation is safe.** If the future of an async initialiser is
 ///   dropped, the cell stays empty and one waiting caller (sync or async)
 ///   takes over.
-/// - **Reentrancy panics** instead of deadlocking (see above). The check costs
-///   nothing on the initialised fast path.
+/// - **Same-thread reentrancy panics** instead of deadlocking (see above).
+///   The check is per thread: a wait that closes the cycle through another
+///   thread, or through another task that an async initialiser awaits, is
+///   not detected and never ends. The check costs nothing on the
+///   initialised fast path.
 /// - **Blocking is explicit.** [`get_or_init`](Self::get_or_init),
 ///   [`get_or_try_init`](Self::get_or_try_init) and [`set`](Self::set) block
 ///   the calling thread while another initialiser runs; [`get`](Self::get)
@@ -197,8 +203,10 @@ impl<T> Singleton<T> {
     /// # Panics
     ///
     /// Propagates a panic of `f`; the cell stays empty and retryable. Panics if
-    /// called from inside this cell's own initialiser on the same thread
-    /// (reentrancy), which would otherwise deadlock.
+    /// called from inside this cell's own initialiser on the thread that runs
+    /// it (reentrancy), which would otherwise deadlock. A call from another
+    /// thread that the initialiser waits for (spawns and joins, say) is not
+    /// detected: both wait forever.
     ///
     /// ```
     /// let cell = toctou::Singleton::new();
@@ -290,8 +298,10 @@ impl<T> Singleton<T> {
     ///
     /// # Panics
     ///
-    /// As [`get_or_init`](Self::get_or_init); reentrancy is detected while the
-    /// initialiser's future is being polled.
+    /// As [`get_or_init`](Self::get_or_init). The same-thread check applies
+    /// while a thread creates or polls the initialiser's future, on that
+    /// thread only; an initialiser that awaits another task which waits for
+    /// this cell is not detected and never completes.
     ///
     /// ```
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -572,7 +582,9 @@ impl<T: fmt::Debug> fmt::Debug for Singleton<T> {
 /// instead: every later access panics.
 ///
 /// All the [`Singleton`] semantics apply: one successful init, waiters park,
-/// and reentrant access from inside `F` panics instead of deadlocking.
+/// and reentrant access from inside `F`, on the thread that runs it, panics
+/// instead of deadlocking (access through another thread that `F` waits for
+/// is not detected and deadlocks).
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -612,7 +624,7 @@ impl<T, F: Fn() -> T> Lazy<T, F> {
     /// # Panics
     ///
     /// Propagates a panic of `F` (the `Lazy` stays retryable), and panics on
-    /// reentrant access from inside `F`.
+    /// reentrant access from inside `F` on the thread that runs it.
     ///
     /// ```
     /// let lazy = toctou::Lazy::new(|| 2 + 2);

@@ -5,8 +5,10 @@
 //! Each shard of the [`Table`] holds two hash tables: `ready`, the stored
 //! values (`K -> Arc<V>`), and `pending`, the initialisations in flight
 //! (`K -> Arc<Once>`). A key is in at most one of them. Keeping them apart
-//! keeps a ready entry as small as a `HashMap<K, Arc<V>>` entry, so the hit
-//! path touches no more memory than dashmap's.
+//! keeps a ready entry small: the key, its hash and the `Arc`, one word more
+//! than a `HashMap<K, Arc<V>>` entry. The stored hash is what lets a table
+//! grow without calling the user's `Hash` (see [`Entry`](crate::table::Entry)),
+//! so a panicking `Hash` cannot drop other keys' values or claims.
 //!
 //! Every step that decides something happens under the shard's write lock,
 //! so check and act are one atomic step:
@@ -88,22 +90,75 @@ impl<K, V> Default for Shard<K, V> {
 ///   caller, the key stays absent, and one waiting caller retries.
 /// - **Cancellation is safe.** If the future of an async initialiser is
 ///   dropped, the key stays absent and one waiting caller (sync or async)
-///   takes over. A dropped waiter leaves nothing behind.
+///   takes over. A dropped waiter leaves nothing behind: a dropped
+///   [`remove_async`](Self::remove_async) removes nothing, and a dropped
+///   [`retain_async`](Self::retain_async) or
+///   [`clear_async`](Self::clear_async) stops between two shards.
 /// - **Removal waits for initialisation.** [`remove`](Self::remove),
-///   [`retain`](Self::retain) and [`clear`](Self::clear) wait for an
-///   initialisation in flight and then act on its result, so a shutdown can
-///   never interleave with a start and leave a live value that the map does
-///   not track.
-/// - **Reentrancy panics.** An initialiser that asks the map for its own key,
-///   on the same thread, panics with a message naming the map and where it was
-///   created. Asking for a different key is fine.
+///   [`retain`](Self::retain) and [`clear`](Self::clear), and their `_async`
+///   forms, wait for an initialisation in flight and then act on its result,
+///   so a shutdown can never interleave with a start and leave a live value
+///   that the map does not track.
+/// - **Same-thread reentrancy panics; cycles through other threads
+///   deadlock.** An initialiser that asks the map for its own key, on the
+///   thread that runs it, panics with a message naming the map and where it
+///   was created. A wait that closes the cycle through another thread or task
+///   is not detected. See [Reentrancy](#reentrancy) for exactly what is
+///   caught.
 /// - **[`len`](Self::len) counts stored values only**: in-flight, failed and
 ///   cancelled initialisations are not counted.
-/// - **Blocking is explicit.** The `get_or_*` methods, `remove`, `retain` and
-///   `clear` park the calling thread while an initialiser for the same key
-///   runs; use the `_async` forms in async code. [`get`](Self::get),
-///   [`contains_key`](Self::contains_key) and [`len`](Self::len) never wait
-///   for an initialiser.
+/// - **Blocking is explicit.** [`get_or_init`](Self::get_or_init),
+///   [`get_or_try_init`](Self::get_or_try_init) and [`remove`](Self::remove)
+///   park the calling thread while an initialiser for the same key runs, and
+///   [`retain`](Self::retain) and [`clear`](Self::clear) while any
+///   initialiser they reach runs. In async code use the `_async` form of
+///   each ([`get_or_init_async`](Self::get_or_init_async),
+///   [`get_or_try_init_async`](Self::get_or_try_init_async),
+///   [`remove_async`](Self::remove_async),
+///   [`retain_async`](Self::retain_async),
+///   [`clear_async`](Self::clear_async)), which waits by returning `Pending`:
+///   a parked executor thread stalls its other tasks, and on a
+///   current-thread runtime it deadlocks when the initialiser it waits for
+///   is a task suspended on that same thread (this is not detected).
+///   [`get`](Self::get), [`contains_key`](Self::contains_key) and
+///   [`len`](Self::len) never wait for an initialiser.
+///
+/// # Reentrancy
+///
+/// The map detects a wait that only the waiting thread itself could end, and
+/// panics instead of waiting, with a message naming the map's types and where
+/// it was created. The check is per thread and per key:
+///
+/// - **Same thread, same key.** While a thread runs the initialiser of key
+///   `k` (the closure, or an async initialiser's future while that thread
+///   polls it), a call on that thread that would wait for `k`'s
+///   initialisation panics: a `get_or_*` call for `k`, `remove` of `k`, and
+///   `retain` or `clear` when they reach `k`'s shard, sync or async.
+/// - **A `retain` predicate and its shard.** The predicate of
+///   [`retain`](Self::retain) or [`retain_async`](Self::retain_async) runs
+///   under its shard's write lock; a call from it into the same map that
+///   needs that shard (a look-up of any key there, or [`len`](Self::len),
+///   which visits every shard) panics.
+///
+/// Asking for a different key from inside an initialiser is not reentrancy:
+/// it initialises that key, or waits for it, as any other caller would.
+///
+/// Not detected, because the thread that would wait is not the thread that
+/// runs the initialisation:
+///
+/// - **A cycle through another thread.** An initialiser that spawns a thread
+///   which calls `get_or_init` (or `remove`, `retain`, `clear`) for the same
+///   key, and then joins it, deadlocks: the spawned thread waits for the
+///   initialiser, which waits for the thread.
+/// - **A cycle between keys.** The initialiser of `a` waits for `b` while the
+///   initialiser of `b`, on another thread, waits for `a`: both wait forever,
+///   as two mutexes taken in opposite orders do.
+/// - **A cycle through another task.** An async initialiser that awaits a
+///   task (or any future polled elsewhere) that waits for the same key never
+///   completes.
+/// - **A parked executor thread.** A sync form called on a current-thread
+///   runtime while the initialiser it must wait for is a task suspended on
+///   that same thread deadlocks. Use the `_async` forms in async code.
 ///
 /// # Keys
 ///
@@ -244,7 +299,7 @@ impl<K, V, S> SingletonMap<K, V, S> {
             panic!(
                 "reentrant initialisation of a key in toctou::SingletonMap<{}, {}> created at {}: \
                  the initialiser for this key asked the map for the same key on the same thread, \
-                 which would deadlock (asking for a different key is fine)",
+                 which would deadlock (a different key may be asked for)",
                 std::any::type_name::<K>(),
                 std::any::type_name::<V>(),
                 self.created_at,
@@ -317,7 +372,10 @@ where
     ///
     /// If `f` panics, the panic propagates, the key stays absent, and one
     /// waiting caller runs its own initialiser. If `f` asks this map for the
-    /// same key on the same thread, that call panics instead of deadlocking.
+    /// same key on the thread that runs `f`, that call panics instead of
+    /// deadlocking. A cycle through another thread is not detected: if `f`
+    /// spawns a thread that calls `get_or_init` for the same key and joins
+    /// it, both wait forever (see [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -416,8 +474,12 @@ where
     ///
     /// # Panics
     ///
-    /// As [`get_or_init`](Self::get_or_init); reentrancy is detected while the
-    /// initialiser's future is being polled.
+    /// As [`get_or_init`](Self::get_or_init). The same-thread check applies
+    /// while a thread creates or polls the initialiser's future, on that
+    /// thread only, so other tasks on the thread may wait for the key while
+    /// the future is suspended. An initialiser that awaits another task which
+    /// waits for the same key is not detected and never completes (see
+    /// [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -511,9 +573,7 @@ where
         let Some(entry) = shard.pending.find(hash, key) else {
             let init = SharedInit::new();
             let once = Arc::clone(init.once());
-            shard
-                .pending
-                .insert_new(hash, key.to_owned(), once, |k| self.table.hash(k));
+            shard.pending.insert_new(hash, key.to_owned(), once);
             return Step::Claimed(Claim {
                 map: self,
                 hash,
@@ -539,8 +599,10 @@ where
     ///
     /// # Panics
     ///
-    /// If called from inside the initialiser of the same key, on the same
-    /// thread: that would wait for itself.
+    /// If called from inside the initialiser of the same key, on the thread
+    /// that runs it: that would wait for itself. A `remove` of that key on
+    /// another thread that the initialiser joins deadlocks instead; that is
+    /// not detected (see [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// let map = toctou::SingletonMap::new();
@@ -624,11 +686,20 @@ where
     ///
     /// Removed keys and values are dropped after the shard is unlocked.
     ///
+    /// Parks the calling thread while it waits; in async code use
+    /// [`retain_async`](Self::retain_async).
+    ///
     /// # Panics
     ///
-    /// If `f` calls back into the map for a key in the shard being processed
-    /// (which would deadlock), or if called from inside an initialiser of this
-    /// map on the same thread while that key is in flight.
+    /// If `f` panics, the panic propagates: the shards already visited stay
+    /// filtered, the values `f` already rejected in the current shard are
+    /// removed, and the other shards are untouched. Panics instead of
+    /// deadlocking if `f` calls back into the map for a key in the shard
+    /// being processed, or if `retain` is called on the thread that is
+    /// running the initialiser of a key in flight in this map (from inside
+    /// that initialiser). Waits that go through another thread are not
+    /// detected: an initialiser that hands `retain` to another thread and
+    /// joins it deadlocks (see [Reentrancy](Self#reentrancy)).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -646,26 +717,100 @@ where
     /// ```
     pub fn retain(&self, mut f: impl FnMut(&K, &Arc<V>) -> bool) {
         for index in 0..self.table.shards() {
-            let in_flight: Vec<Arc<Once>> = {
-                let shard = self.table.write_at(index);
-                shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()
-            };
-            for once in &in_flight {
-                self.assert_not_reentrant(once);
+            for once in self.in_flight_at(index) {
+                self.assert_not_reentrant(&once);
                 once.wait();
             }
-            let removed: Vec<_> = {
-                let mut shard = self.table.write_at(index);
-                let _mark = self.table.mark_at(index);
-                shard.ready.extract_if(|e| !f(&e.key, &e.value)).collect()
-            };
-            // The removed keys and values drop here, outside the lock.
-            drop(removed);
+            self.retain_at(index, &mut f);
         }
+    }
+
+    /// The async form of [`retain`](Self::retain): waiting for an
+    /// initialisation in flight returns `Pending` instead of parking the
+    /// thread, so an initialiser suspended on the same executor thread (a
+    /// current-thread runtime, say) can finish. Runtime-agnostic.
+    ///
+    /// `f` itself is synchronous and runs under a shard's write lock, as in
+    /// `retain`; it never runs across an `.await`.
+    ///
+    /// # Cancellation
+    ///
+    /// The future waits only between shards, before it visits the next one;
+    /// a shard is visited (`f` called on its values, the rejected ones
+    /// removed) in one step that cannot be interrupted. So dropping the
+    /// future leaves the shards it visited filtered, the others untouched,
+    /// and no waiter or entry behind: it is as if a sync `retain` had been
+    /// run on a subset of the shards. Each shard is still filtered at most
+    /// once.
+    ///
+    /// # Panics
+    ///
+    /// As [`retain`](Self::retain). A `retain_async` awaited inside an
+    /// initialiser's future for a key in flight in this map panics while
+    /// that future is being polled; a wait that goes through another task
+    /// (an initialiser that spawns `retain_async` and awaits the task) is
+    /// not detected and never completes.
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let sessions: toctou::SingletonMap<u32, String> = toctou::SingletonMap::new();
+    /// for user in 1..=4 {
+    ///     sessions.get_or_init(&user, |u| format!("session of {u}"));
+    /// }
+    /// block_on(async {
+    ///     // Drop the sessions of odd users, waiting (without blocking the
+    ///     // executor) for any session that is still being set up.
+    ///     sessions.retain_async(|user, _| user % 2 == 0).await;
+    /// });
+    /// assert_eq!(sessions.len(), 2);
+    /// assert!(sessions.contains_key(&2) && !sessions.contains_key(&1));
+    /// ```
+    pub async fn retain_async(&self, mut f: impl FnMut(&K, &Arc<V>) -> bool) {
+        for index in 0..self.table.shards() {
+            for once in self.in_flight_at(index) {
+                self.assert_not_reentrant(&once);
+                // Cancelled here: the wait future removes its waiter, and
+                // this shard is untouched.
+                once.wait_async().await;
+            }
+            self.retain_at(index, &mut f);
+        }
+    }
+
+    /// The initialisations in flight in shard number `index`, which
+    /// [`retain_at`](Self::retain_at) must wait for before it visits it.
+    fn in_flight_at(&self, index: usize) -> Vec<Arc<Once>> {
+        let shard = self.table.write_at(index);
+        shard.pending.iter().map(|e| Arc::clone(&e.value)).collect()
+    }
+
+    /// Filters shard number `index` with `f`, in one critical section with
+    /// the shard marked against reentrant calls from `f`. The removed keys
+    /// and values drop after the shard is unlocked.
+    fn retain_at(&self, index: usize, f: &mut impl FnMut(&K, &Arc<V>) -> bool) {
+        let removed: Vec<_> = {
+            let mut shard = self.table.write_at(index);
+            let _mark = self.table.mark_at(index);
+            shard.ready.extract_if(|e| !f(&e.key, &e.value)).collect()
+        };
+        // The removed keys and values drop here, outside the lock.
+        drop(removed);
     }
 
     /// Removes every value, waiting for the initialisations in flight as
     /// [`retain`](Self::retain) does.
+    ///
+    /// Parks the calling thread while it waits; in async code use
+    /// [`clear_async`](Self::clear_async).
+    ///
+    /// # Panics
+    ///
+    /// As [`retain`](Self::retain): if called on the thread that is running
+    /// the initialiser of a key in flight in this map.
     ///
     /// ```
     /// let map = toctou::SingletonMap::new();
@@ -675,6 +820,35 @@ where
     /// ```
     pub fn clear(&self) {
         self.retain(|_, _| false);
+    }
+
+    /// The async form of [`clear`](Self::clear): waiting for an
+    /// initialisation in flight returns `Pending` instead of parking the
+    /// thread. Runtime-agnostic.
+    ///
+    /// # Cancellation
+    ///
+    /// As [`retain_async`](Self::retain_async): dropping the future leaves
+    /// the shards it already cleared empty, the others untouched, and no
+    /// waiter or entry behind.
+    ///
+    /// # Panics
+    ///
+    /// As [`retain_async`](Self::retain_async).
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// let map = toctou::SingletonMap::new();
+    /// map.get_or_init(&1, |_| "one");
+    /// block_on(map.clear_async());
+    /// assert!(map.is_empty());
+    /// ```
+    pub async fn clear_async(&self) {
+        self.retain_async(|_, _| false).await;
     }
 }
 
@@ -718,11 +892,10 @@ impl<K: Hash + Eq, V, S: BuildHasher> Claim<'_, K, V, S> {
                 .pending
                 .remove_by(self.hash, Self::is_ours(init.once()))
                 .expect("a pending entry stays in the map until its claimant ends it");
-            // The key moves from `pending` to `ready`: no clone.
-            let table = &self.map.table;
+            // The key moves from `pending` to `ready`: no clone, no rehash.
             shard
                 .ready
-                .insert_new(self.hash, entry.key, Arc::clone(&value), |k| table.hash(k));
+                .insert_new(self.hash, entry.key, Arc::clone(&value));
         }
         // After the map holds the value: a woken waiter re-reads the map.
         init.complete();

@@ -28,13 +28,22 @@ use hashbrown::HashTable;
 use crate::reentry;
 use crate::sync::ShardLock;
 
-/// One key's entry: the owned key and the front-end's state for it.
+/// One key's entry: the owned key, its hash, and the front-end's state for it.
 ///
-/// The hash is not stored: entries stay small (a `String` key and a one-word
-/// state fit in 32 bytes, two to a cache line), and a resize, which is rare,
-/// rehashes the keys instead.
+/// The hash is stored so that growing or rehashing the table never calls the
+/// user's `Hash`. hashbrown rehashes a table full of tombstones in place, and
+/// if the hasher panics part-way it drops every entry it has not yet
+/// rehashed: one key's panicking `Hash` would wipe other keys' entries (in
+/// `SingletonMap`, their values, or the claims of initialisations in flight).
+/// With the hash stored, the only user code the table runs is `Eq`, during
+/// look-ups, which change nothing. The keyed locks' slots store theirs for
+/// the same reason. The cost is 8 bytes per entry (a `String` key and a
+/// one-word state take 40 bytes instead of 32).
 pub(crate) struct Entry<K, T> {
     pub(crate) key: K,
+    /// The key's hash under the map's hasher, computed once by the caller
+    /// that inserted it.
+    hash: u64,
     pub(crate) value: T,
 }
 
@@ -59,11 +68,12 @@ impl<K, T> Entries<K, T> {
         self.0.find(hash, |e| e.key.borrow() == key)
     }
 
-    /// Inserts an entry the caller has just checked is absent. `rehash`
-    /// hashes a key with the map's hasher, for when the table grows.
-    pub(crate) fn insert_new(&mut self, hash: u64, key: K, value: T, rehash: impl Fn(&K) -> u64) {
+    /// Inserts an entry the caller has just checked is absent. `hash` must be
+    /// the key's hash under the map's hasher; it is stored, and a growing
+    /// table rehashes from it without calling the key's `Hash`.
+    pub(crate) fn insert_new(&mut self, hash: u64, key: K, value: T) {
         self.0
-            .insert_unique(hash, Entry { key, value }, |e| rehash(&e.key));
+            .insert_unique(hash, Entry { key, hash, value }, |e| e.hash);
     }
 
     /// Removes and returns the entry for `key`, if any.

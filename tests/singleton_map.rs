@@ -2,9 +2,12 @@
 //! parallel keys, `remove` against an in-flight init, retry after error, panic
 //! and cancellation, reentrancy, and drop accounting.
 
+use std::cell::Cell;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, mpsc};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -528,6 +531,160 @@ fn clear_waits_for_an_init_in_flight() {
     assert_eq!(drops.load(SeqCst), 1);
 }
 
+/// A key whose `Hash` panics for key 0 while this thread has armed it with
+/// [`with_hash_of_zero_panicking`]: hostile user code that the map calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fragile(u64);
+
+thread_local! {
+    static HASH_OF_ZERO_PANICS: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Hash for Fragile {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        if self.0 == 0 && HASH_OF_ZERO_PANICS.get() {
+            panic!("the Hash of key 0 panics");
+        }
+        state.write_u64(self.0);
+    }
+}
+
+/// Runs `f` with key 0's `Hash` panicking on this thread, and catches the
+/// panic if one escapes.
+fn with_hash_of_zero_panicking<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    HASH_OF_ZERO_PANICS.set(true);
+    let result = catch_unwind(AssertUnwindSafe(f));
+    HASH_OF_ZERO_PANICS.set(false);
+    result
+}
+
+/// Hashes a `u64` to itself, so that which bucket a key lands in, and when
+/// the table rehashes in place, are deterministic.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("Fragile hashes one u64")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdentityHash = BuildHasherDefault<Identity>;
+
+/// The keys that survive the table set-up below: 0 and 41..56.
+fn survivors() -> impl Iterator<Item = u64> {
+    std::iter::once(0).chain(41..56)
+}
+
+#[test]
+fn a_panicking_hash_during_a_rehash_does_not_lose_other_keys_values() {
+    // 56 keys fill a 64-bucket table (capacity 56); removing 40 of them
+    // leaves 40 tombstones and no growth left, so the next insert rehashes
+    // in place. If that rehash called `Hash` on the stored keys, key 0's
+    // panic would drop every entry not yet rehashed: here, all 16.
+    let map: SingletonMap<Fragile, u64, IdentityHash> = SingletonMap::default();
+    let runs = AtomicUsize::new(0);
+    let init = |k: &Fragile| {
+        runs.fetch_add(1, SeqCst);
+        k.0
+    };
+    for k in 0..56 {
+        map.get_or_init(&Fragile(k), init);
+    }
+    for k in 1..=40 {
+        assert_eq!(map.remove(&Fragile(k)).as_deref(), Some(&k));
+    }
+    assert_eq!(map.len(), 16);
+
+    let inserted = with_hash_of_zero_panicking(|| *map.get_or_init(&Fragile(60), init));
+    for k in survivors() {
+        assert_eq!(
+            map.get(&Fragile(k)).as_deref(),
+            Some(&k),
+            "key {k}'s value survived"
+        );
+    }
+    assert_eq!(*map.get_or_init(&Fragile(41), init), 41);
+    assert_eq!(runs.load(SeqCst), 57, "no key is initialised twice");
+    assert_eq!(
+        inserted.ok(),
+        Some(60),
+        "growing the table calls no user Hash, so key 0's cannot panic"
+    );
+    assert_eq!(map.len(), 17);
+}
+
+#[test]
+fn a_panicking_hash_during_a_rehash_does_not_lose_inits_in_flight() {
+    // The same table shape, in `pending`: 56 async inits are suspended, 40
+    // are cancelled, and a 57th claim rehashes the in-flight table in place.
+    let map: SingletonMap<Fragile, u64, IdentityHash> = SingletonMap::default();
+    let open = Cell::new(false);
+    let runs = Cell::new(0);
+    let gated = |k: &Fragile| {
+        runs.set(runs.get() + 1);
+        let k = k.0;
+        let open = &open;
+        async move {
+            std::future::poll_fn(|_| {
+                if open.get() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            k
+        }
+    };
+    let keys: Vec<Fragile> = (0..=60).map(Fragile).collect();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut inits: Vec<_> = keys[..56]
+        .iter()
+        .map(|k| Box::pin(map.get_or_init_async(k, gated)))
+        .collect();
+    for init in &mut inits {
+        assert!(init.as_mut().poll(&mut cx).is_pending(), "suspended");
+    }
+    // Cancelled: each gives its claim back, leaving a tombstone.
+    drop(inits.drain(1..=40));
+
+    let mut sixty = Box::pin(map.get_or_init_async(&keys[60], gated));
+    let claimed = with_hash_of_zero_panicking(|| sixty.as_mut().poll(&mut cx).is_pending());
+
+    // Every surviving claim is still in the map: a newcomer for its key
+    // waits for it instead of claiming the key a second time.
+    for k in survivors() {
+        let mut newcomer = Box::pin(map.get_or_init_async(&keys[k as usize], gated));
+        assert!(newcomer.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(runs.get(), 57, "key {k}'s initialiser ran twice");
+    }
+    assert_eq!(
+        claimed.ok(),
+        Some(true),
+        "growing the table calls no user Hash, so key 0's cannot panic"
+    );
+
+    open.set(true);
+    inits.push(sixty);
+    for (init, k) in inits.iter_mut().zip(survivors().chain([60])) {
+        let published = catch_unwind(AssertUnwindSafe(|| init.as_mut().poll(&mut cx)));
+        match published {
+            Ok(Poll::Ready(value)) => assert_eq!(*value, k),
+            Ok(Poll::Pending) => panic!("key {k}'s init is still pending"),
+            Err(_) => panic!("publishing key {k} panicked: its pending entry was lost"),
+        }
+    }
+    assert_eq!(map.len(), 17);
+    assert_eq!(format!("{map:?}").matches("<initializing>").count(), 0);
+}
+
 #[test]
 fn borrowed_keys_and_values_behave_like_a_map() {
     let map: SingletonMap<String, String> = SingletonMap::default();
@@ -575,6 +732,8 @@ fn thread_safety_bounds() {
     assert_send(&map.get_or_init_async("k", |_| async { 1 }));
     assert_send(&map.get_or_try_init_async("k", |_| async { Ok::<_, ()>(1) }));
     assert_send(&map.remove_async("k"));
+    assert_send(&map.retain_async(|_, _| true));
+    assert_send(&map.clear_async());
 }
 
 mod without_a_runtime {
@@ -652,6 +811,96 @@ mod without_a_runtime {
         assert_eq!(map.get(&1).as_deref(), Some(&4));
         assert_eq!(block_on(map.remove_async(&1)).as_deref(), Some(&4));
         assert!(map.is_empty());
+    }
+
+    /// Counts how often it is woken.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    #[test]
+    fn dropped_clear_async_and_retain_async_leave_no_waiter_and_no_entry_behind() {
+        let map: SingletonMap<u8, u8> = SingletonMap::new();
+        for k in 2..40 {
+            map.get_or_init(&k, |k| *k);
+        }
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let (in_init_tx, in_init_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        thread::scope(|s| {
+            let release_tx = release_tx; // dropped if an assertion fails
+            let map = &map;
+            let initialiser = s.spawn(move || {
+                *map.get_or_init(&1, |_| {
+                    in_init_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    1
+                })
+            });
+            in_init_rx.recv().unwrap();
+            let mut cx = Context::from_waker(&waker);
+            let mut clear = Box::pin(map.clear_async());
+            assert!(clear.as_mut().poll(&mut cx).is_pending(), "waits for key 1");
+            drop(clear);
+            let mut retain = Box::pin(map.retain_async(|_, _| false));
+            assert!(
+                retain.as_mut().poll(&mut cx).is_pending(),
+                "waits for key 1"
+            );
+            drop(retain);
+            release_tx.send(()).unwrap();
+            assert_eq!(initialiser.join().unwrap(), 1);
+        });
+        // A waiter left queued on key 1's init would have been woken when
+        // it finished.
+        assert_eq!(wakes.0.load(SeqCst), 0, "no waiter left behind");
+        assert_eq!(
+            map.get(&1).as_deref(),
+            Some(&1),
+            "a cancelled clear leaves the shard it waited in untouched"
+        );
+        let left = (1..40).filter(|k| map.contains_key(k)).count();
+        assert_eq!(map.len(), left, "len agrees with the keys present");
+        assert!(!format!("{map:?}").contains("<initializing>"));
+        // No stale claim either: a new init of key 1 runs at once.
+        block_on(map.clear_async());
+        assert!(map.is_empty());
+        let mut again = Box::pin(map.get_or_init_async(&1, |_| async { 2 }));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(again.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn clear_async_or_retain_async_inside_the_keys_own_initialiser_panics() {
+        let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+        for op in ["clear_async", "retain_async"] {
+            let payload = within_10s(op, {
+                let map = map.clone();
+                move || {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        *block_on(map.get_or_init_async(&1, |_| async {
+                            match op {
+                                "clear_async" => map.clear_async().await,
+                                _ => map.retain_async(|_, _| true).await,
+                            }
+                            1
+                        }))
+                    }))
+                }
+            })
+            .expect_err("it would wait for itself");
+            let message = panic_message(payload);
+            assert!(
+                message.contains("reentrant initialisation"),
+                "{op}: {message}"
+            );
+            assert!(map.is_empty(), "{op}");
+        }
     }
 
     #[test]
@@ -763,6 +1012,51 @@ mod with_tokio {
         });
         assert_eq!(initialiser.await.unwrap(), 1);
         assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    /// On a current-thread runtime, an async init suspended on the runtime's
+    /// one thread finishes only if that thread keeps polling it: a `clear`
+    /// or `retain` that parks the thread to wait for it never returns. The
+    /// `_async` forms wait by returning `Pending`, so the init finishes and
+    /// they complete. Run under a watchdog, so a deadlock fails the test.
+    #[test]
+    fn clear_and_retain_async_wait_for_an_init_suspended_on_the_same_thread() {
+        for op in ["clear", "retain"] {
+            let (value_of_1, value_of_2) = within_10s(op, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let map: Arc<SingletonMap<u8, u8>> = Arc::new(SingletonMap::new());
+                    map.get_or_init(&2, |_| 2);
+                    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+                    let init = tokio::spawn({
+                        let map = map.clone();
+                        async move {
+                            *map.get_or_init_async(&1, |_| async move {
+                                started_tx.send(()).unwrap();
+                                sleep(Duration::from_millis(20)).await;
+                                1
+                            })
+                            .await
+                        }
+                    });
+                    // The init is now suspended in its sleep, on this thread.
+                    started_rx.await.unwrap();
+                    match op {
+                        "clear" => map.clear_async().await,
+                        _ => map.retain_async(|k, _| *k == 2).await,
+                    }
+                    assert_eq!(init.await.unwrap(), 1, "the init finished");
+                    (map.get(&1), map.get(&2))
+                })
+            });
+            // It waited for the init and then acted on its result.
+            assert_eq!(value_of_1, None, "{op} removed the init's value");
+            let kept = (op == "retain").then_some(2);
+            assert_eq!(value_of_2.as_deref().copied(), kept, "{op}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
