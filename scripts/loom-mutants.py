@@ -362,8 +362,10 @@ def run_mutant(scratch, target_dir, mutant):
     if os.path.exists(scratch):
         shutil.rmtree(scratch)
     os.makedirs(scratch)
+    # Cargo.toml names the workspace members (benches, proptests): each must
+    # exist in the copy, or cargo cannot load the workspace.
     for entry in ("Cargo.toml", "Cargo.lock", "README.md", "src", "loom-tests", "benches",
-                  "tests", "examples"):
+                  "proptests", "tests", "examples"):
         src = os.path.join(ROOT, entry)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(scratch, entry))
