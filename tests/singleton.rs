@@ -21,22 +21,23 @@ struct Orchestrator {
 /// call `get_or_init` on one static cell whose initialiser sleeps 10 ms,
 /// counts its runs and spawns a cleanup thread.
 fn seed_scenario(cell: &'static Singleton<Orchestrator>, threads: usize) {
-    static RUNS: AtomicUsize = AtomicUsize::new(0);
-    static CLEANUP_THREADS: AtomicUsize = AtomicUsize::new(0);
-    RUNS.store(0, SeqCst);
-    CLEANUP_THREADS.store(0, SeqCst);
+    // Counters per call, not `static`s: the 10- and 200-thread tests run in
+    // parallel, and shared counters would count both cells' inits.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let cleanup_threads = Arc::new(AtomicUsize::new(0));
 
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let barrier = barrier.clone();
+            let (runs, cleanup_threads) = (runs.clone(), cleanup_threads.clone());
             thread::spawn(move || {
                 barrier.wait();
                 let orchestrator = cell.get_or_init(|| {
-                    RUNS.fetch_add(1, SeqCst);
+                    runs.fetch_add(1, SeqCst);
                     thread::sleep(Duration::from_millis(10));
-                    thread::spawn(|| {
-                        CLEANUP_THREADS.fetch_add(1, SeqCst);
+                    thread::spawn(move || {
+                        cleanup_threads.fetch_add(1, SeqCst);
                     })
                     .join()
                     .unwrap();
@@ -51,8 +52,8 @@ fn seed_scenario(cell: &'static Singleton<Orchestrator>, threads: usize) {
         .collect();
     let addrs: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
-    assert_eq!(RUNS.load(SeqCst), 1, "orchestrators created");
-    assert_eq!(CLEANUP_THREADS.load(SeqCst), 1, "cleanup threads");
+    assert_eq!(runs.load(SeqCst), 1, "orchestrators created");
+    assert_eq!(cleanup_threads.load(SeqCst), 1, "cleanup threads");
     assert!(
         addrs.iter().all(|a| *a == addrs[0]),
         "callers saw different instances"
