@@ -111,6 +111,14 @@ MUTANTS = [
         "waiter_parks_and_is_woken",
     ),
     (
+        "wait(): claiming an EMPTY cell drops the parked waiters' WAITERS bit",
+        "src/once.rs",
+        "                RUNNING | WAITERS,\n",
+        "                RUNNING,\n",
+        "loom_singleton",
+        "wait_outlasts_a_failed_init",
+    ),
+    (
         "failed init does not give the claim back (stays RUNNING)",
         "src/once.rs",
         *NO_GIVE_BACK,
