@@ -165,6 +165,30 @@ fn waiter_parks_and_is_woken() {
     });
 }
 
+/// `Singleton::wait` on a cell that may still be EMPTY: it parks without an
+/// initialiser running, is woken by a failed attempt, parks again, and returns
+/// the value of the successful one. Exhaustive: two threads.
+///
+/// Catches: the claim of an EMPTY cell with parked `wait`ers
+/// (`Once::try_begin_flagged`) dropping their WAITERS bit, so that the
+/// successful `complete` wakes nobody (lost wake-up: loom reports a deadlock).
+#[test]
+fn wait_outlasts_a_failed_init() {
+    loom::model(|| {
+        let cell = Arc::new(Singleton::new());
+        let waiter = {
+            let cell = cell.clone();
+            thread::spawn(move || *cell.wait())
+        };
+        assert_eq!(
+            cell.get_or_try_init(|| Err::<usize, _>("down")),
+            Err("down")
+        );
+        assert_eq!(*cell.get_or_init(|| 7), 7);
+        assert_eq!(waiter.join().unwrap(), 7);
+    });
+}
+
 /// `set` racing `get_or_init`: exactly one value lands, and `set` reports
 /// `Err(its value)` exactly when the other thread's value won.
 #[test]

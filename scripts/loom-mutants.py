@@ -111,6 +111,14 @@ MUTANTS = [
         "waiter_parks_and_is_woken",
     ),
     (
+        "wait(): claiming an EMPTY cell drops the parked waiters' WAITERS bit",
+        "src/once.rs",
+        "                RUNNING | WAITERS,\n",
+        "                RUNNING,\n",
+        "loom_singleton",
+        "wait_outlasts_a_failed_init",
+    ),
+    (
         "failed init does not give the claim back (stays RUNNING)",
         "src/once.rs",
         *NO_GIVE_BACK,
@@ -423,8 +431,10 @@ def run_mutant(scratch, target_dir, mutant):
     if os.path.exists(scratch):
         shutil.rmtree(scratch)
     os.makedirs(scratch)
+    # Cargo.toml names the workspace members (benches, proptests): each must
+    # exist in the copy, or cargo cannot load the workspace.
     for entry in ("Cargo.toml", "Cargo.lock", "README.md", "src", "loom-tests", "benches",
-                  "tests", "examples"):
+                  "proptests", "tests", "examples"):
         src = os.path.join(ROOT, entry)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(scratch, entry))

@@ -16,7 +16,10 @@
 //!
 //! `WAITERS` is a flag bit beside the state: set (under the queue lock) by a
 //! caller that is about to park on a `RUNNING` cell, and cleared by whichever
-//! transition leaves `RUNNING`, which then wakes everybody. Wake-all is what
+//! transition leaves `RUNNING`, which then wakes everybody. A caller of
+//! [`Once::wait_ready`] (`Singleton::wait`) also parks on an `EMPTY` cell: it
+//! sets `WAITERS` there too, and the next `EMPTY → RUNNING` claim carries the
+//! bit over, so the transition out of that `RUNNING` wakes it. Wake-all is what
 //! makes takeover simple and cancellation-safe: every waiter re-runs the
 //! `EMPTY → RUNNING` CAS, exactly one wins and runs its own initialiser, the
 //! rest wait again. No "you are next" token can be lost with a cancelled waiter.
@@ -91,7 +94,36 @@ impl Once {
         {
             Ok(_) => Begin::Owner(InitGuard { once: self }),
             Err(state) if state == READY => Begin::Ready,
+            Err(state) if state & STATE_MASK == EMPTY => self.try_begin_flagged(state),
             Err(_) => Begin::Running,
+        }
+    }
+
+    /// [`try_begin`](Self::try_begin) on an `EMPTY` cell with the `WAITERS`
+    /// bit set (callers of [`wait_ready`](Self::wait_ready) are parked on
+    /// it): the claim keeps the bit, so that leaving `RUNNING` wakes them.
+    #[cold]
+    fn try_begin_flagged(&self, mut state: usize) -> Begin<'_> {
+        loop {
+            if state & STATE_MASK != EMPTY {
+                return if state == READY {
+                    Begin::Ready
+                } else {
+                    Begin::Running
+                };
+            }
+            // Orderings as in `try_begin`: success Acquire pairs with the
+            // Release swap in `finish` of a failed attempt, failure Acquire
+            // with the one in `complete` (a READY read must see the value).
+            match self.state.compare_exchange_weak(
+                state,
+                RUNNING | WAITERS,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Begin::Owner(InitGuard { once: self }),
+                Err(actual) => state = actual,
+            }
         }
     }
 
@@ -129,6 +161,44 @@ impl Once {
         self.waiters.wait(|| self.park_if_running());
     }
 
+    /// Parks the current thread until the value is published, whether or not
+    /// an initialiser is running now: failed, panicked and cancelled attempts
+    /// wake it, and it parks again. Returns at once on a `READY` cell.
+    /// Spurious returns are possible; callers loop on
+    /// [`is_ready`](Self::is_ready).
+    pub(crate) fn wait_ready(&self) {
+        self.waiters.wait(|| self.park_until_ready());
+    }
+
+    /// Called under the wait-queue lock by [`wait_ready`](Self::wait_ready):
+    /// records the waiter in the state word (in `EMPTY` or `RUNNING`), or says
+    /// not to park because the value is published.
+    fn park_until_ready(&self) -> bool {
+        // Relaxed throughout, as in `park_if_running`: the queue mutex orders
+        // this against the notifier's lock-and-drain, and the caller re-reads
+        // the state with Acquire (in `is_ready`) after waking. An `EMPTY` cell
+        // keeps the bit until a claim (`try_begin_flagged`) carries it into
+        // `RUNNING`; `finish` then clears it and wakes us.
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            if state == READY {
+                return false;
+            }
+            if state & WAITERS != 0 {
+                return true;
+            }
+            match self.state.compare_exchange_weak(
+                state,
+                state | WAITERS,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => state = actual,
+            }
+        }
+    }
+
     /// The async form of [`wait`](Self::wait); never blocks the executor.
     pub(crate) fn wait_async(&self) -> impl Future<Output = ()> + '_ {
         self.waiters.wait_async(|| self.park_if_running())
@@ -146,6 +216,14 @@ impl Once {
         if prev & WAITERS != 0 {
             self.waiters.notify_all();
         }
+    }
+
+    /// Marks the cell `READY` through exclusive access, after the owner of
+    /// the `&mut` wrote the value.
+    pub(crate) fn set_ready_mut(&mut self) {
+        // Relaxed: `&mut self` excludes every other access; whoever later
+        // shares the cell gets it through a synchronising hand-over.
+        self.state.store(READY, Ordering::Relaxed);
     }
 
     /// Resets a published cell to `EMPTY` through exclusive access.

@@ -19,9 +19,15 @@
 //!   thread's cache: if the cached key equals the published one, the cached
 //!   instance *is* the published instance (keys are never reused), and the
 //!   reader counts its reference in the block, memory that only its own
-//!   thread touches. On a miss it takes the slow path: lock `current`, clone
+//!   thread writes. On a miss it takes the slow path: lock `current`, clone
 //!   the `Arc`, and cache it in a new block, retiring the old one (which its
 //!   last reference frees, if any are left).
+//! - After each publish, the writer sweeps every thread's cache
+//!   ([`cache::reclaim`]) and takes back each replaced instance that no
+//!   `RegistryRef` holds; the reader and the writer agree on who gives a
+//!   count back through a Dekker hand-shake on an asymmetric barrier (the
+//!   `cache` module docs). So a thread that read an instance once and went
+//!   idle keeps nothing alive.
 //! - Cell ids come from a process-wide counter, never from the cell's address:
 //!   a dropped cell's address can be reused, its id cannot, so a cache entry
 //!   can never be mistaken for another cell's.
@@ -61,9 +67,10 @@ struct Current<T, S> {
 ///
 /// Compared with `arc_swap::ArcSwap<T>`: the read path does not touch a shared
 /// counter or a debt slot; it checks the published generation against a
-/// per-thread cache. The price is that each thread that has read an instance
-/// keeps it alive until that thread reads the cell again or exits (as
-/// `arc_swap::Cache` does).
+/// per-thread cache, and counts its reference in memory only its own thread
+/// writes. Unlike `arc_swap::Cache`, that cache never keeps a replaced
+/// instance alive: the writer takes it back from every thread that does not
+/// hold a reference, so `reinit` pays for it, not the readers.
 ///
 /// # Semantics under concurrency
 ///
@@ -74,6 +81,21 @@ struct Current<T, S> {
 ///   `reinit` returned sees that instance or a later one.
 /// - **One build at a time.** Builds are serialised; readers never wait for
 ///   one: during a slow `reinit` they keep getting the previous instance.
+/// - **A replaced instance drops with its last holder.** It is dropped when
+///   the last [`RegistryRef`] or `Arc` to it is dropped; if none exists when
+///   `reinit` publishes its successor, it is dropped before `reinit` returns,
+///   on the thread that calls `reinit`. Threads that read it once and went
+///   idle (parked, blocked, or busy elsewhere) do not keep it alive, and
+///   `reinit` never waits for them or for any reference. Dropping the cell
+///   drops its instance the same way.
+/// - **The cost of that.** A `reinit` that finds the replaced instance in some
+///   thread's cache runs one `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`
+///   on Linux (a few microseconds: it interrupts the CPUs running this
+///   process's threads), and visits each thread that has read a
+///   `RegistryCell`. Reads pay a compiler fence and no hardware fence. On
+///   other platforms, under miri, and on a Linux kernel without the expedited
+///   membarrier (before 4.14, or where a sandbox filters it), every read pays
+///   a `SeqCst` fence instead; the guarantee is the same.
 /// - **Errors and panics change nothing.** If a build fails or panics, the
 ///   current instance and settings stay as they were and the error or panic
 ///   reaches the caller. There is no poisoning.
@@ -129,7 +151,7 @@ pub struct RegistryCell<T, S = ()> {
 ///
 /// It keeps that instance alive even if the cell is reinitialised meanwhile:
 /// the instance is dropped (if nothing else holds it) when its last
-/// `RegistryRef` on this thread drops. It is neither `Send` nor `Sync`: it is
+/// `RegistryRef` drops. It is neither `Send` nor `Sync`: it is
 /// counted in the reading thread's cache, without atomics. Use
 /// [`RegistryCell::get_arc`] (or [`RegistryRef::to_arc`]) to hold the instance
 /// across threads or an `.await`.

@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::panic::{Location, RefUnwindSafe, UnwindSafe};
 
 use crate::once::{Begin, Once};
@@ -64,8 +64,28 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 ///
 /// # Fast path
 ///
-/// On an initialised cell, [`get`](Self::get) and the `get_or_*` methods do
-/// one `Acquire` load and a branch: no store, no lock, no read-modify-write.
+/// On an initialised cell, [`get`](Self::get), [`wait`](Self::wait) and the
+/// `get_or_*` methods do one `Acquire` load and a branch: no store, no lock,
+/// no read-modify-write.
+///
+/// # Size
+///
+/// `size_of::<Singleton<u64>>()` is 40 bytes on 64-bit Linux (`Lazy<u64>`:
+/// 48), against 16 for `OnceLock<u64>`. Besides the value (8) it holds:
+///
+/// - the state word (8): `EMPTY`/`RUNNING`/`READY` and a "waiters parked" bit;
+/// - the wait queue (16): a mutex and a pointer to the list of parked threads
+///   and async wakers, allocated by the first caller that has to wait on this
+///   cell and freed with it. `OnceLock`'s threads park on the state word
+///   itself (a futex), but an async waiter's [`Waker`](std::task::Waker)
+///   needs a place to be stored. (A process-wide table keyed by the cell's
+///   address, like the one `parking_lot` keeps for threads, could hold the
+///   queues instead, at the price of a shared table on every slow path; this
+///   crate does not do that.)
+/// - where the cell was declared (8), for the reentrancy panic message.
+///
+/// Nothing here is on the read path: `get` loads the state word and returns
+/// the value's address, which is the cell's own (`repr(C)`, value first).
 ///
 /// # Example: the seed's orchestrator
 ///
@@ -191,6 +211,65 @@ impl<T> Singleton<T> {
     #[inline]
     pub fn is_initialized(&self) -> bool {
         self.once.is_ready()
+    }
+
+    /// Blocks the calling thread until the cell is initialised, then returns
+    /// the value. Never initialises: another caller must. Like
+    /// [`std::sync::OnceLock::wait`].
+    ///
+    /// # Semantics under concurrency
+    ///
+    /// - Returns at once (one `Acquire` load) if the cell holds a value.
+    /// - Otherwise parks, whether or not an initialiser is running yet, until
+    ///   one **succeeds**. An initialiser that returns `Err`, panics or is
+    ///   cancelled leaves the cell empty, and `wait` keeps waiting for a later
+    ///   one; if none ever succeeds, it waits forever. The value it returns is
+    ///   the one every other caller sees.
+    /// - It parks the thread, so in async code prefer
+    ///   [`get_or_init_async`](Self::get_or_init_async): there is no async
+    ///   `wait`, and blocking an executor thread stalls its other tasks.
+    ///
+    /// # Panics
+    ///
+    /// Panics if called from inside this cell's own initialiser on the same
+    /// thread (reentrancy), which could never return. `OnceLock::wait`
+    /// deadlocks there.
+    ///
+    /// ```
+    /// use std::thread;
+    /// use toctou::Singleton;
+    ///
+    /// static CONFIG: Singleton<String> = Singleton::new();
+    ///
+    /// thread::scope(|s| {
+    ///     // Readers wait for the value without knowing how to build it.
+    ///     let reader = s.spawn(|| CONFIG.wait().len());
+    ///     // A failed attempt does not wake the reader with nothing...
+    ///     assert!(CONFIG.get_or_try_init(|| Err::<String, _>("not yet")).is_err());
+    ///     // ...a successful one does.
+    ///     CONFIG.set("loaded".to_owned()).unwrap();
+    ///     assert_eq!(reader.join().unwrap(), 6);
+    /// });
+    /// ```
+    #[inline]
+    pub fn wait(&self) -> &T {
+        match self.get() {
+            Some(value) => value,
+            None => self.wait_slow(),
+        }
+    }
+
+    /// The slow path of [`wait`](Self::wait): park until `READY`.
+    #[cold]
+    fn wait_slow(&self) -> &T {
+        loop {
+            if let Some(value) = self.get() {
+                return value;
+            }
+            // Our own initialiser is running: waiting could never end.
+            self.assert_not_reentrant("Singleton");
+            self.once.wait_ready();
+        }
     }
 
     /// Returns the value, initialising it with `f` if the cell is empty.
@@ -423,6 +502,20 @@ impl<T> Singleton<T> {
         }
     }
 
+    /// Mutable access to the value, initialising it with `f` first if the
+    /// cell is empty. `&mut self` excludes every other access, so nothing is
+    /// synchronised and nobody can wait. A panic in `f` leaves the cell empty.
+    fn get_mut_or_init(&mut self, f: impl FnOnce() -> T) -> &mut T {
+        if !self.once.is_ready_mut() {
+            let value = f();
+            self.value.get_mut().write(value);
+            self.once.set_ready_mut();
+        }
+        // SAFETY: READY, either from before or set just above after the write;
+        // `&mut self` excludes every other access.
+        unsafe { self.value.get_mut().assume_init_mut() }
+    }
+
     /// Takes the value out, leaving the cell empty and reusable.
     ///
     /// ```
@@ -584,7 +677,13 @@ impl<T: fmt::Debug> fmt::Debug for Singleton<T> {
 /// All the [`Singleton`] semantics apply: one successful init, waiters park,
 /// and reentrant access from inside `F`, on the thread that runs it, panics
 /// instead of deadlocking (access through another thread that `F` waits for
-/// is not detected and deadlocks).
+/// is not detected and deadlocks). The size is a `Singleton<T>`'s plus `F`'s
+/// (48 bytes for `Lazy<u64>` on 64-bit Linux; see
+/// [`Singleton`'s size](Singleton#size)).
+///
+/// With exclusive access (`&mut`), [`get_mut`](Self::get_mut),
+/// [`force_mut`](Self::force_mut) and `DerefMut` reach the value without any
+/// synchronisation, like `LazyLock`'s.
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -634,6 +733,31 @@ impl<T, F: Fn() -> T> Lazy<T, F> {
     pub fn force(this: &Self) -> &T {
         this.cell.get_or_init_as("Lazy", || (this.init)())
     }
+
+    /// Forces initialisation through exclusive access and returns a mutable
+    /// reference to the value. Like `LazyLock::force_mut`; also what
+    /// `DerefMut` (`*lazy = ...`) does.
+    ///
+    /// `&mut` proves that no other thread can reach the `Lazy`, so nothing is
+    /// synchronised and nothing waits.
+    ///
+    /// # Panics
+    ///
+    /// Propagates a panic of `F`. The `Lazy` stays uninitialised and
+    /// retryable (`LazyLock` is poisoned instead).
+    ///
+    /// ```
+    /// use toctou::Lazy;
+    ///
+    /// let mut lazy = Lazy::new(|| vec![1, 2]);
+    /// Lazy::force_mut(&mut lazy).push(3);
+    /// lazy.push(4); // `DerefMut` forces too
+    /// assert_eq!(*lazy, [1, 2, 3, 4]);
+    /// ```
+    pub fn force_mut(this: &mut Self) -> &mut T {
+        let Lazy { cell, init } = this;
+        cell.get_mut_or_init(&*init)
+    }
 }
 
 impl<T, F> Lazy<T, F> {
@@ -648,6 +772,24 @@ impl<T, F> Lazy<T, F> {
     #[inline]
     pub fn get(this: &Self) -> Option<&T> {
         this.cell.get()
+    }
+
+    /// Mutable access to the value if already initialised. Never initialises.
+    /// Like `LazyLock::get_mut`: `&mut` proves exclusive access, so nothing
+    /// is synchronised.
+    ///
+    /// ```
+    /// use toctou::Lazy;
+    ///
+    /// let mut lazy = Lazy::new(|| 1);
+    /// assert_eq!(Lazy::get_mut(&mut lazy), None, "get_mut does not force");
+    /// let _ = *lazy;
+    /// *Lazy::get_mut(&mut lazy).unwrap() += 1;
+    /// assert_eq!(*lazy, 2);
+    /// ```
+    #[inline]
+    pub fn get_mut(this: &mut Self) -> Option<&mut T> {
+        this.cell.get_mut()
     }
 
     /// Consumes the `Lazy`: `Ok(value)` if it was initialised, else
@@ -669,6 +811,14 @@ impl<T, F: Fn() -> T> Deref for Lazy<T, F> {
     #[inline]
     fn deref(&self) -> &T {
         Lazy::force(self)
+    }
+}
+
+impl<T, F: Fn() -> T> DerefMut for Lazy<T, F> {
+    /// Forces initialisation through exclusive access: [`Lazy::force_mut`].
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        Lazy::force_mut(self)
     }
 }
 

@@ -135,16 +135,62 @@ impl<D> WaitList<D> {
     }
 }
 
+/// A [`WaitList`] allocated by its first waiter.
+///
+/// Most once-cells never see a waiter, and an inline list (an id counter and
+/// a `VecDeque`) would add 32 bytes to every one of them: with it boxed, a
+/// [`WaitQueue`] is a mutex and a pointer, 16 bytes on 64-bit Linux. The
+/// allocation is paid once per queue, by a caller that is about to park
+/// anyway, and the list is kept (not freed when it empties) until the queue
+/// drops, so ids stay unique for the queue's whole life: a waiter's id can
+/// never be handed to a later waiter of the same queue.
+struct LazyWaitList(Option<Box<WaitList<()>>>);
+
+impl LazyWaitList {
+    /// Appends a waiter, allocating the list the first time, and returns its id.
+    fn push(&mut self, unpark: Unpark, data: ()) -> u64 {
+        self.0
+            .get_or_insert_with(|| Box::new(WaitList::new()))
+            .push(unpark, data)
+    }
+
+    fn position(&self, id: u64) -> Option<usize> {
+        self.0.as_ref()?.position(id)
+    }
+
+    fn remove(&mut self, at: usize) -> Option<Waiter<()>> {
+        self.0.as_mut()?.remove(at)
+    }
+
+    fn get_mut(&mut self, at: usize) -> Option<&mut Waiter<()>> {
+        self.0.as_mut()?.get_mut(at)
+    }
+
+    /// Removes every waiter, in arrival order; keeps the (empty) list.
+    fn drain(&mut self) -> impl Iterator<Item = Waiter<()>> {
+        self.0
+            .as_mut()
+            .map(|list| list.drain())
+            .into_iter()
+            .flatten()
+    }
+
+    #[cfg(all(test, not(toctou_loom)))]
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |list| list.len())
+    }
+}
+
 /// A queue of parked threads and pending tasks.
 pub(crate) struct WaitQueue {
-    list: Mutex<WaitList<()>>,
+    list: Mutex<LazyWaitList>,
 }
 
 impl WaitQueue {
     loom_const_fn! {
         pub(crate) fn new() -> Self {
             Self {
-                list: Mutex::new(WaitList::new()),
+                list: Mutex::new(LazyWaitList(None)),
             }
         }
     }

@@ -21,22 +21,23 @@ struct Orchestrator {
 /// call `get_or_init` on one static cell whose initialiser sleeps 10 ms,
 /// counts its runs and spawns a cleanup thread.
 fn seed_scenario(cell: &'static Singleton<Orchestrator>, threads: usize) {
-    static RUNS: AtomicUsize = AtomicUsize::new(0);
-    static CLEANUP_THREADS: AtomicUsize = AtomicUsize::new(0);
-    RUNS.store(0, SeqCst);
-    CLEANUP_THREADS.store(0, SeqCst);
+    // Counters per call, not `static`s: the 10- and 200-thread tests run in
+    // parallel, and shared counters would count both cells' inits.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let cleanup_threads = Arc::new(AtomicUsize::new(0));
 
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let barrier = barrier.clone();
+            let (runs, cleanup_threads) = (runs.clone(), cleanup_threads.clone());
             thread::spawn(move || {
                 barrier.wait();
                 let orchestrator = cell.get_or_init(|| {
-                    RUNS.fetch_add(1, SeqCst);
+                    runs.fetch_add(1, SeqCst);
                     thread::sleep(Duration::from_millis(10));
-                    thread::spawn(|| {
-                        CLEANUP_THREADS.fetch_add(1, SeqCst);
+                    thread::spawn(move || {
+                        cleanup_threads.fetch_add(1, SeqCst);
                     })
                     .join()
                     .unwrap();
@@ -51,8 +52,8 @@ fn seed_scenario(cell: &'static Singleton<Orchestrator>, threads: usize) {
         .collect();
     let addrs: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
-    assert_eq!(RUNS.load(SeqCst), 1, "orchestrators created");
-    assert_eq!(CLEANUP_THREADS.load(SeqCst), 1, "cleanup threads");
+    assert_eq!(runs.load(SeqCst), 1, "orchestrators created");
+    assert_eq!(cleanup_threads.load(SeqCst), 1, "cleanup threads");
     assert!(
         addrs.iter().all(|a| *a == addrs[0]),
         "callers saw different instances"
@@ -366,6 +367,197 @@ fn std_like_trait_impls() {
     let lazy: Lazy<Vec<u8>> = Lazy::default();
     assert!(lazy.is_empty());
     assert_eq!(Lazy::into_inner(lazy), Ok(Vec::new()));
+}
+
+/// Receives from `rx`, failing if nothing arrives within 10 s: the deadlock
+/// detector for tests whose bug would hang (a lost wake-up).
+fn recv_within_10s<T>(rx: &mpsc::Receiver<T>, what: &str) -> T {
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}: nothing after 10 s (a lost wake-up?)"))
+}
+
+#[test]
+fn wait_returns_the_value_of_an_initialised_cell_at_once() {
+    let cell = Singleton::from(5);
+    assert_eq!(*cell.wait(), 5);
+    assert_eq!(*cell.wait(), 5, "wait does not consume or change the value");
+}
+
+#[test]
+fn wait_outlasts_failed_and_panicking_inits_and_returns_the_successful_value() {
+    // Waiters park on an EMPTY cell (no initialiser running yet), are woken by
+    // a failed and a panicking attempt, park again, and all return the value
+    // of the one successful init. `wait` itself never initialises.
+    static CELL: Singleton<u32> = Singleton::new();
+    static INITS: AtomicUsize = AtomicUsize::new(0);
+    const WAITERS: usize = 4;
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..WAITERS {
+        let tx = tx.clone();
+        thread::spawn(move || tx.send(*CELL.wait()).unwrap());
+    }
+    thread::sleep(Duration::from_millis(50)); // let the waiters park on EMPTY
+    assert!(!CELL.is_initialized(), "wait must not initialise");
+    assert!(
+        rx.try_recv().is_err(),
+        "no waiter returned from an empty cell"
+    );
+
+    assert_eq!(
+        CELL.get_or_try_init(|| Err::<u32, _>("backend down")),
+        Err("backend down")
+    );
+    thread::sleep(Duration::from_millis(20)); // woken waiters park again
+    let panicked = catch_unwind(|| CELL.get_or_init(|| panic!("init failed")));
+    assert!(panicked.is_err());
+    assert!(!CELL.is_initialized());
+    assert!(
+        rx.try_recv().is_err(),
+        "failed attempts do not release waiters"
+    );
+
+    // A successful init, racing the waiters that are re-parking.
+    let initialiser = thread::spawn(|| {
+        *CELL.get_or_init(|| {
+            INITS.fetch_add(1, SeqCst);
+            7
+        })
+    });
+    for _ in 0..WAITERS {
+        assert_eq!(recv_within_10s(&rx, "a waiter"), 7);
+    }
+    assert_eq!(initialiser.join().unwrap(), 7);
+    assert_eq!(INITS.load(SeqCst), 1);
+}
+
+#[test]
+fn wait_is_woken_by_an_async_initialiser() {
+    static CELL: Singleton<&str> = Singleton::new();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || tx.send(*CELL.wait()).unwrap());
+    thread::sleep(Duration::from_millis(20)); // let the waiter park
+    let value = common::block_on(CELL.get_or_init_async(|| async { "async" }));
+    assert_eq!(*value, "async");
+    assert_eq!(recv_within_10s(&rx, "the sync waiter"), "async");
+}
+
+#[test]
+#[cfg(all(target_os = "linux", not(miri)))]
+fn wait_parks_instead_of_spinning_on_an_empty_cell() {
+    static CELL: Singleton<u32> = Singleton::new();
+    let waiter = thread::spawn(|| {
+        let before = thread_cpu_ticks();
+        assert_eq!(*CELL.wait(), 1);
+        thread_cpu_ticks() - before
+    });
+    thread::sleep(Duration::from_millis(300));
+    CELL.set(1).unwrap();
+    let waiter_ticks = waiter.join().unwrap();
+    // The waiter waited ~300 ms; a spinning waiter burns ~30 ticks of CPU.
+    assert!(
+        waiter_ticks <= 5,
+        "the waiter used {waiter_ticks} ticks of CPU while waiting"
+    );
+}
+
+#[test]
+fn wait_inside_its_own_initialiser_panics_instead_of_hanging() {
+    static CELL: Singleton<u64> = Singleton::new();
+    let declared_line = line!() - 1;
+    let err = catch_unwind(|| *CELL.get_or_init(|| *CELL.wait() + 1)).unwrap_err();
+    let msg = panic_message(err);
+    assert!(msg.contains("reentrant"), "{msg}");
+    assert!(
+        msg.contains(&format!("tests/singleton.rs:{declared_line}")),
+        "{msg}"
+    );
+    assert_eq!(*CELL.get_or_init(|| 5), 5, "the cell still works");
+    assert_eq!(*CELL.wait(), 5);
+}
+
+#[test]
+fn lazy_get_mut_force_mut_and_deref_mut() {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let mut lazy = Lazy::new(|| {
+        RUNS.fetch_add(1, SeqCst);
+        vec![1]
+    });
+    assert_eq!(Lazy::get_mut(&mut lazy), None, "get_mut does not force");
+    assert_eq!(RUNS.load(SeqCst), 0);
+    Lazy::force_mut(&mut lazy).push(2);
+    assert_eq!(Lazy::get_mut(&mut lazy).map(|v| v.len()), Some(2));
+    lazy.push(3); // DerefMut
+    assert_eq!(*lazy, [1, 2, 3]);
+    *lazy = vec![9, 3];
+    assert_eq!(RUNS.load(SeqCst), 1, "forced once");
+    assert_eq!(Lazy::get(&lazy), Some(&vec![9, 3]));
+    assert_eq!(Lazy::into_inner(lazy).ok(), Some(vec![9, 3]));
+
+    // `DerefMut` on a fresh `Lazy` forces it, and the shared path agrees.
+    let mut counter = Lazy::new(|| 10);
+    *counter += 1;
+    assert_eq!(*counter, 11);
+    assert_eq!(Lazy::get(&counter), Some(&11));
+}
+
+#[test]
+fn lazy_force_mut_panic_is_retryable_and_values_drop_once() {
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+    let drops = Arc::new(AtomicUsize::new(0));
+    let attempts = AtomicUsize::new(0);
+    let mut lazy = Lazy::new(|| {
+        if attempts.fetch_add(1, SeqCst) == 0 {
+            panic!("first attempt fails");
+        }
+        Counted(drops.clone())
+    });
+    let panicked = catch_unwind(AssertUnwindSafe(|| {
+        Lazy::force_mut(&mut lazy);
+    }));
+    assert!(panicked.is_err());
+    assert!(
+        Lazy::get_mut(&mut lazy).is_none(),
+        "not poisoned, not initialised"
+    );
+    Lazy::force_mut(&mut lazy);
+    Lazy::force_mut(&mut lazy);
+    assert_eq!(
+        attempts.load(SeqCst),
+        2,
+        "the second force_mut reuses the value"
+    );
+    assert_eq!(drops.load(SeqCst), 0);
+    drop(lazy);
+    assert_eq!(
+        drops.load(SeqCst),
+        1,
+        "a force_mut value drops exactly once"
+    );
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_pointer_width = "64", not(toctou_loom)))]
+fn cells_stay_small() {
+    // The value, the state word, the waiter queue (a mutex and a pointer to
+    // a list allocated by the first waiter) and the declaration site. Before
+    // the list was boxed: 72 and 80 bytes.
+    use std::mem::size_of;
+    assert!(
+        size_of::<Singleton<u64>>() <= 40,
+        "{}",
+        size_of::<Singleton<u64>>()
+    );
+    assert!(size_of::<Lazy<u64>>() <= 48, "{}", size_of::<Lazy<u64>>());
+    assert!(
+        size_of::<Singleton<()>>() <= 32,
+        "{}",
+        size_of::<Singleton<()>>()
+    );
 }
 
 #[test]
