@@ -615,10 +615,12 @@ unsafe fn evict(block: NonNull<Block>) {
 pub(super) fn reclaim(id: u64, generation: u64) {
     let stale = |key: Key| key.id == id && key.generation < generation;
     let records = records().lock();
-    let mut doomed = false;
-    for &Listed(record) in records.iter() {
+    // The records where this pass doomed a block: the only ones the second
+    // pass needs to visit again.
+    let mut doomed = Vec::new();
+    for &listed in records.iter() {
         // SAFETY: listed, so alive (see `Listed`).
-        let record = unsafe { record.as_ref() };
+        let record = unsafe { listed.0.as_ref() };
         let _lock = record.lock.lock();
         for entry in &record.entries {
             let Some(block) = entry.block().filter(|_| stale(entry.key())) else {
@@ -632,17 +634,19 @@ pub(super) fn reclaim(id: u64, generation: u64) {
                 // loads, and before the owner's `doomed` loads that follow
                 // its own (light) barrier.
                 b.doomed.store(true, Ordering::Relaxed);
-                doomed = true;
+                if doomed.last() != Some(&listed) {
+                    doomed.push(listed);
+                }
             }
         }
     }
-    if !doomed {
+    if doomed.is_empty() {
         return;
     }
     barrier::heavy();
     let mut counts = Vec::new();
-    for &Listed(record) in records.iter() {
-        // SAFETY: listed, so alive (see `Listed`).
+    for Listed(record) in doomed {
+        // SAFETY: listed (we hold the list's lock), so alive (see `Listed`).
         let record = unsafe { record.as_ref() };
         let _lock = record.lock.lock();
         for entry in &record.entries {
