@@ -283,6 +283,40 @@ fn a_key_held_by_another_thread_is_not_reentrancy() {
     assert_eq!(locks.len(), 0);
 }
 
+/// A key whose `Drop` panics once, the first time `Key(3)` is dropped after
+/// `ARMED` is set: for the release path's panic safety.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+struct PanickyKey(u32);
+
+static PANICKY_ARMED: AtomicBool = AtomicBool::new(false);
+
+impl Drop for PanickyKey {
+    fn drop(&mut self) {
+        if self.0 == 3 && PANICKY_ARMED.swap(false, SeqCst) {
+            panic!("PanickyKey(3) panics on drop");
+        }
+    }
+}
+
+#[test]
+fn lock_many_releases_every_key_when_one_keys_drop_panics() {
+    // The guard releases 3, 2, 1; freeing key 3's entry drops the key, which
+    // panics. Keys 2 and 1 must still be released, and the panic go on.
+    let locks = KeyedLocks::<PanickyKey>::new();
+    let guard = locks.lock_many([PanickyKey(1), PanickyKey(2), PanickyKey(3)]);
+    assert_eq!(locks.len(), 3);
+    PANICKY_ARMED.store(true, SeqCst);
+    let payload = catch_unwind(AssertUnwindSafe(|| drop(guard)))
+        .expect_err("the key's panic propagates out of the guard's drop");
+    assert!(!PANICKY_ARMED.load(SeqCst), "key 3's drop ran");
+    assert_eq!(panic_message(payload), "PanickyKey(3) panics on drop");
+    assert_eq!(locks.len(), 0, "keys 1 and 2 were released too");
+    for k in 1..=3 {
+        assert!(locks.try_lock(&PanickyKey(k)).is_some(), "key {k} is free");
+    }
+    assert!(locks.is_empty());
+}
+
 #[test]
 fn lock_many_in_opposite_orders_does_not_deadlock() {
     let rounds = if cfg!(miri) { 20 } else { 20_000 };

@@ -505,10 +505,40 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
 impl<K, S> Drop for MultiKeyGuard<'_, K, S> {
     fn drop(&mut self) {
         // Release in reverse order of acquisition, as nested guards would.
-        for slot in self.slots.drain(..).rev() {
-            // SAFETY: the guard holds each of its keys exclusively.
-            unsafe { self.locks.core.release(slot, ()) }
+        // A release can panic: freeing a key's entry drops the key, which
+        // runs user code. The keys not yet released then sit in `rest`,
+        // whose drop, during the unwinding, releases them and lets the panic
+        // go on (a second panic among them aborts, as in `Vec`'s drop).
+        let mut rest = ReleaseRest {
+            core: &self.locks.core,
+            slots: std::mem::take(&mut self.slots),
+        };
+        rest.release_all();
+    }
+}
+
+/// The keys of a [`MultiKeyGuard`] still to be released; releases them when
+/// dropped, so that a panicking release does not leave the others held.
+struct ReleaseRest<'a, K, S> {
+    core: &'a Core<K, Exclusive, S>,
+    /// Held exclusively by the guard being dropped, in acquisition order.
+    slots: Vec<SlotRef<K, Exclusive>>,
+}
+
+impl<K, S> ReleaseRest<'_, K, S> {
+    fn release_all(&mut self) {
+        while let Some(slot) = self.slots.pop() {
+            // SAFETY: the guard held each of its keys exclusively, and each
+            // slot leaves `slots` before its release: none is released twice.
+            unsafe { self.core.release(slot, ()) }
         }
+    }
+}
+
+impl<K, S> Drop for ReleaseRest<'_, K, S> {
+    fn drop(&mut self) {
+        // Empty unless a release in `release_all` panicked.
+        self.release_all();
     }
 }
 
