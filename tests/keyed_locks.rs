@@ -236,7 +236,7 @@ fn reentrant_lock_many_panics_and_releases_the_keys_it_took() {
         move || {
             catch_unwind(AssertUnwindSafe(|| {
                 let _held = locks.lock(&3);
-                let _many = locks.lock_many([1, 2, 3, 4]);
+                let _many = locks.lock_many(&[1, 2, 3, 4]);
             }))
             .map_err(panic_message)
         }
@@ -303,7 +303,7 @@ fn lock_many_releases_every_key_when_one_keys_drop_panics() {
     // The guard releases 3, 2, 1; freeing key 3's entry drops the key, which
     // panics. Keys 2 and 1 must still be released, and the panic go on.
     let locks = KeyedLocks::<PanickyKey>::new();
-    let guard = locks.lock_many([PanickyKey(1), PanickyKey(2), PanickyKey(3)]);
+    let guard = locks.lock_many(&[PanickyKey(1), PanickyKey(2), PanickyKey(3)]);
     assert_eq!(locks.len(), 3);
     PANICKY_ARMED.store(true, SeqCst);
     let payload = catch_unwind(AssertUnwindSafe(|| drop(guard)))
@@ -330,7 +330,7 @@ fn lock_many_in_opposite_orders_does_not_deadlock() {
                     let (locks, counter) = (&locks, &counter);
                     s.spawn(move || {
                         for _ in 0..rounds {
-                            let guard = locks.lock_many(order);
+                            let guard = locks.lock_many(&order);
                             assert_eq!(guard.len(), 3);
                             counter.fetch_add(1, SeqCst);
                         }
@@ -346,7 +346,7 @@ fn lock_many_in_opposite_orders_does_not_deadlock() {
 #[test]
 fn lock_many_sorts_deduplicates_and_excludes() {
     let locks = KeyedLocks::<&str>::new();
-    let guard = locks.lock_many(["b", "a", "b", "c"]);
+    let guard = locks.lock_many(&["b", "a", "b", "c"]);
     assert_eq!(guard.keys().copied().collect::<Vec<_>>(), ["a", "b", "c"]);
     assert!(locks.try_lock(&"a").is_none());
     assert!(locks.try_lock(&"d").is_some());
@@ -355,6 +355,54 @@ fn lock_many_sorts_deduplicates_and_excludes() {
         r#"MultiKeyGuard { keys: ["a", "b", "c"] }"#
     );
     drop(guard);
+    assert!(locks.is_empty());
+}
+
+#[test]
+fn lock_many_takes_borrowed_keys_as_lock_does() {
+    // Issue 14: `lock_many(["a", "b"])` on a `KeyedLocks<String>` did not
+    // compile (it took owned `K`s), while `lock("a")` did.
+    let locks = KeyedLocks::<String>::new();
+    let guard = locks.lock_many(["b", "a", "b"]);
+    assert_eq!(guard.keys().collect::<Vec<_>>(), ["a", "b"]);
+    assert!(locks.try_lock("a").is_none());
+    drop(guard);
+    let names = vec!["y".to_string(), "x".to_string()];
+    let guard = locks.lock_many(&names); // `&String` items
+    assert_eq!(guard.keys().collect::<Vec<_>>(), ["x", "y"]);
+    let guard2 = block_on(locks.lock_many_async(["p", "q"]));
+    assert_eq!(locks.len(), 4);
+    drop((guard, guard2));
+    assert!(locks.is_empty());
+}
+
+#[test]
+fn lock_many_clones_a_key_only_when_it_creates_its_entry() {
+    // Key 2's entry exists (this thread holds it), key 1's does not:
+    // `lock_many` (sorted: 1, then 2) clones key 1 only, and waits for key 2.
+    static CLONES: AtomicUsize = AtomicUsize::new(0);
+    #[derive(PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+    struct Counted(u32);
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            CLONES.fetch_add(1, SeqCst);
+            Counted(self.0)
+        }
+    }
+    let locks = KeyedLocks::<Counted>::new();
+    thread::scope(|s| {
+        let held = locks.lock(&Counted(2));
+        assert_eq!(CLONES.load(SeqCst), 1);
+        let waiter = s.spawn(|| {
+            let guard = locks.lock_many(&[Counted(2), Counted(1)]);
+            assert_eq!(guard.len(), 2);
+        });
+        eventually("lock_many waits for key 2", || locks.stats().contended == 1);
+        assert_eq!(CLONES.load(SeqCst), 2, "key 1 was cloned, key 2 was not");
+        drop(held);
+        waiter.join().unwrap();
+    });
+    assert_eq!(CLONES.load(SeqCst), 2);
     assert!(locks.is_empty());
 }
 
@@ -569,7 +617,7 @@ mod asynchronous {
     fn lock_many_async_cancelled_part_way_releases_what_it_took() {
         let locks = KeyedLocks::<u8>::new();
         let held = locks.lock(&2);
-        let mut many = Box::pin(locks.lock_many_async([1, 2, 3]));
+        let mut many = Box::pin(locks.lock_many_async(&[1, 2, 3]));
         assert!(poll_once(&mut many).is_pending(), "holds 1, waits for 2");
         assert!(locks.is_locked(&1));
         drop(many);
@@ -604,7 +652,7 @@ mod asynchronous {
         let files = KeyedRwLocks::<String>::new();
         is_send(&files.read_async("k"));
         is_send(&files.write_async("k"));
-        is_send(&locks.lock_many_async(["a".to_string()]));
+        is_send(&locks.lock_many_async(["a"]));
     }
 }
 

@@ -346,8 +346,8 @@ fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
     }
 }
 
-/// A key argument: a borrowed `&Q` (cloned into an owned key only if an
-/// entry is created) or an owned key (moved into the entry, never cloned).
+/// A key argument: a borrowed `&Q`, cloned into an owned key only if an
+/// entry is created.
 pub(crate) trait KeyArg<K> {
     type Q: Hash + Eq + ?Sized;
     fn get(&self) -> &Self::Q;
@@ -366,21 +366,6 @@ where
 
     fn take(&mut self) -> K {
         self.to_owned()
-    }
-}
-
-/// An owned key for [`KeyArg`]; `take` may be called once.
-pub(crate) struct Owned<K>(pub(crate) Option<K>);
-
-impl<K: Hash + Eq> KeyArg<K> for Owned<K> {
-    type Q = K;
-
-    fn get(&self) -> &K {
-        self.0.as_ref().expect("key already moved into its entry")
-    }
-
-    fn take(&mut self) -> K {
-        self.0.take().expect("key already moved into its entry")
     }
 }
 

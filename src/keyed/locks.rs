@@ -8,7 +8,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::core::{Core, Owned, SlotRef};
+use super::core::{Core, SlotRef};
 use super::kind::Exclusive;
 
 /// A map of per-key mutexes whose entries exist exactly while somebody holds
@@ -249,7 +249,12 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks every key in `keys`, in sorted order after removing duplicates,
     /// and returns one guard that releases them all. Two `lock_many` calls
     /// over overlapping keys cannot deadlock, whatever order they list them
-    /// in. The keys are moved into their entries, never cloned.
+    /// in.
+    ///
+    /// The keys are borrowed, as [`lock`](Self::lock)'s: `&str` items work
+    /// for `String` keys, and a key is cloned (`Q::to_owned`) only if this
+    /// call creates its entry. They are sorted with `Q`'s `Ord`, which
+    /// `K: Borrow<Q>` requires to agree with `K`'s.
     ///
     /// Only calls that take several keys this way are ordered: a thread that
     /// holds one key through [`lock`](Self::lock) and then calls `lock_many`
@@ -261,18 +266,23 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// keys; the keys taken so far are released.
     ///
     /// ```
-    /// let locks = toctou::KeyedLocks::<&str>::new();
+    /// let locks = toctou::KeyedLocks::<String>::new();
     /// // Transfer between two accounts, from either side, without deadlock.
     /// let both = locks.lock_many(["bob", "alice", "bob"]);
-    /// assert_eq!(both.keys().collect::<Vec<_>>(), [&"alice", &"bob"]);
+    /// assert_eq!(both.keys().collect::<Vec<_>>(), ["alice", "bob"]);
     /// assert_eq!(locks.len(), 2);
     /// drop(both);
     /// assert!(locks.is_empty());
+    ///
+    /// // Owned keys are passed by reference.
+    /// let ids = toctou::KeyedLocks::<u32>::new();
+    /// assert_eq!(ids.lock_many(&[9, 3, 9]).len(), 2);
     /// ```
-    pub fn lock_many<I>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
+    pub fn lock_many<'q, I, Q>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
     where
-        I: IntoIterator<Item = K>,
-        K: Ord,
+        I: IntoIterator<Item = &'q Q>,
+        K: Borrow<Q>,
+        Q: Hash + Ord + ToOwned<Owned = K> + ?Sized + 'q,
     {
         let keys = sorted_unique(keys);
         let mut guard = MultiKeyGuard {
@@ -280,13 +290,14 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            guard.slots.push(self.core.acquire(Owned(Some(key)), ()));
+            guard.slots.push(self.core.acquire(key, ()));
         }
         guard
     }
 
-    /// The async form of [`lock_many`](Self::lock_many). Dropping the future
-    /// part-way releases the keys taken so far and leaves the queue.
+    /// The async form of [`lock_many`](Self::lock_many), with the same
+    /// borrowed keys. Dropping the future part-way releases the keys taken
+    /// so far and leaves the queue.
     ///
     /// ```
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -294,14 +305,15 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
     /// # }
-    /// let locks = toctou::KeyedLocks::<u32>::new();
-    /// let guard = block_on(locks.lock_many_async([3, 1, 2]));
-    /// assert_eq!(guard.len(), 3);
+    /// let locks = toctou::KeyedLocks::<String>::new();
+    /// let guard = block_on(locks.lock_many_async(["c", "a", "b"]));
+    /// assert_eq!(guard.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
     /// ```
-    pub async fn lock_many_async<I>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
+    pub async fn lock_many_async<'q, I, Q>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
     where
-        I: IntoIterator<Item = K>,
-        K: Ord,
+        I: IntoIterator<Item = &'q Q>,
+        K: Borrow<Q>,
+        Q: Hash + Ord + ToOwned<Owned = K> + ?Sized + 'q,
     {
         let keys = sorted_unique(keys);
         let mut guard = MultiKeyGuard {
@@ -309,7 +321,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            let slot = self.core.acquire_async(Owned(Some(key)), ()).await;
+            let slot = self.core.acquire_async(key, ()).await;
             guard.slots.push(slot);
         }
         guard
@@ -333,8 +345,10 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     }
 }
 
-fn sorted_unique<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
-    let mut keys: Vec<K> = keys.into_iter().collect();
+/// The borrowed keys, sorted (the order that makes `lock_many` calls
+/// deadlock-free) and without duplicates.
+fn sorted_unique<'q, Q: Ord + ?Sized + 'q>(keys: impl IntoIterator<Item = &'q Q>) -> Vec<&'q Q> {
+    let mut keys: Vec<&Q> = keys.into_iter().collect();
     keys.sort_unstable();
     keys.dedup();
     keys
@@ -455,7 +469,7 @@ impl<K: fmt::Debug, S> fmt::Debug for OwnedKeyGuard<K, S> {
 ///
 /// ```
 /// let accounts: toctou::KeyedLocks<u32> = toctou::KeyedLocks::new();
-/// let both = accounts.lock_many([9, 3, 9]);
+/// let both = accounts.lock_many(&[9, 3, 9]);
 /// assert_eq!(both.keys().copied().collect::<Vec<_>>(), [3, 9], "sorted, deduplicated");
 /// assert!(accounts.try_lock(&3).is_none());
 /// drop(both);
@@ -473,7 +487,7 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<u8>::new();
-    /// let guard = locks.lock_many([2, 1]);
+    /// let guard = locks.lock_many(&[2, 1]);
     /// assert_eq!(guard.keys().copied().collect::<Vec<_>>(), [1, 2]);
     /// ```
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &K> + '_ {
@@ -485,7 +499,7 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<u8>::new();
-    /// assert_eq!(locks.lock_many([1, 1, 1]).len(), 1);
+    /// assert_eq!(locks.lock_many(&[1, 1, 1]).len(), 1);
     /// ```
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -495,7 +509,7 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<u8>::new();
-    /// assert!(locks.lock_many([]).is_empty());
+    /// assert!(locks.lock_many::<_, u8>([]).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
