@@ -248,12 +248,15 @@ fn reentrant_lock_many_panics_and_releases_the_keys_it_took() {
 
 #[test]
 fn reentrant_owned_lock_panics_too() {
+    // `lock_owned` waits are checked: here the key is held by a borrowed
+    // guard of this thread. (An owned guard is not recorded as this
+    // thread's: see `an_owned_guard_moved_to_a_worker_is_waited_for`.)
     let locks = Arc::new(KeyedLocks::<u32>::new());
     let result = within_10s("a reentrant lock_owned", {
         let locks = locks.clone();
         move || {
             catch_unwind(AssertUnwindSafe(|| {
-                let _held = locks.lock_owned(&3);
+                let _held = locks.lock(&3);
                 let _again = locks.lock_owned(&3);
             }))
             .is_err()
@@ -261,6 +264,118 @@ fn reentrant_owned_lock_panics_too() {
     });
     assert!(result);
     assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn an_owned_guard_moved_to_a_worker_is_waited_for() {
+    // Issue 14: `lock_owned` on this thread, the guard moved to a worker
+    // that drops it after 50 ms, then `lock` on this thread. That wait ends;
+    // it used to panic ("this thread already holds the key").
+    let locks = Arc::new(KeyedLocks::<String>::new());
+    let result = within_10s("a lock after moving the owned guard away", {
+        let locks = locks.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                let guard = locks.lock_owned("wf-1");
+                let worker = thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(50));
+                    drop(guard);
+                });
+                let again = locks.lock("wf-1");
+                assert_eq!(again.key(), "wf-1");
+                drop(again);
+                worker.join().unwrap();
+            }))
+            .map_err(panic_message)
+        }
+    });
+    result.expect("the wait ends when the worker drops the guard");
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn a_lock_owned_after_moving_an_owned_guard_away_waits() {
+    // The owned guard's key is not recorded as this thread's, so a second
+    // `lock_owned` on the thread that moved the first guard away waits.
+    let locks = Arc::new(KeyedLocks::<u32>::new());
+    within_10s("lock_owned after moving the owned guard away", {
+        let locks = locks.clone();
+        move || {
+            let guard = locks.lock_owned(&1);
+            let worker = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                drop(guard);
+            });
+            drop(locks.lock_owned(&1));
+            worker.join().unwrap();
+        }
+    });
+    assert_eq!(locks.len(), 0);
+}
+
+thread_local! {
+    /// Where the last panic on this thread was raised, for the tests of
+    /// `#[track_caller]` (recorded by the hook that `record_panic_locations`
+    /// installs).
+    static PANIC_AT: std::cell::Cell<Option<(&'static str, u32)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Installs (once) a panic hook that records each panic's location in
+/// `PANIC_AT` on the panicking thread, then runs the previous hook.
+fn record_panic_locations() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(at) = info.location() {
+                // Leaked: a few short strings, once per recorded panic.
+                let file: &'static str = Box::leak(at.file().to_string().into_boxed_str());
+                PANIC_AT.with(|cell| cell.set(Some((file, at.line()))));
+            }
+            previous(info);
+        }));
+    });
+}
+
+#[test]
+fn reentrancy_panics_point_at_the_caller_and_name_the_map() {
+    record_panic_locations();
+    let created = line!() + 1;
+    let locks = KeyedLocks::<String>::new();
+    let files = KeyedRwLocks::<u8>::new();
+    let locks_name = format!(
+        "toctou::KeyedLocks<alloc::string::String> created at {}:{created}:",
+        file!()
+    );
+    let files_name = format!(
+        "toctou::KeyedRwLocks<u8> created at {}:{}:",
+        file!(),
+        created + 1
+    );
+    // `line`: the line of the call that panics, which the panic must name.
+    let check = |line: u32, result: thread::Result<()>, name: &str| {
+        let message = panic_message(result.expect_err("reentrancy must panic"));
+        assert!(message.contains(name), "{message}");
+        assert!(message.contains("already holds"), "{message}");
+        assert_eq!(PANIC_AT.take(), Some((file!(), line)), "{message}");
+    };
+    let outer = locks.lock("wf-1");
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(locks.lock("wf-1"))));
+    check(line, result, &locks_name);
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(locks.lock_many(["a", "wf-1"]))));
+    check(line, result, &locks_name);
+    let w = files.write(&1);
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(files.read(&1))));
+    check(line, result, &files_name);
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(files.write(&1))));
+    check(line, result, &files_name);
+    drop((outer, w));
+    assert!(locks.is_empty() && files.is_empty());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::core::{Core, SlotRef};
+use super::core::{Core, Guard, SlotRef};
 use super::kind::Exclusive;
 
 /// A map of per-key mutexes whose entries exist exactly while somebody holds
@@ -51,11 +51,29 @@ use super::kind::Exclusive;
 ///   poisoning: the lock protects no data of its own.
 /// - **Reentrancy.** A thread that calls [`lock`](Self::lock),
 ///   [`lock_owned`](Self::lock_owned) or [`lock_many`](Self::lock_many) on a
-///   key it already holds through a blocking call panics with a message
-///   instead of deadlocking. The check costs nothing until the key is found
-///   taken. Async acquisitions are not checked (another task on the same
-///   thread may hold the key legitimately), and a guard sent to another
-///   thread still counts as held by the thread that took it.
+///   key it holds through a *borrowed* guard ([`KeyGuard`] or
+///   [`MultiKeyGuard`], from `lock`, `try_lock`, `try_lock_for` or
+///   `lock_many` on this thread) panics instead of deadlocking. The panic
+///   points at the calling line and names the map, its key type and where
+///   it was created. The check costs nothing until the key is found taken.
+///   It is deliberately partial, so that it never fires on a wait that
+///   would end:
+///   - [`OwnedKeyGuard`]s are not counted as held by the thread that took
+///     them (they are made to move): waiting for a key that this thread
+///     holds through one, still in hand, deadlocks undetected, as with
+///     `std::sync::Mutex`.
+///   - Async acquisitions are neither recorded nor checked (another task on
+///     the same thread may hold the key legitimately), and nor are
+///     [`try_lock_for`](Self::try_lock_for) waits (they only cost their
+///     timeout).
+///   - A borrowed guard that was moved to another thread (a scoped thread,
+///     or any thread when the map is a `static`) still counts as held by
+///     the thread that took it: that thread's `lock` of the key panics
+///     although the other thread would release it. Use
+///     [`lock_owned`](Self::lock_owned) for a guard that another thread
+///     releases.
+///   - A cycle through other threads (this thread waits for B's key while B
+///     waits for this thread's) is not detected.
 /// - **Fairness.** Waiters queue in arrival order. A release wakes the
 ///   front waiter and leaves the key free, so a running thread may take it
 ///   first (barging, as with `parking_lot::Mutex`): a hot key stays busy
@@ -89,8 +107,9 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     ///
     /// # Panics
     ///
-    /// If this thread already holds `key` through a blocking call (see
-    /// *Reentrancy* on [`KeyedLocks`]).
+    /// If this thread already holds `key` through a borrowed guard, which
+    /// would deadlock (see *Reentrancy* on [`KeyedLocks`] for what is and is
+    /// not detected). The panic points at the caller's line.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -111,12 +130,13 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 4);
     /// assert!(locks.is_empty());
     /// ```
+    #[track_caller]
     pub fn lock<Q>(&self, key: &Q) -> KeyGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, ());
+        let slot = self.core.acquire(key, (), Guard::Borrowed);
         KeyGuard::new(self, slot)
     }
 
@@ -198,9 +218,15 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks `key` and returns a guard that owns a reference to the map, so
     /// it is `'static` (to store it, or to move it into a spawned task).
     ///
+    /// The guard is not counted as held by this thread: once it has been
+    /// moved to another thread, this thread may wait for the key again and
+    /// gets it when the other thread drops the guard.
+    ///
     /// # Panics
     ///
-    /// As [`lock`](Self::lock), if this thread already holds `key`.
+    /// As [`lock`](Self::lock), if this thread already holds `key` through a
+    /// borrowed guard. (Waiting for a key held by an owned guard that is
+    /// still on this thread deadlocks undetected.)
     ///
     /// ```
     /// use std::sync::Arc;
@@ -208,17 +234,23 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// let locks = Arc::new(toctou::KeyedLocks::<String>::new());
     /// let guard = locks.lock_owned("wf-1");
     /// let worker = std::thread::spawn(move || {
-    ///     assert_eq!(guard.key(), "wf-1"); // released when the thread ends
+    ///     assert_eq!(guard.key(), "wf-1");
+    ///     std::thread::sleep(std::time::Duration::from_millis(10));
+    ///     // The guard is released when the thread ends.
     /// });
+    /// // This thread took the guard but gave it away: it waits, then locks.
+    /// let again = locks.lock("wf-1");
+    /// drop(again);
     /// worker.join().unwrap();
     /// assert!(locks.is_empty());
     /// ```
+    #[track_caller]
     pub fn lock_owned<Q>(self: &Arc<Self>, key: &Q) -> OwnedKeyGuard<K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, ());
+        let slot = self.core.acquire(key, (), Guard::Owned);
         OwnedKeyGuard::new(self.clone(), slot)
     }
 
@@ -278,6 +310,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// let ids = toctou::KeyedLocks::<u32>::new();
     /// assert_eq!(ids.lock_many(&[9, 3, 9]).len(), 2);
     /// ```
+    #[track_caller]
     pub fn lock_many<'q, I, Q>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
     where
         I: IntoIterator<Item = &'q Q>,
@@ -290,7 +323,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            guard.slots.push(self.core.acquire(key, ()));
+            let slot = self.core.acquire(key, (), Guard::Borrowed);
+            guard.slots.push(slot);
         }
         guard
     }

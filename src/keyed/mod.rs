@@ -15,24 +15,30 @@ macro_rules! keyed_map_common {
         impl<K> $ty<K> {
             /// An empty map with the default hasher (`RandomState`).
             ///
+            /// The caller's location is recorded (`#[track_caller]`) and
+            /// named in the reentrancy panic.
+            ///
             /// ```
             #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
             /// assert!(map.is_empty());
             /// ```
             #[must_use]
+            #[track_caller]
             pub fn new() -> Self {
                 Self::with_hasher(std::collections::hash_map::RandomState::new())
             }
         }
 
         impl<K, S: Default> Default for $ty<K, S> {
+            #[track_caller]
             fn default() -> Self {
                 Self::with_hasher(S::default())
             }
         }
 
         impl<K, S> $ty<K, S> {
-            /// An empty map that hashes keys with `hasher`.
+            /// An empty map that hashes keys with `hasher`; the caller's
+            /// location is recorded, as by [`new`](Self::new).
             ///
             /// ```
             /// use std::collections::hash_map::DefaultHasher;
@@ -44,11 +50,13 @@ macro_rules! keyed_map_common {
             #[doc = concat!("drop(map.", $acquire, ");")]
             /// ```
             #[must_use]
+            #[track_caller]
             pub fn with_hasher(hasher: S) -> Self {
                 Self {
                     core: $crate::keyed::core::Core::with_hasher(
                         hasher,
                         concat!("toctou::", stringify!($ty)),
+                        std::panic::Location::caller(),
                     ),
                 }
             }
