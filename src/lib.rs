@@ -193,6 +193,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod hash;
 mod keyed;
 mod once;
 mod reentry;
@@ -203,6 +204,7 @@ mod sync;
 mod table;
 mod wait;
 
+pub use hash::LazyRandomState;
 pub use keyed::{
     KeyGuard, KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LockStats, MultiKeyGuard,
     OwnedKeyGuard,

@@ -378,6 +378,54 @@ fn reentrancy_panics_point_at_the_caller_and_name_the_map() {
     assert!(locks.is_empty() && files.is_empty());
 }
 
+/// Plain `static` maps (issue 14: `new` was not `const`). Used only by
+/// `static_maps_are_allocated_once_when_first_uses_race`.
+static STATIC_LOCKS: KeyedLocks<String> = KeyedLocks::new();
+static STATIC_FILES: KeyedRwLocks<String> = KeyedRwLocks::new();
+const STATIC_LINE: u32 = line!() - 2;
+
+#[test]
+fn static_maps_are_allocated_once_when_first_uses_race() {
+    // 4 threads race the first use (the shard allocation and the hasher's
+    // seeding) of two static maps, then lock one key over and over: a
+    // second shard array or hasher would let two holders in at once.
+    let threads = 4;
+    let rounds = if cfg!(miri) { 20 } else { 2_000 };
+    let barrier = Barrier::new(threads);
+    let inside = AtomicBool::new(false);
+    let violations = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                for i in 0..rounds {
+                    let _guard = if i % 2 == 0 {
+                        (Some(STATIC_LOCKS.lock("k")), None)
+                    } else {
+                        (None, Some(STATIC_FILES.write("k")))
+                    };
+                    let _both = (STATIC_LOCKS.lock("shared"), STATIC_FILES.write("shared"));
+                    if inside.swap(true, SeqCst) {
+                        violations.fetch_add(1, SeqCst);
+                    }
+                    inside.store(false, SeqCst);
+                }
+            });
+        }
+    });
+    assert_eq!(violations.load(SeqCst), 0);
+    assert!(STATIC_LOCKS.is_empty() && STATIC_FILES.is_empty());
+    assert_eq!(
+        STATIC_LOCKS.stats().acquisitions,
+        (threads * rounds * 3 / 2) as u64
+    );
+    // The reentrancy panic names the static's declaration.
+    let _held = STATIC_LOCKS.lock("k");
+    let message = catch_unwind(|| drop(STATIC_LOCKS.lock("k"))).map_err(panic_message);
+    let created_at = format!("created at {}:{STATIC_LINE}:", file!());
+    assert!(message.unwrap_err().contains(&created_at));
+}
+
 #[test]
 fn a_key_held_by_another_thread_is_not_reentrancy() {
     // Thread A holds the key; this thread's `lock` must wait, not panic.

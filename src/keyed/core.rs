@@ -417,16 +417,19 @@ pub(crate) struct Core<K, L: LockKind, S> {
 }
 
 impl<K, L: LockKind, S> Core<K, L, S> {
-    pub(crate) fn with_hasher(
-        hasher: S,
-        name: &'static str,
-        created_at: &'static Location<'static>,
-    ) -> Self {
-        Self {
-            table: Table::with_hasher(hasher, name),
-            peak: AtomicUsize::new(0),
-            name,
-            created_at,
+    sync::loom_const_fn! {
+        /// An empty map; nothing is allocated until its first use.
+        pub(crate) fn with_hasher(
+            hasher: S,
+            name: &'static str,
+            created_at: &'static Location<'static>,
+        ) -> Self {
+            Self {
+                table: Table::with_hasher(hasher, name),
+                peak: AtomicUsize::new(0),
+                name,
+                created_at,
+            }
         }
     }
 

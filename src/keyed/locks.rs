@@ -2,7 +2,6 @@
 //! nobody holds or waits for it.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
@@ -10,6 +9,7 @@ use std::time::Duration;
 
 use super::core::{Core, Guard, SlotRef};
 use super::kind::Exclusive;
+use crate::LazyRandomState;
 
 /// A map of per-key mutexes whose entries exist exactly while somebody holds
 /// or waits for their key.
@@ -94,11 +94,11 @@ use super::kind::Exclusive;
 ///   locking, blocking only. `KeyedLocks` adds async and owned guards,
 ///   timeouts, reentrancy detection, statistics, and a reader-writer form
 ///   ([`KeyedRwLocks`](crate::KeyedRwLocks)).
-pub struct KeyedLocks<K, S = RandomState> {
+pub struct KeyedLocks<K, S = LazyRandomState> {
     core: Core<K, Exclusive, S>,
 }
 
-keyed_map_common!(KeyedLocks, "lock(&1)");
+keyed_map_common!(KeyedLocks, "lock(&1)", "lock(\"a\")");
 
 impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks `key`, parking the thread until it is free.
@@ -401,7 +401,7 @@ fn sorted_unique<'q, Q: Ord + ?Sized + 'q>(keys: impl IntoIterator<Item = &'q Q>
 /// assert!(locks.is_empty(), "the entry went with the last holder");
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct KeyGuard<'a, K, S = RandomState> {
+pub struct KeyGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedLocks<K, S>,
     slot: SlotRef<K, Exclusive>,
 }
@@ -450,7 +450,7 @@ impl<K: fmt::Debug, S> fmt::Debug for KeyGuard<'_, K, S> {
 /// assert!(locks.is_empty());
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct OwnedKeyGuard<K, S = RandomState> {
+pub struct OwnedKeyGuard<K, S = LazyRandomState> {
     locks: Arc<KeyedLocks<K, S>>,
     slot: SlotRef<K, Exclusive>,
 }
@@ -510,7 +510,7 @@ impl<K: fmt::Debug, S> fmt::Debug for OwnedKeyGuard<K, S> {
 /// assert!(accounts.try_lock(&3).is_some());
 /// ```
 #[must_use = "the keys are released as soon as the guard is dropped"]
-pub struct MultiKeyGuard<'a, K, S = RandomState> {
+pub struct MultiKeyGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedLocks<K, S>,
     /// In acquisition (sorted) order.
     slots: Vec<SlotRef<K, Exclusive>>,

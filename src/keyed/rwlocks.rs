@@ -2,13 +2,13 @@
 //! lifecycle as [`KeyedLocks`](crate::KeyedLocks).
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
 
 use super::core::{Core, Guard, SlotRef};
 use super::kind::{Access, ReadWrite};
+use crate::LazyRandomState;
 
 /// A map of per-key reader-writer locks whose entries exist exactly while
 /// somebody holds or waits for their key: any number of readers of a key,
@@ -49,11 +49,11 @@ use super::kind::{Access, ReadWrite};
 /// drop(w);
 /// assert!(files.is_empty());
 /// ```
-pub struct KeyedRwLocks<K, S = RandomState> {
+pub struct KeyedRwLocks<K, S = LazyRandomState> {
     core: Core<K, ReadWrite, S>,
 }
 
-keyed_map_common!(KeyedRwLocks, "write(&1)");
+keyed_map_common!(KeyedRwLocks, "write(&1)", "write(\"a\")");
 
 impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// Locks `key` for reading, parking the thread while a writer holds it
@@ -254,7 +254,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
 /// assert!(files.is_empty());
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct KeyReadGuard<'a, K, S = RandomState> {
+pub struct KeyReadGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedRwLocks<K, S>,
     slot: SlotRef<K, ReadWrite>,
 }
@@ -270,7 +270,7 @@ pub struct KeyReadGuard<'a, K, S = RandomState> {
 /// assert!(files.try_read("context.md").is_some());
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct KeyWriteGuard<'a, K, S = RandomState> {
+pub struct KeyWriteGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedRwLocks<K, S>,
     slot: SlotRef<K, ReadWrite>,
 }
