@@ -317,8 +317,8 @@ thread_local! {
     /// Where the last panic on this thread was raised, for the tests of
     /// `#[track_caller]` (recorded by the hook that `record_panic_locations`
     /// installs).
-    static PANIC_AT: std::cell::Cell<Option<(&'static str, u32)>> =
-        const { std::cell::Cell::new(None) };
+    static PANIC_AT: std::cell::RefCell<Option<(String, u32)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Installs (once) a panic hook that records each panic's location in
@@ -329,9 +329,9 @@ fn record_panic_locations() {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if let Some(at) = info.location() {
-                // Leaked: a few short strings, once per recorded panic.
-                let file: &'static str = Box::leak(at.file().to_string().into_boxed_str());
-                PANIC_AT.with(|cell| cell.set(Some((file, at.line()))));
+                let at = (at.file().to_string(), at.line());
+                // `try_with`: the hook may run during a thread's teardown.
+                let _ = PANIC_AT.try_with(|cell| *cell.borrow_mut() = Some(at));
             }
             previous(info);
         }));
@@ -358,7 +358,8 @@ fn reentrancy_panics_point_at_the_caller_and_name_the_map() {
         let message = panic_message(result.expect_err("reentrancy must panic"));
         assert!(message.contains(name), "{message}");
         assert!(message.contains("already holds"), "{message}");
-        assert_eq!(PANIC_AT.take(), Some((file!(), line)), "{message}");
+        let at = PANIC_AT.with(|cell| cell.borrow_mut().take());
+        assert_eq!(at, Some((file!().to_string(), line)), "{message}");
     };
     let outer = locks.lock("wf-1");
     let line = line!() + 1;
