@@ -316,12 +316,12 @@ fn lock_many_in_opposite_orders_does_not_deadlock() {
         let other = {
             let (locks, data) = (locks.clone(), data.clone());
             thread::spawn(move || {
-                let _both = locks.lock_many([2, 1]);
+                let _both = locks.lock_many(&[2, 1]);
                 data.bump();
             })
         };
         {
-            let _both = locks.lock_many([1, 2]);
+            let _both = locks.lock_many(&[1, 2]);
             data.bump();
         }
         other.join().unwrap();

@@ -89,7 +89,7 @@
 //! | init panics | the panic reaches that caller; the cell stays empty and retryable (no poisoning) | the same, per key | a holder's panic releases its key during unwinding; no poisoning | the current instance stays; the panic reaches the caller |
 //! | init returns `Err` | returned to that caller only, not stored; a waiter runs its own init | the same, per key | nothing to fail: `lock` creates the entry | `try_reinit`: `Err` to the caller, nothing changes |
 //! | a waiting caller is cancelled | a dropped async waiter leaves nothing; a dropped initialiser hands over to one waiter | the same, per key | a dropped async waiter leaves the queue; a key already handed to it goes to the next waiter | no async API: reads never wait after the first build |
-//! | reentrancy (same thread) | init of the same cell **panics** with a message | init of the same key **panics** | a blocking lock of a key this thread holds **panics** | a build that reinitialises its own cell **panics** |
+//! | reentrancy (same thread) | init of the same cell **panics** with a message | init of the same key **panics** | a blocking lock of a key this thread holds through a borrowed guard **panics**; owned and async guards are not tracked | a build that reinitialises its own cell **panics** |
 //! | timeouts | `get` never waits; async waits can be dropped by any runtime's timeout | the same | `try_lock_for`, `try_read_for`, `try_write_for`: `None` on timeout, nothing left behind | reads never wait after the first build |
 //!
 //! The README compares every cell with `std`'s `OnceLock` and `LazyLock`,
@@ -197,6 +197,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod hash;
 mod keyed;
 mod once;
 mod reentry;
@@ -207,6 +208,7 @@ mod sync;
 mod table;
 mod wait;
 
+pub use hash::LazyRandomState;
 pub use keyed::{
     KeyGuard, KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LockStats, MultiKeyGuard,
     OwnedKeyGuard,

@@ -33,7 +33,6 @@
 //! (so does not park) also sees the outcome when it re-reads.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -41,9 +40,10 @@ use std::hash::{BuildHasher, Hash};
 use std::panic::Location;
 use std::sync::Arc;
 
+use crate::LazyRandomState;
 use crate::once::{Once, SharedInit};
 use crate::reentry;
-use crate::sync::RwLock;
+use crate::sync::{RwLock, loom_const_fn};
 use crate::table::{Entries, Table};
 
 /// One shard's contents (see the module docs).
@@ -202,7 +202,7 @@ impl<K, V> Default for Shard<K, V> {
 /// assert_eq!(stopped.port, a.port);
 /// assert!(servers.is_empty());
 /// ```
-pub struct SingletonMap<K, V, S = RandomState> {
+pub struct SingletonMap<K, V, S = LazyRandomState> {
     table: Table<RwLock<Shard<K, V>>, S>,
     created_at: &'static Location<'static>,
 }
@@ -220,36 +220,46 @@ enum Removal<V> {
     Wait(Arc<Once>),
 }
 
-impl<K, V> SingletonMap<K, V, RandomState> {
-    /// Creates an empty map with the default hasher.
-    ///
-    /// ```
-    /// let map: toctou::SingletonMap<String, u32> = toctou::SingletonMap::new();
-    /// assert!(map.is_empty());
-    /// ```
-    #[must_use]
-    #[track_caller]
-    pub fn new() -> Self {
-        Self::with_hasher(RandomState::new())
+impl<K, V> SingletonMap<K, V, LazyRandomState> {
+    loom_const_fn! {
+        /// Creates an empty map with the default hasher,
+        /// [`LazyRandomState`] (std's `RandomState`, seeded at the first use).
+        ///
+        /// `const`: a map can be a plain `static`. Nothing is allocated until
+        /// the first use. Under `--cfg toctou_loom` it is not `const`, as
+        /// loom's primitives are not.
+        ///
+        /// ```
+        /// static MAP: toctou::SingletonMap<String, u32> = toctou::SingletonMap::new();
+        /// assert!(MAP.is_empty());
+        /// assert_eq!(*MAP.get_or_init("a", |_| 1), 1);
+        /// ```
+        #[must_use]
+        #[track_caller]
+        pub fn new() -> Self {
+            Self::with_hasher(LazyRandomState::new())
+        }
     }
 }
 
 impl<K, V, S> SingletonMap<K, V, S> {
-    /// Creates an empty map that hashes keys with `hasher`.
-    ///
-    /// ```
-    /// use std::hash::RandomState;
-    ///
-    /// let map: toctou::SingletonMap<u64, String> =
-    ///     toctou::SingletonMap::with_hasher(RandomState::new());
-    /// assert_eq!(map.len(), 0);
-    /// ```
-    #[must_use]
-    #[track_caller]
-    pub fn with_hasher(hasher: S) -> Self {
-        Self {
-            table: Table::with_hasher(hasher, "toctou::SingletonMap"),
-            created_at: Location::caller(),
+    loom_const_fn! {
+        /// Creates an empty map that hashes keys with `hasher`.
+        ///
+        /// ```
+        /// use std::hash::RandomState;
+        ///
+        /// let map: toctou::SingletonMap<u64, String, RandomState> =
+        ///     toctou::SingletonMap::with_hasher(RandomState::new());
+        /// assert_eq!(map.len(), 0);
+        /// ```
+        #[must_use]
+        #[track_caller]
+        pub fn with_hasher(hasher: S) -> Self {
+            Self {
+                table: Table::with_hasher(hasher, "toctou::SingletonMap"),
+                created_at: Location::caller(),
+            }
         }
     }
 
@@ -257,7 +267,7 @@ impl<K, V, S> SingletonMap<K, V, S> {
     ///
     /// ```
     /// let map: toctou::SingletonMap<u64, u64> = toctou::SingletonMap::new();
-    /// let _hasher: &std::hash::RandomState = map.hasher();
+    /// let _hasher: &toctou::LazyRandomState = map.hasher();
     /// ```
     pub fn hasher(&self) -> &S {
         self.table.hasher()

@@ -635,6 +635,59 @@ impl<T> ShardLock for ParkingRwLock<T> {
     }
 }
 
+/// A value made on first use, so that the owner's constructor can be
+/// `const` (the keyed maps' shard arrays and default hasher). `init` is the
+/// same function at every call for one value.
+///
+/// In std builds it is a `std::sync::OnceLock`: after the first use, a
+/// `get` is one `Acquire` load of its state and a branch (the load pairs
+/// with the `Release` that completes the initialisation, so the value's
+/// contents are visible). Under `toctou_loom`, where constructors are not
+/// `const` anyway, the value is made by the constructor, so models see no
+/// synchronisation that normal builds would not have after the first use.
+#[cfg(not(toctou_loom))]
+pub(crate) struct LazyInit<T>(std::sync::OnceLock<T>);
+
+#[cfg(not(toctou_loom))]
+impl<T> LazyInit<T> {
+    /// An empty value, made by `init` at the first [`get`](Self::get).
+    pub(crate) const fn new(init: fn() -> T) -> Self {
+        let _ = init;
+        Self(std::sync::OnceLock::new())
+    }
+
+    /// The value, made now by `init` if this is its first use. Concurrent
+    /// first uses run `init` once; the others wait for it.
+    #[inline]
+    pub(crate) fn get(&self, init: fn() -> T) -> &T {
+        self.0.get_or_init(init)
+    }
+
+    /// The value, if it was made.
+    #[inline]
+    pub(crate) fn try_get(&self) -> Option<&T> {
+        self.0.get()
+    }
+}
+
+#[cfg(toctou_loom)]
+pub(crate) struct LazyInit<T>(T);
+
+#[cfg(toctou_loom)]
+impl<T> LazyInit<T> {
+    pub(crate) fn new(init: fn() -> T) -> Self {
+        Self(init())
+    }
+
+    pub(crate) fn get(&self, _: fn() -> T) -> &T {
+        &self.0
+    }
+
+    pub(crate) fn try_get(&self) -> Option<&T> {
+        Some(&self.0)
+    }
+}
+
 /// An `UnsafeCell` with loom's checked, closure-based access API.
 ///
 /// In std builds the closures compile to plain pointer accesses.

@@ -26,7 +26,7 @@ use std::hash::{BuildHasher, Hash};
 use hashbrown::HashTable;
 
 use crate::reentry;
-use crate::sync::ShardLock;
+use crate::sync::{LazyInit, ShardLock, loom_const_fn};
 
 /// One key's entry: the owned key, its hash, and the front-end's state for it.
 ///
@@ -132,32 +132,48 @@ struct Padded<T>(T);
 
 /// A sharded hash table whose shards are each an `L` (a lock around the
 /// front-end's shard contents, `L::Data`).
+///
+/// The shards are allocated at the first use, so that the constructor can be
+/// `const` (for `static` maps).
 pub(crate) struct Table<L, S> {
     hasher: S,
-    shards: Box<[Padded<L>]>,
-    /// `shards.len() - 1`; the length is a power of two.
-    mask: usize,
+    /// `shard_count()` shards (a power of two), made by `make_shards`.
+    shards: LazyInit<Box<[Padded<L>]>>,
+    /// `make_shards::<L>`, kept so that methods that need no `L::Data:
+    /// Default` bound can allocate the shards.
+    make: fn() -> Box<[Padded<L>]>,
     /// The public type's name, for the reentrancy panic.
     owner: &'static str,
 }
 
+/// `shard_count()` new, empty shards.
+fn make_shards<L: ShardLock<Data: Default>>() -> Box<[Padded<L>]> {
+    (0..shard_count())
+        .map(|_| Padded(L::new(L::Data::default())))
+        .collect()
+}
+
 impl<L: ShardLock<Data: Default>, S> Table<L, S> {
-    /// An empty table with `shard_count()` shards.
-    pub(crate) fn with_hasher(hasher: S, owner: &'static str) -> Self {
-        let count = shard_count();
-        let shards = (0..count)
-            .map(|_| Padded(L::new(L::Data::default())))
-            .collect();
-        Self {
-            hasher,
-            shards,
-            mask: count - 1,
-            owner,
+    loom_const_fn! {
+        /// An empty table; its shards are allocated at the first use.
+        pub(crate) fn with_hasher(hasher: S, owner: &'static str) -> Self {
+            Self {
+                hasher,
+                shards: LazyInit::new(make_shards::<L>),
+                make: make_shards::<L>,
+                owner,
+            }
         }
     }
 }
 
 impl<L: ShardLock, S> Table<L, S> {
+    /// The shards, allocated now if this is the table's first use.
+    #[inline]
+    fn all(&self) -> &[Padded<L>] {
+        self.shards.get(self.make)
+    }
+
     pub(crate) fn hasher(&self) -> &S {
         &self.hasher
     }
@@ -166,7 +182,8 @@ impl<L: ShardLock, S> Table<L, S> {
     /// the top 7 for its tag byte, so the shard index comes from the middle.
     #[inline]
     fn shard(&self, hash: u64) -> &L {
-        &self.shards[self.index(hash)].0
+        let shards = self.all();
+        &shards[Self::index_in(shards, hash)].0
     }
 
     /// Locks the shard of `hash` for reading.
@@ -196,35 +213,43 @@ impl<L: ShardLock, S> Table<L, S> {
     }
 
     /// The number of shards; [`write_at`](Self::write_at) takes `0..shards()`.
+    /// 0 while the table has never been used: it holds no entry then.
     pub(crate) fn shards(&self) -> usize {
-        self.shards.len()
+        self.shards.try_get().map_or(0, |shards| shards.len())
     }
 
     /// Locks shard number `index` for writing.
     pub(crate) fn write_at(&self, index: usize) -> L::Write<'_> {
-        self.write_shard(&self.shards[index].0)
+        self.write_shard(&self.all()[index].0)
     }
 
     /// The number of the shard that holds `hash`.
     #[inline]
     pub(crate) fn index(&self, hash: u64) -> usize {
-        (hash >> 32) as usize & self.mask
+        Self::index_in(self.all(), hash)
+    }
+
+    /// The index in `shards` (a power of two long) of the shard for `hash`.
+    #[inline]
+    fn index_in(shards: &[Padded<L>], hash: u64) -> usize {
+        (hash >> 32) as usize & (shards.len() - 1)
     }
 
     /// Locks shard number `index` for reading if that needs no waiting.
     pub(crate) fn try_read_at(&self, index: usize) -> Option<L::Read<'_>> {
-        self.shards[index].0.try_read()
+        self.all()[index].0.try_read()
     }
 
     /// Marks shard number `index` as locked by a callback on this thread, for
     /// as long as the mark lives: a reentrant lock attempt on it panics.
     pub(crate) fn mark_at(&self, index: usize) -> reentry::Mark {
-        reentry::Mark::enter(shard_addr(&self.shards[index].0))
+        reentry::Mark::enter(shard_addr(&self.all()[index].0))
     }
 
-    /// Runs `f` on every shard under its read lock, one at a time.
+    /// Runs `f` on every shard under its read lock, one at a time; none if
+    /// the table has never been used.
     pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&L::Data)) {
-        for shard in self.shards.iter() {
+        for shard in self.shards.try_get().into_iter().flat_map(|s| s.iter()) {
             f(&self.read_shard(&shard.0));
         }
     }

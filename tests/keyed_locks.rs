@@ -237,7 +237,7 @@ fn reentrant_lock_many_panics_and_releases_the_keys_it_took() {
         move || {
             catch_unwind(AssertUnwindSafe(|| {
                 let _held = locks.lock(&3);
-                let _many = locks.lock_many([1, 2, 3, 4]);
+                let _many = locks.lock_many(&[1, 2, 3, 4]);
             }))
             .map_err(panic_message)
         }
@@ -249,12 +249,15 @@ fn reentrant_lock_many_panics_and_releases_the_keys_it_took() {
 
 #[test]
 fn reentrant_owned_lock_panics_too() {
+    // `lock_owned` waits are checked: here the key is held by a borrowed
+    // guard of this thread. (An owned guard is not recorded as this
+    // thread's: see `an_owned_guard_moved_to_a_worker_is_waited_for`.)
     let locks = Arc::new(KeyedLocks::<u32>::new());
     let result = within_10s("a reentrant lock_owned", {
         let locks = locks.clone();
         move || {
             catch_unwind(AssertUnwindSafe(|| {
-                let _held = locks.lock_owned(&3);
+                let _held = locks.lock(&3);
                 let _again = locks.lock_owned(&3);
             }))
             .is_err()
@@ -262,6 +265,167 @@ fn reentrant_owned_lock_panics_too() {
     });
     assert!(result);
     assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn an_owned_guard_moved_to_a_worker_is_waited_for() {
+    // Issue 14: `lock_owned` on this thread, the guard moved to a worker
+    // that drops it after 50 ms, then `lock` on this thread. That wait ends;
+    // it used to panic ("this thread already holds the key").
+    let locks = Arc::new(KeyedLocks::<String>::new());
+    let result = within_10s("a lock after moving the owned guard away", {
+        let locks = locks.clone();
+        move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                let guard = locks.lock_owned("wf-1");
+                let worker = thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(50));
+                    drop(guard);
+                });
+                let again = locks.lock("wf-1");
+                assert_eq!(again.key(), "wf-1");
+                drop(again);
+                worker.join().unwrap();
+            }))
+            .map_err(panic_message)
+        }
+    });
+    result.expect("the wait ends when the worker drops the guard");
+    assert_eq!(locks.len(), 0);
+}
+
+#[test]
+fn a_lock_owned_after_moving_an_owned_guard_away_waits() {
+    // The owned guard's key is not recorded as this thread's, so a second
+    // `lock_owned` on the thread that moved the first guard away waits.
+    let locks = Arc::new(KeyedLocks::<u32>::new());
+    within_10s("lock_owned after moving the owned guard away", {
+        let locks = locks.clone();
+        move || {
+            let guard = locks.lock_owned(&1);
+            let worker = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                drop(guard);
+            });
+            drop(locks.lock_owned(&1));
+            worker.join().unwrap();
+        }
+    });
+    assert_eq!(locks.len(), 0);
+}
+
+thread_local! {
+    /// Where the last panic on this thread was raised, for the tests of
+    /// `#[track_caller]` (recorded by the hook that `record_panic_locations`
+    /// installs).
+    static PANIC_AT: std::cell::RefCell<Option<(String, u32)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that records each panic's location in
+/// `PANIC_AT` on the panicking thread, then runs the previous hook.
+fn record_panic_locations() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(at) = info.location() {
+                let at = (at.file().to_string(), at.line());
+                // `try_with`: the hook may run during a thread's teardown.
+                let _ = PANIC_AT.try_with(|cell| *cell.borrow_mut() = Some(at));
+            }
+            previous(info);
+        }));
+    });
+}
+
+#[test]
+fn reentrancy_panics_point_at_the_caller_and_name_the_map() {
+    record_panic_locations();
+    let created = line!() + 1;
+    let locks = KeyedLocks::<String>::new();
+    let files = KeyedRwLocks::<u8>::new();
+    let locks_name = format!(
+        "toctou::KeyedLocks<alloc::string::String> created at {}:{created}:",
+        file!()
+    );
+    let files_name = format!(
+        "toctou::KeyedRwLocks<u8> created at {}:{}:",
+        file!(),
+        created + 1
+    );
+    // `line`: the line of the call that panics, which the panic must name.
+    let check = |line: u32, result: thread::Result<()>, name: &str| {
+        let message = panic_message(result.expect_err("reentrancy must panic"));
+        assert!(message.contains(name), "{message}");
+        assert!(message.contains("already holds"), "{message}");
+        let at = PANIC_AT.with(|cell| cell.borrow_mut().take());
+        assert_eq!(at, Some((file!().to_string(), line)), "{message}");
+    };
+    let outer = locks.lock("wf-1");
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(locks.lock("wf-1"))));
+    check(line, result, &locks_name);
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(locks.lock_many(["a", "wf-1"]))));
+    check(line, result, &locks_name);
+    let w = files.write(&1);
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(files.read(&1))));
+    check(line, result, &files_name);
+    let line = line!() + 1;
+    let result = catch_unwind(AssertUnwindSafe(|| drop(files.write(&1))));
+    check(line, result, &files_name);
+    drop((outer, w));
+    assert!(locks.is_empty() && files.is_empty());
+}
+
+/// Plain `static` maps (issue 14: `new` was not `const`). Used only by
+/// `static_maps_are_allocated_once_when_first_uses_race`.
+static STATIC_LOCKS: KeyedLocks<String> = KeyedLocks::new();
+static STATIC_FILES: KeyedRwLocks<String> = KeyedRwLocks::new();
+const STATIC_LINE: u32 = line!() - 2;
+
+#[test]
+fn static_maps_are_allocated_once_when_first_uses_race() {
+    // 4 threads race the first use (the shard allocation and the hasher's
+    // seeding) of two static maps, then lock one key over and over: a
+    // second shard array or hasher would let two holders in at once.
+    let threads = 4;
+    let rounds = if cfg!(miri) { 20 } else { 2_000 };
+    let barrier = Barrier::new(threads);
+    let inside = AtomicBool::new(false);
+    let violations = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                for i in 0..rounds {
+                    let _guard = if i % 2 == 0 {
+                        (Some(STATIC_LOCKS.lock("k")), None)
+                    } else {
+                        (None, Some(STATIC_FILES.write("k")))
+                    };
+                    let _both = (STATIC_LOCKS.lock("shared"), STATIC_FILES.write("shared"));
+                    if inside.swap(true, SeqCst) {
+                        violations.fetch_add(1, SeqCst);
+                    }
+                    inside.store(false, SeqCst);
+                }
+            });
+        }
+    });
+    assert_eq!(violations.load(SeqCst), 0);
+    assert!(STATIC_LOCKS.is_empty() && STATIC_FILES.is_empty());
+    assert_eq!(
+        STATIC_LOCKS.stats().acquisitions,
+        (threads * rounds * 3 / 2) as u64
+    );
+    // The reentrancy panic names the static's declaration.
+    let _held = STATIC_LOCKS.lock("k");
+    let message = catch_unwind(|| drop(STATIC_LOCKS.lock("k"))).map_err(panic_message);
+    let created_at = format!("created at {}:{STATIC_LINE}:", file!());
+    assert!(message.unwrap_err().contains(&created_at));
 }
 
 #[test]
@@ -284,6 +448,40 @@ fn a_key_held_by_another_thread_is_not_reentrancy() {
     assert_eq!(locks.len(), 0);
 }
 
+/// A key whose `Drop` panics once, the first time `Key(3)` is dropped after
+/// `ARMED` is set: for the release path's panic safety.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+struct PanickyKey(u32);
+
+static PANICKY_ARMED: AtomicBool = AtomicBool::new(false);
+
+impl Drop for PanickyKey {
+    fn drop(&mut self) {
+        if self.0 == 3 && PANICKY_ARMED.swap(false, SeqCst) {
+            panic!("PanickyKey(3) panics on drop");
+        }
+    }
+}
+
+#[test]
+fn lock_many_releases_every_key_when_one_keys_drop_panics() {
+    // The guard releases 3, 2, 1; freeing key 3's entry drops the key, which
+    // panics. Keys 2 and 1 must still be released, and the panic go on.
+    let locks = KeyedLocks::<PanickyKey>::new();
+    let guard = locks.lock_many(&[PanickyKey(1), PanickyKey(2), PanickyKey(3)]);
+    assert_eq!(locks.len(), 3);
+    PANICKY_ARMED.store(true, SeqCst);
+    let payload = catch_unwind(AssertUnwindSafe(|| drop(guard)))
+        .expect_err("the key's panic propagates out of the guard's drop");
+    assert!(!PANICKY_ARMED.load(SeqCst), "key 3's drop ran");
+    assert_eq!(panic_message(payload), "PanickyKey(3) panics on drop");
+    assert_eq!(locks.len(), 0, "keys 1 and 2 were released too");
+    for k in 1..=3 {
+        assert!(locks.try_lock(&PanickyKey(k)).is_some(), "key {k} is free");
+    }
+    assert!(locks.is_empty());
+}
+
 #[test]
 fn lock_many_in_opposite_orders_does_not_deadlock() {
     let rounds = if cfg!(miri) { 20 } else { 20_000 };
@@ -297,7 +495,7 @@ fn lock_many_in_opposite_orders_does_not_deadlock() {
                     let (locks, counter) = (&locks, &counter);
                     s.spawn(move || {
                         for _ in 0..rounds {
-                            let guard = locks.lock_many(order);
+                            let guard = locks.lock_many(&order);
                             assert_eq!(guard.len(), 3);
                             counter.fetch_add(1, SeqCst);
                         }
@@ -313,7 +511,7 @@ fn lock_many_in_opposite_orders_does_not_deadlock() {
 #[test]
 fn lock_many_sorts_deduplicates_and_excludes() {
     let locks = KeyedLocks::<&str>::new();
-    let guard = locks.lock_many(["b", "a", "b", "c"]);
+    let guard = locks.lock_many(&["b", "a", "b", "c"]);
     assert_eq!(guard.keys().copied().collect::<Vec<_>>(), ["a", "b", "c"]);
     assert!(locks.try_lock(&"a").is_none());
     assert!(locks.try_lock(&"d").is_some());
@@ -322,6 +520,54 @@ fn lock_many_sorts_deduplicates_and_excludes() {
         r#"MultiKeyGuard { keys: ["a", "b", "c"] }"#
     );
     drop(guard);
+    assert!(locks.is_empty());
+}
+
+#[test]
+fn lock_many_takes_borrowed_keys_as_lock_does() {
+    // Issue 14: `lock_many(["a", "b"])` on a `KeyedLocks<String>` did not
+    // compile (it took owned `K`s), while `lock("a")` did.
+    let locks = KeyedLocks::<String>::new();
+    let guard = locks.lock_many(["b", "a", "b"]);
+    assert_eq!(guard.keys().collect::<Vec<_>>(), ["a", "b"]);
+    assert!(locks.try_lock("a").is_none());
+    drop(guard);
+    let names = vec!["y".to_string(), "x".to_string()];
+    let guard = locks.lock_many(&names); // `&String` items
+    assert_eq!(guard.keys().collect::<Vec<_>>(), ["x", "y"]);
+    let guard2 = block_on(locks.lock_many_async(["p", "q"]));
+    assert_eq!(locks.len(), 4);
+    drop((guard, guard2));
+    assert!(locks.is_empty());
+}
+
+#[test]
+fn lock_many_clones_a_key_only_when_it_creates_its_entry() {
+    // Key 2's entry exists (this thread holds it), key 1's does not:
+    // `lock_many` (sorted: 1, then 2) clones key 1 only, and waits for key 2.
+    static CLONES: AtomicUsize = AtomicUsize::new(0);
+    #[derive(PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+    struct Counted(u32);
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            CLONES.fetch_add(1, SeqCst);
+            Counted(self.0)
+        }
+    }
+    let locks = KeyedLocks::<Counted>::new();
+    thread::scope(|s| {
+        let held = locks.lock(&Counted(2));
+        assert_eq!(CLONES.load(SeqCst), 1);
+        let waiter = s.spawn(|| {
+            let guard = locks.lock_many(&[Counted(2), Counted(1)]);
+            assert_eq!(guard.len(), 2);
+        });
+        eventually("lock_many waits for key 2", || locks.stats().contended == 1);
+        assert_eq!(CLONES.load(SeqCst), 2, "key 1 was cloned, key 2 was not");
+        drop(held);
+        waiter.join().unwrap();
+    });
+    assert_eq!(CLONES.load(SeqCst), 2);
     assert!(locks.is_empty());
 }
 
@@ -536,7 +782,7 @@ mod asynchronous {
     fn lock_many_async_cancelled_part_way_releases_what_it_took() {
         let locks = KeyedLocks::<u8>::new();
         let held = locks.lock(&2);
-        let mut many = Box::pin(locks.lock_many_async([1, 2, 3]));
+        let mut many = Box::pin(locks.lock_many_async(&[1, 2, 3]));
         assert!(poll_once(&mut many).is_pending(), "holds 1, waits for 2");
         assert!(locks.is_locked(&1));
         drop(many);
@@ -571,7 +817,7 @@ mod asynchronous {
         let files = KeyedRwLocks::<String>::new();
         is_send(&files.read_async("k"));
         is_send(&files.write_async("k"));
-        is_send(&locks.lock_many_async(["a".to_string()]));
+        is_send(&locks.lock_many_async(["a"]));
     }
 }
 

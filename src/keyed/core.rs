@@ -55,6 +55,7 @@
 use std::borrow::Borrow;
 use std::future::poll_fn;
 use std::hash::{BuildHasher, Hash};
+use std::panic::Location;
 use std::ptr::NonNull;
 use std::task::{Poll, Waker};
 
@@ -72,7 +73,9 @@ use crate::wait::{Unpark, WaitList, Waiter};
 /// What a waiter wants, and how its wait has gone so far.
 struct Waiting<M> {
     mode: M,
-    /// The waiting thread's token for the reentrancy check (0: a task).
+    /// The holder to record when the key is granted (see
+    /// [`SlotState::owner`]): the waiting thread's token for a borrowed
+    /// guard, 0 for an owned guard or a task.
     owner: u64,
     /// Woken to take a free lock, and not yet back to try.
     woken: bool,
@@ -86,7 +89,9 @@ struct Waiting<M> {
 struct SlotState<L: LockKind> {
     lock: L,
     /// The [`sync::thread_token`] of the thread that holds the key in an
-    /// exclusive mode through a blocking call, or 0.
+    /// exclusive mode through a borrowed guard from a blocking call
+    /// ([`Guard::Borrowed`]), or 0. Owned guards and tasks are not recorded:
+    /// they are made to move, and a wait for a key they hold can end.
     owner: u64,
     queue: Queue<L::Mode>,
 }
@@ -346,8 +351,8 @@ fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
     }
 }
 
-/// A key argument: a borrowed `&Q` (cloned into an owned key only if an
-/// entry is created) or an owned key (moved into the entry, never cloned).
+/// A key argument: a borrowed `&Q`, cloned into an owned key only if an
+/// entry is created.
 pub(crate) trait KeyArg<K> {
     type Q: Hash + Eq + ?Sized;
     fn get(&self) -> &Self::Q;
@@ -369,19 +374,16 @@ where
     }
 }
 
-/// An owned key for [`KeyArg`]; `take` may be called once.
-pub(crate) struct Owned<K>(pub(crate) Option<K>);
-
-impl<K: Hash + Eq> KeyArg<K> for Owned<K> {
-    type Q = K;
-
-    fn get(&self) -> &K {
-        self.0.as_ref().expect("key already moved into its entry")
-    }
-
-    fn take(&mut self) -> K {
-        self.0.take().expect("key already moved into its entry")
-    }
+/// The guard a blocking acquisition returns, which decides what the
+/// reentrancy check records (see [`SlotState::owner`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Guard {
+    /// A guard that borrows the map (`lock`, `write`, `lock_many`): the
+    /// thread that takes it is recorded as the key's holder.
+    Borrowed,
+    /// A guard that owns an `Arc` of the map (`lock_owned`), made to move to
+    /// other threads: not recorded. Its waits are still checked.
+    Owned,
 }
 
 /// What [`Core::begin`] did.
@@ -410,14 +412,24 @@ pub(crate) struct Core<K, L: LockKind, S> {
     peak: AtomicUsize,
     /// The public type's name, for panic messages.
     name: &'static str,
+    /// Where the map was created (`#[track_caller]`), for panic messages.
+    created_at: &'static Location<'static>,
 }
 
 impl<K, L: LockKind, S> Core<K, L, S> {
-    pub(crate) fn with_hasher(hasher: S, name: &'static str) -> Self {
-        Self {
-            table: Table::with_hasher(hasher, name),
-            peak: AtomicUsize::new(0),
-            name,
+    sync::loom_const_fn! {
+        /// An empty map; nothing is allocated until its first use.
+        pub(crate) fn with_hasher(
+            hasher: S,
+            name: &'static str,
+            created_at: &'static Location<'static>,
+        ) -> Self {
+            Self {
+                table: Table::with_hasher(hasher, name),
+                peak: AtomicUsize::new(0),
+                name,
+                created_at,
+            }
         }
     }
 
@@ -562,16 +574,21 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     /// One acquisition attempt: the check and the act in one critical
     /// section. `enqueue`: how to wake the caller if it must wait; without
     /// it, a taken key returns [`Begin::Busy`] and nothing changes.
-    /// `owner`: the caller's thread token (0 for tasks), remembered while
-    /// it holds the key exclusively. With `reentry_check`, a caller that
-    /// finds the key taken by its own thread panics instead of waiting.
+    /// `owner`: the holder to record while the caller holds the key
+    /// exclusively (its thread token for a borrowed guard, else 0). `me`:
+    /// the caller's thread token if it is to be checked for reentrancy (a
+    /// blocking wait without deadline), else 0; a checked caller that finds
+    /// the key held by a borrowed guard of its own thread panics instead of
+    /// waiting, pointing at its caller's caller (`#[track_caller]` up to
+    /// the public method).
+    #[track_caller]
     fn begin<A: KeyArg<K>>(
         &self,
         hash: u64,
         key: &mut A,
         mode: L::Mode,
         owner: u64,
-        reentry_check: bool,
+        me: u64,
         enqueue: Option<&dyn Fn() -> Unpark>,
     ) -> Begin<K, L>
     where
@@ -620,16 +637,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             counters.acquisitions += 1;
             return Begin::Held(slot);
         }
-        if reentry_check && owner != 0 && state.owner == owner {
+        if me != 0 && state.owner == me {
             drop(shard);
-            panic!(
-                "{}: this thread already holds the key (of type `{}`) that it is now \
-                 waiting for, which would deadlock; drop its guard first \
-                 (note: a guard sent to another thread still counts as held by the \
-                 thread that acquired it)",
-                self.name,
-                std::any::type_name::<K>(),
-            );
+            self.reentrant();
         }
         let Some(make_unpark) = enqueue else {
             return Begin::Busy;
@@ -646,6 +656,24 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         );
         counters.contended += 1;
         Begin::Queued(slot, id)
+    }
+
+    /// The reentrancy panic: this thread is about to wait, without a
+    /// deadline, for a key it holds through a borrowed guard. The wait could
+    /// only end if that guard had been moved to another thread, which the
+    /// check cannot see (see *Reentrancy* on `KeyedLocks`).
+    #[cold]
+    #[track_caller]
+    fn reentrant(&self) -> ! {
+        panic!(
+            "{}<{}> created at {}: this thread already holds the key that it is now \
+             waiting for (through a guard from a blocking call on this thread), \
+             which would deadlock; drop that guard first, or use the owned or async \
+             forms for a guard that another thread or task releases",
+            self.name,
+            std::any::type_name::<K>(),
+            self.created_at,
+        );
     }
 
     /// A queued waiter's look at its entry, after it was unparked or polled.
@@ -721,26 +749,31 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     }
 
     /// Blocks the thread until it holds `key` in `mode`, or `deadline`
-    /// passes (then `None`). `reentry_check`: panic if this thread already
-    /// holds the key exclusively (the blocking calls without a timeout).
+    /// passes (then `None`). `guard`: what the caller returns, which decides
+    /// whether this thread is recorded as the holder. Without a deadline,
+    /// panic if this thread already holds the key through a borrowed guard.
+    #[track_caller]
     fn acquire_blocking<A: KeyArg<K>>(
         &self,
         mut key: A,
         mode: L::Mode,
         deadline: Option<&Deadline>,
-        reentry_check: bool,
+        guard: Guard,
     ) -> Option<SlotRef<K, L>>
     where
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        let owner = sync::thread_token();
+        let me = sync::thread_token();
+        let owner = if guard == Guard::Borrowed { me } else { 0 };
+        // A wait with a deadline is not checked: it only costs its timeout.
+        let check = if deadline.is_none() { me } else { 0 };
         let unpark = || Unpark::current_thread();
         let mut spin = SpinWait::default();
         let (slot, id) = loop {
             // Spin while the budget lasts, then queue.
             let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
-            match self.begin(hash, &mut key, mode, owner, reentry_check, enqueue) {
+            match self.begin(hash, &mut key, mode, owner, check, enqueue) {
                 Begin::Held(slot) => return Some(slot),
                 Begin::Queued(slot, id) => break (slot, id),
                 Begin::Busy => spin.spin(),
@@ -764,13 +797,15 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         }
     }
 
-    /// Blocks the thread until it holds `key` in `mode`; panics if this
-    /// thread already holds it exclusively (see [`acquire_blocking`](Self::acquire_blocking)).
-    pub(crate) fn acquire<A: KeyArg<K>>(&self, key: A, mode: L::Mode) -> SlotRef<K, L>
+    /// Blocks the thread until it holds `key` in `mode`, for a `guard`;
+    /// panics if this thread already holds it through a borrowed guard (see
+    /// [`acquire_blocking`](Self::acquire_blocking)).
+    #[track_caller]
+    pub(crate) fn acquire<A: KeyArg<K>>(&self, key: A, mode: L::Mode, guard: Guard) -> SlotRef<K, L>
     where
         K: Borrow<A::Q>,
     {
-        self.acquire_blocking(key, mode, None, true)
+        self.acquire_blocking(key, mode, None, guard)
             .expect("a wait without deadline ends holding the key")
     }
 
@@ -786,7 +821,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     where
         K: Borrow<A::Q>,
     {
-        self.acquire_blocking(key, mode, Some(&Deadline::after(timeout)), false)
+        self.acquire_blocking(key, mode, Some(&Deadline::after(timeout)), Guard::Borrowed)
     }
 
     /// One acquisition attempt that never waits.
@@ -799,7 +834,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        match self.begin(hash, &mut key, mode, sync::thread_token(), false, None) {
+        // A borrowed guard: recorded as this thread's, never waits.
+        match self.begin(hash, &mut key, mode, sync::thread_token(), 0, None) {
             Begin::Held(slot) => Some(slot),
             Begin::Queued(..) | Begin::Busy => None,
         }
@@ -824,7 +860,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 let unpark = || Unpark::Task(waker.clone());
                 // Owner 0: a task may move between threads, and another task
                 // on this thread may hold the key legitimately.
-                match self.begin(hash, &mut key, mode, 0, false, Some(&unpark)) {
+                match self.begin(hash, &mut key, mode, 0, 0, Some(&unpark)) {
                     Begin::Held(slot) => Poll::Ready(slot),
                     Begin::Queued(slot, id) => {
                         queued = Some(Queued {

@@ -2,14 +2,14 @@
 //! nobody holds or waits for it.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::core::{Core, Owned, SlotRef};
+use super::core::{Core, Guard, SlotRef};
 use super::kind::Exclusive;
+use crate::LazyRandomState;
 
 /// A map of per-key mutexes whose entries exist exactly while somebody holds
 /// or waits for their key.
@@ -51,11 +51,29 @@ use super::kind::Exclusive;
 ///   poisoning: the lock protects no data of its own.
 /// - **Reentrancy.** A thread that calls [`lock`](Self::lock),
 ///   [`lock_owned`](Self::lock_owned) or [`lock_many`](Self::lock_many) on a
-///   key it already holds through a blocking call panics with a message
-///   instead of deadlocking. The check costs nothing until the key is found
-///   taken. Async acquisitions are not checked (another task on the same
-///   thread may hold the key legitimately), and a guard sent to another
-///   thread still counts as held by the thread that took it.
+///   key it holds through a *borrowed* guard ([`KeyGuard`] or
+///   [`MultiKeyGuard`], from `lock`, `try_lock`, `try_lock_for` or
+///   `lock_many` on this thread) panics instead of deadlocking. The panic
+///   points at the calling line and names the map, its key type and where
+///   it was created. The check costs nothing until the key is found taken.
+///   It is deliberately partial, so that it never fires on a wait that
+///   would end:
+///   - [`OwnedKeyGuard`]s are not counted as held by the thread that took
+///     them (they are made to move): waiting for a key that this thread
+///     holds through one, still in hand, deadlocks undetected, as with
+///     `std::sync::Mutex`.
+///   - Async acquisitions are neither recorded nor checked (another task on
+///     the same thread may hold the key legitimately), and nor are
+///     [`try_lock_for`](Self::try_lock_for) waits (they only cost their
+///     timeout).
+///   - A borrowed guard that was moved to another thread (a scoped thread,
+///     or any thread when the map is a `static`) still counts as held by
+///     the thread that took it: that thread's `lock` of the key panics
+///     although the other thread would release it. Use
+///     [`lock_owned`](Self::lock_owned) for a guard that another thread
+///     releases.
+///   - A cycle through other threads (this thread waits for B's key while B
+///     waits for this thread's) is not detected.
 /// - **Fairness.** Waiters queue in arrival order. A release wakes the
 ///   front waiter and leaves the key free, so a running thread may take it
 ///   first (barging, as with `parking_lot::Mutex`): a hot key stays busy
@@ -76,11 +94,11 @@ use super::kind::Exclusive;
 ///   locking, blocking only. `KeyedLocks` adds async and owned guards,
 ///   timeouts, reentrancy detection, statistics, and a reader-writer form
 ///   ([`KeyedRwLocks`](crate::KeyedRwLocks)).
-pub struct KeyedLocks<K, S = RandomState> {
+pub struct KeyedLocks<K, S = LazyRandomState> {
     core: Core<K, Exclusive, S>,
 }
 
-keyed_map_common!(KeyedLocks, "lock(&1)");
+keyed_map_common!(KeyedLocks, "lock(&1)", "lock(\"a\")");
 
 impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks `key`, parking the thread until it is free.
@@ -89,8 +107,9 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     ///
     /// # Panics
     ///
-    /// If this thread already holds `key` through a blocking call (see
-    /// *Reentrancy* on [`KeyedLocks`]).
+    /// If this thread already holds `key` through a borrowed guard, which
+    /// would deadlock (see *Reentrancy* on [`KeyedLocks`] for what is and is
+    /// not detected). The panic points at the caller's line.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -111,12 +130,13 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 4);
     /// assert!(locks.is_empty());
     /// ```
+    #[track_caller]
     pub fn lock<Q>(&self, key: &Q) -> KeyGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, ());
+        let slot = self.core.acquire(key, (), Guard::Borrowed);
         KeyGuard::new(self, slot)
     }
 
@@ -198,9 +218,15 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks `key` and returns a guard that owns a reference to the map, so
     /// it is `'static` (to store it, or to move it into a spawned task).
     ///
+    /// The guard is not counted as held by this thread: once it has been
+    /// moved to another thread, this thread may wait for the key again and
+    /// gets it when the other thread drops the guard.
+    ///
     /// # Panics
     ///
-    /// As [`lock`](Self::lock), if this thread already holds `key`.
+    /// As [`lock`](Self::lock), if this thread already holds `key` through a
+    /// borrowed guard. (Waiting for a key held by an owned guard that is
+    /// still on this thread deadlocks undetected.)
     ///
     /// ```
     /// use std::sync::Arc;
@@ -208,17 +234,23 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// let locks = Arc::new(toctou::KeyedLocks::<String>::new());
     /// let guard = locks.lock_owned("wf-1");
     /// let worker = std::thread::spawn(move || {
-    ///     assert_eq!(guard.key(), "wf-1"); // released when the thread ends
+    ///     assert_eq!(guard.key(), "wf-1");
+    ///     std::thread::sleep(std::time::Duration::from_millis(10));
+    ///     // The guard is released when the thread ends.
     /// });
+    /// // This thread took the guard but gave it away: it waits, then locks.
+    /// let again = locks.lock("wf-1");
+    /// drop(again);
     /// worker.join().unwrap();
     /// assert!(locks.is_empty());
     /// ```
+    #[track_caller]
     pub fn lock_owned<Q>(self: &Arc<Self>, key: &Q) -> OwnedKeyGuard<K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, ());
+        let slot = self.core.acquire(key, (), Guard::Owned);
         OwnedKeyGuard::new(self.clone(), slot)
     }
 
@@ -249,7 +281,12 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks every key in `keys`, in sorted order after removing duplicates,
     /// and returns one guard that releases them all. Two `lock_many` calls
     /// over overlapping keys cannot deadlock, whatever order they list them
-    /// in. The keys are moved into their entries, never cloned.
+    /// in.
+    ///
+    /// The keys are borrowed, as [`lock`](Self::lock)'s: `&str` items work
+    /// for `String` keys, and a key is cloned (`Q::to_owned`) only if this
+    /// call creates its entry. They are sorted with `Q`'s `Ord`, which
+    /// `K: Borrow<Q>` requires to agree with `K`'s.
     ///
     /// Only calls that take several keys this way are ordered: a thread that
     /// holds one key through [`lock`](Self::lock) and then calls `lock_many`
@@ -261,18 +298,24 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// keys; the keys taken so far are released.
     ///
     /// ```
-    /// let locks = toctou::KeyedLocks::<&str>::new();
+    /// let locks = toctou::KeyedLocks::<String>::new();
     /// // Transfer between two accounts, from either side, without deadlock.
     /// let both = locks.lock_many(["bob", "alice", "bob"]);
-    /// assert_eq!(both.keys().collect::<Vec<_>>(), [&"alice", &"bob"]);
+    /// assert_eq!(both.keys().collect::<Vec<_>>(), ["alice", "bob"]);
     /// assert_eq!(locks.len(), 2);
     /// drop(both);
     /// assert!(locks.is_empty());
+    ///
+    /// // Owned keys are passed by reference.
+    /// let ids = toctou::KeyedLocks::<u32>::new();
+    /// assert_eq!(ids.lock_many(&[9, 3, 9]).len(), 2);
     /// ```
-    pub fn lock_many<I>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
+    #[track_caller]
+    pub fn lock_many<'q, I, Q>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
     where
-        I: IntoIterator<Item = K>,
-        K: Ord,
+        I: IntoIterator<Item = &'q Q>,
+        K: Borrow<Q>,
+        Q: Hash + Ord + ToOwned<Owned = K> + ?Sized + 'q,
     {
         let keys = sorted_unique(keys);
         let mut guard = MultiKeyGuard {
@@ -280,13 +323,15 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            guard.slots.push(self.core.acquire(Owned(Some(key)), ()));
+            let slot = self.core.acquire(key, (), Guard::Borrowed);
+            guard.slots.push(slot);
         }
         guard
     }
 
-    /// The async form of [`lock_many`](Self::lock_many). Dropping the future
-    /// part-way releases the keys taken so far and leaves the queue.
+    /// The async form of [`lock_many`](Self::lock_many), with the same
+    /// borrowed keys. Dropping the future part-way releases the keys taken
+    /// so far and leaves the queue.
     ///
     /// ```
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -294,14 +339,15 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
     /// # }
-    /// let locks = toctou::KeyedLocks::<u32>::new();
-    /// let guard = block_on(locks.lock_many_async([3, 1, 2]));
-    /// assert_eq!(guard.len(), 3);
+    /// let locks = toctou::KeyedLocks::<String>::new();
+    /// let guard = block_on(locks.lock_many_async(["c", "a", "b"]));
+    /// assert_eq!(guard.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
     /// ```
-    pub async fn lock_many_async<I>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
+    pub async fn lock_many_async<'q, I, Q>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
     where
-        I: IntoIterator<Item = K>,
-        K: Ord,
+        I: IntoIterator<Item = &'q Q>,
+        K: Borrow<Q>,
+        Q: Hash + Ord + ToOwned<Owned = K> + ?Sized + 'q,
     {
         let keys = sorted_unique(keys);
         let mut guard = MultiKeyGuard {
@@ -309,7 +355,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            let slot = self.core.acquire_async(Owned(Some(key)), ()).await;
+            let slot = self.core.acquire_async(key, ()).await;
             guard.slots.push(slot);
         }
         guard
@@ -333,8 +379,10 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     }
 }
 
-fn sorted_unique<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
-    let mut keys: Vec<K> = keys.into_iter().collect();
+/// The borrowed keys, sorted (the order that makes `lock_many` calls
+/// deadlock-free) and without duplicates.
+fn sorted_unique<'q, Q: Ord + ?Sized + 'q>(keys: impl IntoIterator<Item = &'q Q>) -> Vec<&'q Q> {
+    let mut keys: Vec<&Q> = keys.into_iter().collect();
     keys.sort_unstable();
     keys.dedup();
     keys
@@ -353,7 +401,7 @@ fn sorted_unique<K: Ord>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
 /// assert!(locks.is_empty(), "the entry went with the last holder");
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct KeyGuard<'a, K, S = RandomState> {
+pub struct KeyGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedLocks<K, S>,
     slot: SlotRef<K, Exclusive>,
 }
@@ -402,7 +450,7 @@ impl<K: fmt::Debug, S> fmt::Debug for KeyGuard<'_, K, S> {
 /// assert!(locks.is_empty());
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct OwnedKeyGuard<K, S = RandomState> {
+pub struct OwnedKeyGuard<K, S = LazyRandomState> {
     locks: Arc<KeyedLocks<K, S>>,
     slot: SlotRef<K, Exclusive>,
 }
@@ -455,14 +503,14 @@ impl<K: fmt::Debug, S> fmt::Debug for OwnedKeyGuard<K, S> {
 ///
 /// ```
 /// let accounts: toctou::KeyedLocks<u32> = toctou::KeyedLocks::new();
-/// let both = accounts.lock_many([9, 3, 9]);
+/// let both = accounts.lock_many(&[9, 3, 9]);
 /// assert_eq!(both.keys().copied().collect::<Vec<_>>(), [3, 9], "sorted, deduplicated");
 /// assert!(accounts.try_lock(&3).is_none());
 /// drop(both);
 /// assert!(accounts.try_lock(&3).is_some());
 /// ```
 #[must_use = "the keys are released as soon as the guard is dropped"]
-pub struct MultiKeyGuard<'a, K, S = RandomState> {
+pub struct MultiKeyGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedLocks<K, S>,
     /// In acquisition (sorted) order.
     slots: Vec<SlotRef<K, Exclusive>>,
@@ -473,7 +521,7 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<u8>::new();
-    /// let guard = locks.lock_many([2, 1]);
+    /// let guard = locks.lock_many(&[2, 1]);
     /// assert_eq!(guard.keys().copied().collect::<Vec<_>>(), [1, 2]);
     /// ```
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &K> + '_ {
@@ -485,7 +533,7 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<u8>::new();
-    /// assert_eq!(locks.lock_many([1, 1, 1]).len(), 1);
+    /// assert_eq!(locks.lock_many(&[1, 1, 1]).len(), 1);
     /// ```
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -495,7 +543,7 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<u8>::new();
-    /// assert!(locks.lock_many([]).is_empty());
+    /// assert!(locks.lock_many::<_, u8>([]).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
@@ -505,10 +553,40 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
 impl<K, S> Drop for MultiKeyGuard<'_, K, S> {
     fn drop(&mut self) {
         // Release in reverse order of acquisition, as nested guards would.
-        for slot in self.slots.drain(..).rev() {
-            // SAFETY: the guard holds each of its keys exclusively.
-            unsafe { self.locks.core.release(slot, ()) }
+        // A release can panic: freeing a key's entry drops the key, which
+        // runs user code. The keys not yet released then sit in `rest`,
+        // whose drop, during the unwinding, releases them and lets the panic
+        // go on (a second panic among them aborts, as in `Vec`'s drop).
+        let mut rest = ReleaseRest {
+            core: &self.locks.core,
+            slots: std::mem::take(&mut self.slots),
+        };
+        rest.release_all();
+    }
+}
+
+/// The keys of a [`MultiKeyGuard`] still to be released; releases them when
+/// dropped, so that a panicking release does not leave the others held.
+struct ReleaseRest<'a, K, S> {
+    core: &'a Core<K, Exclusive, S>,
+    /// Held exclusively by the guard being dropped, in acquisition order.
+    slots: Vec<SlotRef<K, Exclusive>>,
+}
+
+impl<K, S> ReleaseRest<'_, K, S> {
+    fn release_all(&mut self) {
+        while let Some(slot) = self.slots.pop() {
+            // SAFETY: the guard held each of its keys exclusively, and each
+            // slot leaves `slots` before its release: none is released twice.
+            unsafe { self.core.release(slot, ()) }
         }
+    }
+}
+
+impl<K, S> Drop for ReleaseRest<'_, K, S> {
+    fn drop(&mut self) {
+        // Empty unless a release in `release_all` panicked.
+        self.release_all();
     }
 }
 

@@ -9,30 +9,56 @@
 
 /// The constructors, accessors and `Debug` that both front-ends share:
 /// `$ty` is the public type (with a `core` field), `$acquire` a method call
-/// that takes key `1` (or `7`) and returns a guard, for the doc examples.
+/// that takes key `1` (or `7`) and returns a guard, and `$acquire_str` one
+/// that takes key `"a"` on a `String`-keyed map, for the doc examples.
 macro_rules! keyed_map_common {
-    ($ty:ident, $acquire:literal) => {
+    ($ty:ident, $acquire:literal, $acquire_str:literal) => {
         impl<K> $ty<K> {
-            /// An empty map with the default hasher (`RandomState`).
-            ///
-            /// ```
-            #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
-            /// assert!(map.is_empty());
-            /// ```
-            #[must_use]
-            pub fn new() -> Self {
-                Self::with_hasher(std::collections::hash_map::RandomState::new())
+            $crate::sync::loom_const_fn! {
+                /// An empty map with the default hasher,
+                /// [`LazyRandomState`]($crate::LazyRandomState) (std's
+                /// `RandomState`, seeded at the first use).
+                ///
+                /// `const`: a map can be a plain `static`. Nothing is
+                /// allocated until the first use, which allocates the shards
+                /// (racing first uses allocate them once). Under
+                /// `--cfg toctou_loom` it is not `const`, as loom's
+                /// primitives are not.
+                ///
+                /// The caller's location is recorded (`#[track_caller]`) and
+                /// named in the reentrancy panic.
+                ///
+                /// ```
+                #[doc = concat!("static MAP: toctou::", stringify!($ty), "<String> = toctou::", stringify!($ty), "::new();")]
+                ///
+                /// assert!(MAP.is_empty());
+                #[doc = concat!("drop(MAP.", $acquire_str, ");")]
+                /// assert!(MAP.is_empty());
+                /// ```
+                #[must_use]
+                #[track_caller]
+                pub fn new() -> Self {
+                    Self {
+                        core: $crate::keyed::core::Core::with_hasher(
+                            $crate::LazyRandomState::new(),
+                            concat!("toctou::", stringify!($ty)),
+                            std::panic::Location::caller(),
+                        ),
+                    }
+                }
             }
         }
 
         impl<K, S: Default> Default for $ty<K, S> {
+            #[track_caller]
             fn default() -> Self {
                 Self::with_hasher(S::default())
             }
         }
 
         impl<K, S> $ty<K, S> {
-            /// An empty map that hashes keys with `hasher`.
+            /// An empty map that hashes keys with `hasher`; the caller's
+            /// location is recorded, as by [`new`](Self::new).
             ///
             /// ```
             /// use std::collections::hash_map::DefaultHasher;
@@ -44,11 +70,13 @@ macro_rules! keyed_map_common {
             #[doc = concat!("drop(map.", $acquire, ");")]
             /// ```
             #[must_use]
+            #[track_caller]
             pub fn with_hasher(hasher: S) -> Self {
                 Self {
                     core: $crate::keyed::core::Core::with_hasher(
                         hasher,
                         concat!("toctou::", stringify!($ty)),
+                        std::panic::Location::caller(),
                     ),
                 }
             }
@@ -57,7 +85,7 @@ macro_rules! keyed_map_common {
             ///
             /// ```
             #[doc = concat!("let map = toctou::", stringify!($ty), "::<u64>::new();")]
-            /// let _hasher: &std::collections::hash_map::RandomState = map.hasher();
+            /// let _hasher: &toctou::LazyRandomState = map.hasher();
             /// ```
             pub fn hasher(&self) -> &S {
                 self.core.hasher()

@@ -2,13 +2,13 @@
 //! lifecycle as [`KeyedLocks`](crate::KeyedLocks).
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
 
-use super::core::{Core, SlotRef};
+use super::core::{Core, Guard, SlotRef};
 use super::kind::{Access, ReadWrite};
+use crate::LazyRandomState;
 
 /// A map of per-key reader-writer locks whose entries exist exactly while
 /// somebody holds or waits for their key: any number of readers of a key,
@@ -21,12 +21,17 @@ use super::kind::{Access, ReadWrite};
 /// - **Writers do not starve.** A new reader queues behind a waiting writer
 ///   instead of joining the readers who hold the key. When the key is handed
 ///   over, consecutive readers at the front of the queue get it together.
-/// - **Reentrancy.** A thread that holds a key for writing (through a
-///   blocking call) and calls [`read`](Self::read) or [`write`](Self::write)
-///   on it panics. A thread that holds a key for *reading* and asks again is
-///   not detected (readers are not tracked per thread): a second `read`
+/// - **Reentrancy.** A thread that holds a key for writing through a
+///   [`KeyWriteGuard`] from [`write`](Self::write), `try_write` or
+///   `try_write_for` and calls [`read`](Self::read) or [`write`](Self::write)
+///   on it panics, at the calling line, naming the map and where it was
+///   created. A thread that holds a key for *reading* and asks again is not
+///   detected (readers are not tracked per thread): a second `read`
 ///   succeeds unless a writer is queued, and then deadlocks, as with
-///   `std::sync::RwLock`; a `write` deadlocks.
+///   `std::sync::RwLock`; a `write` deadlocks. Async guards are not
+///   tracked, and a write guard moved to another thread still counts as
+///   held by the thread that took it (see *Reentrancy* on
+///   [`KeyedLocks`](crate::KeyedLocks)).
 ///
 /// Seed 002's per-file context: many readers of a file at once, one writer
 /// at a time, and no torn reads.
@@ -44,11 +49,11 @@ use super::kind::{Access, ReadWrite};
 /// drop(w);
 /// assert!(files.is_empty());
 /// ```
-pub struct KeyedRwLocks<K, S = RandomState> {
+pub struct KeyedRwLocks<K, S = LazyRandomState> {
     core: Core<K, ReadWrite, S>,
 }
 
-keyed_map_common!(KeyedRwLocks, "write(&1)");
+keyed_map_common!(KeyedRwLocks, "write(&1)", "write(\"a\")");
 
 impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// Locks `key` for reading, parking the thread while a writer holds it
@@ -56,7 +61,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     ///
     /// # Panics
     ///
-    /// If this thread holds `key` for writing through a blocking call.
+    /// If this thread holds `key` for writing through a [`KeyWriteGuard`]
+    /// from a blocking call; the panic points at the caller's line.
     ///
     /// ```
     /// let files = toctou::KeyedRwLocks::<String>::new();
@@ -64,12 +70,13 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// let b = files.read("a.txt"); // readers share
     /// assert_eq!(a.key(), b.key());
     /// ```
+    #[track_caller]
     pub fn read<Q>(&self, key: &Q) -> KeyReadGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, Access::Read);
+        let slot = self.core.acquire(key, Access::Read, Guard::Borrowed);
         KeyReadGuard { locks: self, slot }
     }
 
@@ -78,7 +85,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     ///
     /// # Panics
     ///
-    /// If this thread holds `key` for writing through a blocking call.
+    /// If this thread holds `key` for writing through a [`KeyWriteGuard`]
+    /// from a blocking call; the panic points at the caller's line.
     ///
     /// ```
     /// let files = toctou::KeyedRwLocks::<String>::new();
@@ -86,12 +94,13 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// assert!(files.try_read("a.txt").is_none());
     /// # drop(w);
     /// ```
+    #[track_caller]
     pub fn write<Q>(&self, key: &Q) -> KeyWriteGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, Access::Write);
+        let slot = self.core.acquire(key, Access::Write, Guard::Borrowed);
         KeyWriteGuard { locks: self, slot }
     }
 
@@ -245,7 +254,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
 /// assert!(files.is_empty());
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct KeyReadGuard<'a, K, S = RandomState> {
+pub struct KeyReadGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedRwLocks<K, S>,
     slot: SlotRef<K, ReadWrite>,
 }
@@ -261,7 +270,7 @@ pub struct KeyReadGuard<'a, K, S = RandomState> {
 /// assert!(files.try_read("context.md").is_some());
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
-pub struct KeyWriteGuard<'a, K, S = RandomState> {
+pub struct KeyWriteGuard<'a, K, S = LazyRandomState> {
     locks: &'a KeyedRwLocks<K, S>,
     slot: SlotRef<K, ReadWrite>,
 }

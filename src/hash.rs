@@ -1,0 +1,72 @@
+//! [`LazyRandomState`]: the keyed maps' default hasher, std's `RandomState`
+//! seeded on first use so that the maps' `new` can be `const`.
+
+use std::fmt;
+use std::hash::{BuildHasher, DefaultHasher, RandomState};
+
+use crate::sync::{LazyInit, loom_const_fn};
+
+/// The default hasher of [`KeyedLocks`](crate::KeyedLocks),
+/// [`KeyedRwLocks`](crate::KeyedRwLocks) and
+/// [`SingletonMap`](crate::SingletonMap): std's
+/// [`RandomState`](std::hash::RandomState) (SipHash-1-3 with random keys,
+/// resistant to HashDoS), whose keys are drawn when it first hashes rather
+/// than when it is created. That lets `new` be `const`, so the maps can be
+/// plain `static`s.
+///
+/// Each map draws its own keys, as with `RandomState::new()`. The first
+/// hash draws them (racing first uses draw them once); after that, a hash
+/// costs one `Acquire` load and a branch more than `RandomState`'s.
+///
+/// ```
+/// use std::hash::BuildHasher;
+/// use toctou::LazyRandomState;
+///
+/// static HASHER: LazyRandomState = LazyRandomState::new();
+/// assert_eq!(HASHER.hash_one("a"), HASHER.hash_one("a"));
+/// ```
+pub struct LazyRandomState {
+    keys: LazyInit<RandomState>,
+}
+
+impl LazyRandomState {
+    loom_const_fn! {
+        /// A hasher whose keys are drawn at its first use.
+        ///
+        /// ```
+        /// let _ = toctou::LazyRandomState::new();
+        /// ```
+        #[must_use]
+        pub fn new() -> Self {
+            Self {
+                keys: LazyInit::new(RandomState::new),
+            }
+        }
+    }
+
+    #[inline]
+    fn keys(&self) -> &RandomState {
+        self.keys.get(RandomState::new)
+    }
+}
+
+impl BuildHasher for LazyRandomState {
+    type Hasher = DefaultHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> DefaultHasher {
+        self.keys().build_hasher()
+    }
+}
+
+impl Default for LazyRandomState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for LazyRandomState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LazyRandomState").finish_non_exhaustive()
+    }
+}
