@@ -195,6 +195,7 @@
 //!   [`RegistryCell::get_arc`] / `ArcSwap::load_full`: 0.57.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 mod keyed;
