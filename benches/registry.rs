@@ -218,7 +218,12 @@ fn reinit(c: &mut Criterion) {
         // SAFETY: membarrier(2) with (cmd, flags = 0, cpu_id = 0) touches no
         // memory of ours.
         let membarrier = |cmd: libc::c_int| unsafe {
-            libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_uint, 0 as libc::c_int)
+            libc::syscall(
+                libc::SYS_membarrier,
+                cmd,
+                0 as libc::c_uint,
+                0 as libc::c_int,
+            )
         };
         assert_eq!(membarrier(1 << 4), 0, "register for the expedited command");
         b.iter(|| membarrier(1 << 3))
