@@ -28,8 +28,8 @@ use super::kind::{Access, ReadWrite};
 ///   succeeds unless a writer is queued, and then deadlocks, as with
 ///   `std::sync::RwLock`; a `write` deadlocks.
 ///
-/// Seed 002's per-file context: many readers of a file at once, one writer
-/// at a time, and no torn reads.
+/// Per-file context, as in the race report's agents scenario: many readers
+/// of a file at once, one writer at a time, and no torn reads.
 ///
 /// ```
 /// use toctou::KeyedRwLocks;
