@@ -1,4 +1,4 @@
-//! Seed 002's context files: agents read and rewrite shared context files
+//! The context files incident: agents read and rewrite shared context files
 //! concurrently. Readers of a file may run together; a writer must be alone.
 //!
 //! Writers rewrite a file in place (truncate, then write its lines one by

@@ -1,7 +1,7 @@
-//! Seed 000: a global `get_orchestrator()` that 10 threads call at once.
+//! The orchestrator incident: a global `get_orchestrator()` that 10 threads call at once.
 //!
 //! The naive version checks and then fills a `Mutex<Option<Arc<_>>>` under two
-//! separate lock acquisitions: the Python seed's `if _orchestrator is None:
+//! separate lock acquisitions: the Python incident's `if _orchestrator is None:
 //! _orchestrator = Orchestrator()`, written in safe Rust. It builds several
 //! orchestrators, each with its own sessions map and its own cleanup thread.
 //! The `toctou::Singleton` version builds exactly one.
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use toctou::Singleton;
 
-/// The seed's orchestrator: a sessions map, and a cleanup thread per instance.
+/// The incident's orchestrator: a sessions map, and a cleanup thread per instance.
 struct Orchestrator {
     sessions: Mutex<HashMap<String, u64>>,
 }
@@ -34,7 +34,7 @@ struct Counters {
 static STOP_CLEANUP: AtomicBool = AtomicBool::new(false);
 
 impl Orchestrator {
-    /// Builds an orchestrator the way the seed did: slowly (the constructor
+    /// Builds an orchestrator the way the incident's code did: slowly (the constructor
     /// does real work), and with a background cleanup thread of its own.
     fn new(counters: &'static Counters) -> Self {
         counters.created.fetch_add(1, SeqCst);
@@ -60,7 +60,7 @@ static TOCTOU_COUNTERS: Counters = Counters {
     cleanup_threads: AtomicUsize::new(0),
 };
 
-/// The seed's bug in safe Rust: check under one lock, build, fill under another.
+/// The incident's bug in safe Rust: check under one lock, build, fill under another.
 fn naive_get_orchestrator() -> Arc<Orchestrator> {
     static NAIVE: Mutex<Option<Arc<Orchestrator>>> = Mutex::new(None);
     if let Some(existing) = NAIVE.lock().unwrap().as_ref() {

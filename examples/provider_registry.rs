@@ -1,7 +1,7 @@
-//! Seed 003: a global provider registry that `get_provider_registry()` built
+//! The provider registry incident: a global provider registry that `get_provider_registry()` built
 //! 6 times under 10 workers and 47 times under 200.
 //!
-//! The naive version is the seed's `if _registry is None or settings is not
+//! The naive version is the incident's `if _registry is None or settings is not
 //! None: _registry = ProviderRegistry(settings)`, written in safe Rust: check
 //! under a lock, build (slowly) outside it, store under the lock again.
 //! `toctou::RegistryCell` builds once, and rebuilds only on an explicit
@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 
 use toctou::RegistryCell;
 
-/// The seed's settings: which providers to load.
+/// The incident's settings: which providers to load.
 #[derive(Clone, Default, PartialEq)]
 struct Settings {
     providers: Vec<&'static str>,
 }
 
-/// The seed's registry. Building one takes 10 ms (it reads configuration
+/// The incident's registry. Building one takes 10 ms (it reads configuration
 /// and connects to the providers).
 struct ProviderRegistry {
     providers: Vec<&'static str>,
@@ -58,7 +58,7 @@ impl Drop for ProviderRegistry {
     }
 }
 
-/// The seed's `get_provider_registry(settings=None)`.
+/// The incident's `get_provider_registry(settings=None)`.
 struct Naive {
     registry: Mutex<Option<Arc<ProviderRegistry>>>,
     builds: AtomicUsize,
@@ -117,7 +117,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: provider_registry [--workers N]\n\
          \n\
-         Runs the seed with 10 and N workers (default 200), naive and with\n\
+         Runs the scenario with 10 and N workers (default 200), naive and with\n\
          RegistryCell, then a reinit under read load. Exits 1 if RegistryCell\n\
          shows a symptom."
     );

@@ -1,13 +1,13 @@
-//! Seed 004 in Rust: per-workflow sequence numbers, assigned under a
+//! The sequence number incident in Rust: per-workflow sequence numbers, assigned under a
 //! per-workflow lock taken from a lock map.
 //!
 //! Each `emit` locks its workflow, reads the highest sequence number stored
-//! so far, awaits (the seed's database round trip), and stores max + 1. Ten
+//! so far, awaits (the incident's database round trip), and stores max + 1. Ten
 //! emits for a workflow nobody has seen yet run at once.
 //!
-//! - **naive**: the seed's `if workflow_id not in locks: locks[workflow_id] =
+//! - **naive**: the incident's `if workflow_id not in locks: locks[workflow_id] =
 //!   Lock()`, written as a get-or-create in two steps (a check, an `.await`
-//!   as the seed's event loop would allow, then the insert). Several emits
+//!   as the incident's event loop would allow, then the insert). Several emits
 //!   each create "the" lock and each lock their own: duplicate sequence
 //!   numbers. The map also keeps every workflow's lock forever.
 //! - **toctou**: `KeyedLocks::lock_async`. One lock per key by construction,
@@ -28,7 +28,7 @@ use tokio::sync::Mutex as AsyncMutex;
 struct Events(Mutex<BTreeMap<String, Vec<u64>>>);
 
 impl Events {
-    /// The seed's `get_max_event_sequence`: a database round trip.
+    /// The incident's `get_max_event_sequence`: a database round trip.
     async fn max_sequence(&self, workflow: &str) -> u64 {
         let max = self
             .0
@@ -41,7 +41,7 @@ impl Events {
         max
     }
 
-    /// The seed's `save_event`: another round trip before the row is there.
+    /// The incident's `save_event`: another round trip before the row is there.
     async fn save(&self, workflow: &str, sequence: u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let mut events = self.0.lock().unwrap();
@@ -64,7 +64,7 @@ impl Events {
     }
 }
 
-/// The seed's lock map: check, then create, in two steps.
+/// The incident's lock map: check, then create, in two steps.
 #[derive(Default)]
 struct NaiveLocks {
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
@@ -76,7 +76,7 @@ impl NaiveLocks {
         let exists = self.locks.lock().unwrap().contains_key(workflow);
         if !exists {
             // Anything that yields between the check and the insert (here
-            // a yield, in the seed any `await` before it) lets another emit
+            // a yield, in the incident's code any `await` before it) lets another emit
             // run the same check.
             tokio::task::yield_now().await;
             let lock = Arc::new(AsyncMutex::new(()));

@@ -1,4 +1,4 @@
-//! Seed 001: a model-server manager whose `ensure_server_running(model)` two
+//! The model server incident: a model-server manager whose `ensure_server_running(model)` two
 //! chats called at once, starting two servers on one port.
 //!
 //! A "model server" here is real: a `TcpListener` on the model's configured
@@ -7,10 +7,10 @@
 //!
 //! Three managers run the same workload:
 //!
-//! - **naive**: the seed before its fix: check the map under a lock, unlock,
+//! - **naive**: the incident's code before its fix: check the map under a lock, unlock,
 //!   start, insert. Concurrent `ensure`s all start a server, and all but one
-//!   fail with "address in use": the seed's port conflicts.
-//! - **global lock**: the seed's fix, one `Mutex` held around every start.
+//!   fail with "address in use": the incident's port conflicts.
+//! - **global lock**: the incident's fix, one `Mutex` held around every start.
 //!   Correct, but unrelated models now start one after the other.
 //! - **toctou::SingletonMap**: one start per model, different models in
 //!   parallel, and `shutdown` (remove, stop, join) cannot race a start.
@@ -137,9 +137,9 @@ fn counted_start(
     })
 }
 
-/// The seed's managers: a map of servers behind one mutex. With
-/// `HOLD_WHILE_STARTING = false` it is the seed before its fix (check,
-/// unlock, start, insert); with `true`, the seed's fix (one lock held around
+/// The incident's managers: a map of servers behind one mutex. With
+/// `HOLD_WHILE_STARTING = false` it is the incident's code before its fix (check,
+/// unlock, start, insert); with `true`, the incident's fix (one lock held around
 /// every check and start).
 struct Locked<const HOLD_WHILE_STARTING: bool> {
     ports: HashMap<String, u16>,
@@ -168,7 +168,7 @@ impl<const HOLD_WHILE_STARTING: bool> Manager for Locked<HOLD_WHILE_STARTING> {
         if let Some(server) = servers.get(model) {
             return Ok(server.clone());
         }
-        // The seed's bug: time of check above, time of use below, and
+        // The incident's bug: time of check above, time of use below, and
         // another chat is between them too.
         let mut held = HOLD_WHILE_STARTING.then_some(servers);
         let server = Arc::new(counted_start(
@@ -359,7 +359,7 @@ fn main() -> ExitCode {
         "threads left"
     );
     run::<Naive>("naive check-then-start", threads, start);
-    run::<GlobalLock>("global lock (seed fix)", threads, start);
+    run::<GlobalLock>("global lock (the incident's fix)", threads, start);
     let clean = run::<Toctou>("toctou::SingletonMap", threads, start);
     println!(
         "\none start takes {start_ms} ms. 'missed shutdown': servers still running after a shutdown\n\

@@ -6,8 +6,10 @@ Run `cargo bench` (or one bench file) first, then:
     python3 scripts/bench-report.py [--out BENCHMARKS.md]
 
 For every group (and every parameter value within a group) it prints the
-median time per iteration of each implementation and its ratio to the toctou
-row of the same group, plus the machine (cores, CPU model) and the date.
+median time per iteration of each implementation and the ratio toctou / that
+implementation (the toctou row's median over the row's median: lower is better
+for toctou, the direction the summary in benches/NOTES.md uses), plus the
+machine (cores, CPU model) and the date.
 
 On a noisy machine, repeat the run under several criterion baselines and
 aggregate them; each row then shows the median and the range of the per-run
@@ -46,7 +48,8 @@ def fmt_ns(ns):
     return f"{ns:.2f} ns"
 
 
-# The row that ratios are taken against, where a group has several toctou rows.
+# The toctou row that each group's ratios put over the other rows, where a group
+# has several toctou rows.
 REFERENCE = {
     "singleton_get_initialised": "toctou::Singleton::get",
     "singleton_map_hit": "toctou::SingletonMap::get_or_init",
@@ -98,8 +101,9 @@ def render(groups, notes):
         "Absolute numbers depend on the machine (this one is a shared 2-core VM, so",
         "expect ±10-20% noise between runs on nanosecond timings); the ratios,",
         "measured side by side in one criterion run, are the point. Each table is",
-        "one criterion group; `ratio` is the row's median over the toctou row's",
-        "median (below 1.00 means faster than toctou, above 1.00 slower).",
+        "one criterion group; its ratios are toctou / baseline, as in the summary:",
+        "the toctou row's median over the row's median. Lower is better for toctou",
+        "(below 1.00, toctou is faster than that row; above 1.00, slower).",
         f"Rows with more threads than the machine's {cores} cores measure",
         "oversubscription, not scaling.",
         "",
@@ -125,12 +129,14 @@ def tables(groups):
             lines += [f"Median of {runs} runs' medians, and the range from the lowest to the highest",
                       "run. Noise only ever adds time, so the ratio of the lowest runs is shown too.",
                       ""]
-        lines += [f"| implementation | median | range | ratio to `{ref}` | ratio of lowest runs |",
+        lines += [f"| implementation | median | range | `{ref}` / this row (lower is better) "
+                  "| the same, lowest runs |",
                   "|---|---:|---:|---:|---:|"]
         for name in names:
             meds = rows[name]
-            ratio = f"{median(meds) / median(rows[ref]):.3f}" if ref else "n/a"
-            low_ratio = f"{min(meds) / min(rows[ref]):.3f}" if ref else "n/a"
+            # toctou / this row: the summary's direction, lower is better for toctou.
+            ratio = f"{median(rows[ref]) / median(meds):.3f}" if ref else "n/a"
+            low_ratio = f"{min(rows[ref]) / min(meds):.3f}" if ref else "n/a"
             lines.append(f"| `{name}` | {fmt_ns(median(meds))} | "
                          f"{fmt_ns(min(meds))} – {fmt_ns(max(meds))} | {ratio} | {low_ratio} |")
         lines.append("")

@@ -25,7 +25,7 @@
 //! rest wait again. No "you are next" token can be lost with a cancelled waiter.
 //!
 //! The `EMPTY → RUNNING` compare-exchange is the check-and-claim in one atomic
-//! step. It is what replaces the seeds' `if instance is None: instance = ...`.
+//! step. It is what replaces the incidents' `if instance is None: instance = ...`.
 
 use std::future::Future;
 

@@ -58,8 +58,9 @@ struct Current<T, S> {
 /// reinitialisation, and reads that never block and never write shared
 /// memory.
 ///
-/// The seed's `get_provider_registry(settings=None)` rebuilt the registry on
-/// every call that passed settings, and raced on the first build. With
+/// In the provider registry incident, `get_provider_registry(settings=None)`
+/// rebuilt the registry on every call that passed settings, and raced on the
+/// first build. With
 /// `RegistryCell` the first [`get`](Self::get) builds once from
 /// `S::default()`, and a new instance appears only through
 /// [`reinit`](Self::reinit), [`reinit_if_changed`](Self::reinit_if_changed)
@@ -99,15 +100,18 @@ struct Current<T, S> {
 /// - **Errors and panics change nothing.** If a build fails or panics, the
 ///   current instance and settings stay as they were and the error or panic
 ///   reaches the caller. There is no poisoning.
-/// - **Reentrancy panics.** A build that calls back into the same cell's
-///   first initialisation or `reinit` on the same thread panics with a message
-///   instead of deadlocking. Reading the current instance from inside a
+/// - **Same-thread reentrancy panics.** A build that calls back into the same
+///   cell's first initialisation or `reinit` on the thread that runs the
+///   build panics with a message instead of deadlocking. The check is per
+///   thread: a build that waits for another thread (spawns and joins it, say)
+///   which calls `get` on the uninitialised cell or `reinit` is not detected,
+///   and both wait forever. Reading the current instance from inside a
 ///   `reinit` build is fine.
 ///
 /// # Example
 ///
-/// The seed's `get_provider_registry(settings=None)`, with its two paths
-/// made explicit:
+/// The provider registry incident's `get_provider_registry(settings=None)`,
+/// with its two paths made explicit:
 ///
 /// ```
 /// use toctou::RegistryCell;
@@ -320,7 +324,9 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     /// # Panics
     ///
     /// If the first build panics (the cell stays empty and the next caller
-    /// retries), or if called from inside this cell's first build.
+    /// retries), or if called from inside this cell's first build on the
+    /// thread that runs it. A call from another thread that the first build
+    /// waits for is not detected: both wait forever.
     ///
     /// ```
     /// static LIMITS: toctou::RegistryCell<Vec<u32>, u32> =
@@ -442,7 +448,9 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     /// # Panics
     ///
     /// If `build` panics (the cell keeps its current instance and settings),
-    /// or if called from inside one of this cell's builds.
+    /// or if called from inside one of this cell's builds on the thread that
+    /// runs it. A call from another thread that a build waits for is not
+    /// detected: both wait forever.
     ///
     /// ```
     /// static PORT: toctou::RegistryCell<u16, u16> = toctou::RegistryCell::new(|p| *p);

@@ -87,7 +87,7 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 /// Nothing here is on the read path: `get` loads the state word and returns
 /// the value's address, which is the cell's own (`repr(C)`, value first).
 ///
-/// # Example: the seed's orchestrator
+/// # Example: the orchestrator from the race report
 ///
 /// ```
 /// use std::collections::HashMap;

@@ -172,7 +172,7 @@ impl<K, V> Default for Shard<K, V> {
 /// A hit hashes the key once, takes the shard's read lock, finds the entry
 /// and clones the `Arc`: the same work as `DashMap::get` plus an `Arc` clone.
 ///
-/// # Example: the seed's model-server manager
+/// # Example: the model server manager from the race report
 ///
 /// ```
 /// use std::sync::Arc;

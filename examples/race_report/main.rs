@@ -1,14 +1,13 @@
-//! The race report: the five seed bugs (`../shared/seeds/` in the project
-//! this crate was built for), each run twice, once with the naive
-//! check-then-act pattern from the seed written in safe Rust and once with
-//! `toctou`, printed as one table.
+//! The race report: five check-then-act bugs from production incident
+//! write-ups, each run twice, once with the incident's naive check-then-act
+//! code written in safe Rust and once with `toctou`, printed as one table.
 //!
 //! ```text
 //! cargo run --release --example race_report [-- --workers N] [--rounds N]
 //! ```
 //!
 //! Every number in the table is measured. The naive rows race for real, so
-//! their symptoms vary from run to run; the seeds' race windows (a build that
+//! their symptoms vary from run to run; the incidents' race windows (a build that
 //! takes 10 ms, a database round trip) are reproduced with short sleeps. The
 //! `toctou` rows must be clean on every round: the example exits with status 1
 //! if any of them shows a symptom, so CI runs it as a smoke test.
@@ -65,11 +64,11 @@ impl Metric {
 /// `naive` and `toctou` share a line of the table.
 #[derive(Default)]
 pub struct Round {
-    /// The seed's check-then-act version.
+    /// The incident's check-then-act version.
     pub naive: Vec<Metric>,
     /// The same program with `toctou`.
     pub toctou: Vec<Metric>,
-    /// Measurements of a third version (such as the seed's own fix), printed
+    /// Measurements of a third version (such as the incident's own fix), printed
     /// under the table.
     pub reference: Vec<Metric>,
 }
@@ -77,6 +76,8 @@ pub struct Round {
 /// One scenario at one worker count, over all rounds.
 struct Report {
     scenario: String,
+    /// What the scenario reproduces, in a few plain words.
+    what: &'static str,
     workers: usize,
     rounds: Vec<Round>,
     time: Duration,
@@ -168,7 +169,13 @@ impl Report {
 }
 
 /// Runs `round` `rounds` times.
-fn run(scenario: String, workers: usize, rounds: usize, round: fn(usize) -> Round) -> Report {
+fn run(
+    scenario: String,
+    what: &'static str,
+    workers: usize,
+    rounds: usize,
+    round: fn(usize) -> Round,
+) -> Report {
     eprint!("  {scenario}, {workers} workers, {rounds} round(s) ... ");
     let started = Instant::now();
     let results: Vec<Round> = (0..rounds).map(|_| round(workers)).collect();
@@ -176,6 +183,7 @@ fn run(scenario: String, workers: usize, rounds: usize, round: fn(usize) -> Roun
     eprintln!("{time:.2?}");
     Report {
         scenario,
+        what,
         workers,
         rounds: results,
         time,
@@ -211,14 +219,20 @@ fn print_table(reports: &[Report]) {
     ];
     let mut rows: Vec<[String; 5]> = Vec::new();
     for report in reports {
-        for (i, [measured, naive, toctou]) in report.lines().into_iter().enumerate() {
-            let (scenario, workers) = match i {
-                0 => (report.scenario.clone(), report.workers.to_string()),
-                1 => (
-                    format!("  {} round(s) in {:.0?}", report.rounds.len(), report.time),
-                    String::new(),
-                ),
-                _ => (String::new(), String::new()),
+        // The scenario column: its name, what it reproduces, how long it ran.
+        let titles = [
+            report.scenario.clone(),
+            format!("  {}", report.what),
+            format!("  {} round(s) in {:.0?}", report.rounds.len(), report.time),
+        ];
+        let mut lines = report.lines();
+        lines.resize_with(lines.len().max(titles.len()), Default::default);
+        for (i, [measured, naive, toctou]) in lines.into_iter().enumerate() {
+            let scenario = titles.get(i).cloned().unwrap_or_default();
+            let workers = if i == 0 {
+                report.workers.to_string()
+            } else {
+                String::new()
             };
             rows.push([scenario, workers, measured, naive, toctou]);
         }
@@ -265,12 +279,13 @@ fn usage(problem: Option<&str>) -> ExitCode {
     eprintln!(
         "usage: cargo run --release --example race_report [-- OPTIONS]\n\
          \n\
-         Runs the five seed scenarios with the naive check-then-act pattern and\n\
-         with toctou, and prints what each one did.\n\
+         Runs five check-then-act bugs from production incident write-ups,\n\
+         each with the naive check-then-act code and with toctou, and prints\n\
+         what each one did.\n\
          \n\
          Options:\n  \
            --workers N   threads (or async emits) per scenario, 2 to 1000\n                \
-                         (default: each scenario's own, as in its seed; the\n                \
+                         (default: each scenario's own, as in its incident; the\n                \
                          provider registry runs with 10 and with 200)\n  \
            --rounds N    run each scenario N times, 1 to 100 (default 3)\n  \
            --help        print this and exit\n\
@@ -317,34 +332,43 @@ fn main() -> ExitCode {
         }
     }
 
-    eprintln!("running the five seed scenarios, naive and toctou:");
+    eprintln!("running the five incident scenarios, naive and toctou:");
     let mut reports = vec![
         run(
             "1 orchestrator singleton".into(),
+            "threads race to build one global",
             workers.unwrap_or(10),
             rounds,
             orchestrator::round,
         ),
         run(
             "2 model server manager".into(),
+            "chats race to start a model's server",
             workers.unwrap_or(10),
             rounds,
             server_manager::round,
         ),
         run(
             "3 agents claiming tasks".into(),
+            "agents race to claim tasks, write files",
             workers.unwrap_or(8),
             rounds,
             task_queue::round,
         ),
     ];
+    // The provider registry runs at two sizes by default, the incident's two
+    // measurements: 6 unique registries for 10 workers, 47 for 200.
     let registry_rows: &[(usize, &str)] = match workers {
         Some(n) => &[(n, "")],
-        None => &[(10, " (seed: 6 unique)"), (200, " (seed: 47 unique)")],
+        None => &[
+            (10, " (incident: 6 unique)"),
+            (200, " (incident: 47 unique)"),
+        ],
     };
-    for &(n, seed) in registry_rows {
+    for &(n, incident) in registry_rows {
         reports.push(run(
-            format!("4 provider registry{seed}"),
+            format!("4 provider registry{incident}"),
+            "workers race to build one registry",
             n,
             rounds,
             provider_registry::round,
@@ -352,6 +376,7 @@ fn main() -> ExitCode {
     }
     reports.push(run(
         "5 workflow sequence numbers".into(),
+        "emits race to create a workflow's lock",
         workers.unwrap_or(10),
         rounds,
         sequence_numbers::round,

@@ -1,6 +1,6 @@
-//! Seed 000: a global `get_orchestrator()` that several threads call at once.
+//! Scenario 1, the orchestrator singleton: a global `get_orchestrator()` that several threads call at once.
 //!
-//! The naive version is the seed's `if _orchestrator is None: _orchestrator =
+//! The naive version is the incident's `if _orchestrator is None: _orchestrator =
 //! Orchestrator()`: a check under one lock acquisition, a 10 ms build, a store
 //! under another. Each build also starts a cleanup thread, so every extra
 //! instance leaks a thread. `toctou::Singleton::get_or_init` builds once.
@@ -15,7 +15,7 @@ use toctou::Singleton;
 
 use crate::{Metric, Round, released_together};
 
-/// The seed's orchestrator; what matters is that building one is slow and
+/// The incident's orchestrator; what matters is that building one is slow and
 /// starts a thread.
 struct Orchestrator {
     _sessions: Mutex<Vec<String>>,

@@ -1,9 +1,9 @@
-//! Seed 003: `get_provider_registry(settings=None)`, which builds the registry
+//! Scenario 4, the provider registry: `get_provider_registry(settings=None)`, which builds the registry
 //! when there is none, and rebuilds it whenever settings are passed.
 //!
 //! Half the workers call it with no settings, as most of the application
 //! does; the other half pass the settings they loaded, which equal the
-//! defaults. The naive version is the seed's `if _registry is None or
+//! defaults. The naive version is the incident's `if _registry is None or
 //! settings is not None: _registry = ProviderRegistry(settings)`: every
 //! worker that passes the check builds its own registry, and the workers end
 //! up holding different instances. With `toctou::RegistryCell`, `get` builds
@@ -37,7 +37,7 @@ struct ProviderRegistry {
     _providers: Vec<&'static str>,
 }
 
-/// Builds a registry the slow way the seed's constructor did, and counts it.
+/// Builds a registry the slow way the incident's constructor did, and counts it.
 fn build(settings: &Settings, builds: &AtomicU64) -> ProviderRegistry {
     builds.fetch_add(1, SeqCst);
     thread::sleep(Duration::from_millis(10));
@@ -61,7 +61,7 @@ fn metrics(builds: &AtomicU64, seen: &[Arc<ProviderRegistry>]) -> Vec<Metric> {
 }
 
 pub fn round(workers: usize) -> Round {
-    // Naive: the seed's check, then build and store. Every returned `Arc`
+    // Naive: the incident's check, then build and store. Every returned `Arc`
     // stays alive until the count, so distinct instances have distinct
     // addresses.
     let builds = AtomicU64::new(0);

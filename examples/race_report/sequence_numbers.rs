@@ -1,10 +1,10 @@
-//! Seed 004: per-workflow sequence numbers, assigned under a per-workflow
+//! Scenario 5, workflow sequence numbers: per-workflow sequence numbers, assigned under a per-workflow
 //! lock taken from a lock map, by concurrent async emits.
 //!
 //! Each emit locks its workflow, reads the highest sequence number stored so
 //! far, awaits (the database round trip), and stores max + 1.
 //!
-//! - **naive**: the seed's `if workflow_id not in locks: locks[workflow_id] =
+//! - **naive**: the incident's `if workflow_id not in locks: locks[workflow_id] =
 //!   Lock()`, a check and an insert with an `.await` point between them.
 //!   Several emits each create "the" lock and each lock their own, so they
 //!   read the same max: duplicate sequence numbers. The map also keeps the
@@ -51,7 +51,7 @@ impl Events {
     }
 }
 
-/// The seed's lock map: check, then create.
+/// The incident's lock map: check, then create.
 #[derive(Default)]
 struct NaiveLocks {
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
@@ -100,7 +100,7 @@ pub fn round(emits: usize) -> Round {
             Metric::expect("locks created", locks.created.load(SeqCst), 1),
             Metric::expect("duplicate sequences", events.duplicates(), 0),
             Metric::expect("missing from 1..=N", events.missing(emits), 0),
-            // The seed's map keeps every workflow's lock forever.
+            // The incident's map keeps every workflow's lock forever.
             Metric::expect("entries left", locks.locks.lock().unwrap().len() as u64, 0),
         ];
 

@@ -1,10 +1,10 @@
-//! Seed 001: chats that each make sure the model server for their model is
+//! Scenario 2, the model server manager: chats that each make sure the model server for their model is
 //! running, on the port configured for that model.
 //!
 //! - **naive**: "is it in the map? no: start it, then insert it". Every chat
 //!   that checks before the first start finishes starts its own server; all
 //!   but one fail to bind the port, and those chats fail.
-//! - **global lock** (the seed's fix): the check and the start under one
+//! - **global lock** (the incident's fix): the check and the start under one
 //!   mutex. Correct, but two different models start one after the other.
 //! - **toctou**: `SingletonMap::get_or_try_init`. One start per model, and
 //!   different models start in parallel.
@@ -81,7 +81,7 @@ trait Manager: Sync {
     fn ensure(&self, launcher: &Launcher, model: &str) -> io::Result<Arc<Server>>;
 }
 
-/// The seed's manager: check, then start and insert.
+/// The incident's manager: check, then start and insert.
 #[derive(Default)]
 struct Naive(Mutex<HashMap<String, Arc<Server>>>);
 
@@ -99,7 +99,7 @@ impl Manager for Naive {
     }
 }
 
-/// The seed's fix: one lock held across the check and the start.
+/// The incident's fix: one lock held across the check and the start.
 #[derive(Default)]
 struct GlobalLock(Mutex<HashMap<String, Arc<Server>>>);
 
@@ -183,7 +183,7 @@ pub fn round(chats: usize) -> Round {
         parallel * 4 < serial * 3,
     ));
     let reference = vec![Metric::info(
-        "the seed's fix (one global lock) started 2 models in",
+        "the incident's fix (one global lock) started 2 models in",
         serial,
         "ms",
     )];

@@ -1,4 +1,4 @@
-//! Seed 002: agents claim tasks from a shared queue and record their results
+//! Scenario 3, agents claiming tasks: agents claim tasks from a shared queue and record their results
 //! in shared context files.
 //!
 //! - **naive**: claiming is "find a pending task", then "mark it claimed by

@@ -598,11 +598,13 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let Shard { slots, counters } = &mut *shard;
         let entry = {
             let q = key.get();
-            // SAFETY (both closures): slots in the table are live while we
-            // hold its lock; a resize happens inside this critical section.
             slots.entry(
                 hash,
+                // SAFETY: slots in the table are live while we hold its lock
+                // (`shard` above).
                 |s| unsafe { s.get() }.key.borrow() == q,
+                // SAFETY: the same; a resize calls this inside this critical
+                // section.
                 |s| unsafe { s.get() }.hash,
             )
         };

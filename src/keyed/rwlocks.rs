@@ -33,8 +33,8 @@ use crate::LazyRandomState;
 ///   held by the thread that took it (see *Reentrancy* on
 ///   [`KeyedLocks`](crate::KeyedLocks)).
 ///
-/// Seed 002's per-file context: many readers of a file at once, one writer
-/// at a time, and no torn reads.
+/// Per-file context, as in the race report's agents scenario: many readers
+/// of a file at once, one writer at a time, and no torn reads.
 ///
 /// ```
 /// use toctou::KeyedRwLocks;
