@@ -239,16 +239,16 @@ MUTANTS = [
     (
         "RegistryCell: first init without the re-check under the builder lock",
         "src/registry.rs",
-        "        let builder = self.builder.lock();\n        if self.current.lock().is_some() {\n            return;\n        }\n",
-        "        let builder = self.builder.lock();\n",
+        "        let builder = self.shared.builder.lock();\n        if self.shared.current.lock().is_some() {\n            return;\n        }\n",
+        "        let builder = self.shared.builder.lock();\n",
         "loom_registry",
         "first_init_race",
     ),
     (
         "RegistryCell: reinit builds and publishes without holding the builder lock",
         "src/registry.rs",
-        "        let builder = self.builder.lock();\n        self.build_and_publish(builder, settings, build)\n",
-        "        let builder = self.builder.lock();\n        drop(builder);\n"
+        "        let builder = self.shared.builder.lock();\n        self.build_and_publish(builder, settings, build)\n",
+        "        let builder = self.shared.builder.lock();\n        drop(builder);\n"
         "        let unlocked = crate::sync::Mutex::new(());\n"
         "        self.build_and_publish(unlocked.lock(), settings, build)\n",
         "loom_registry",
@@ -258,7 +258,7 @@ MUTANTS = [
         "RegistryCell: reinit_if_changed compares and builds under different locks",
         "src/registry.rs",
         "        }\n        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());\n",
-        "        }\n        drop(builder);\n        let builder = self.builder.lock();\n"
+        "        }\n        drop(builder);\n        let builder = self.shared.builder.lock();\n"
         "        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());\n",
         "loom_registry",
         "reinit_if_changed_with_equal_settings_builds_once",

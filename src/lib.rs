@@ -134,13 +134,21 @@
 //! the interleavings of **our** real protocol too. The cfg is namespaced: a
 //! `--cfg loom` elsewhere in your tree does not switch `toctou`.
 //!
-//! Under `toctou_loom`, constructors are not `const` (loom's primitives are
-//! not), so create cells inside the model rather than in a `static`. Add loom
-//! to your crate for that cfg:
+//! A `static` [`Singleton`], [`Lazy`] or [`RegistryCell`] compiles under the
+//! cfg too, and inside a model it is empty again at the start of every
+//! execution, as a `loom::lazy_static!` is. As with `loom::lazy_static!`,
+//! each access to a cell synchronises with the cell's first access in that
+//! execution, so a race whose only witness is what the first user did before
+//! that first access can go unseen; a cell created inside the model has the
+//! same property. Add loom to your crate for that cfg, and declare the cfg
+//! so that rustc does not warn about it:
 //!
 //! ```toml
 //! [target.'cfg(toctou_loom)'.dev-dependencies]
 //! loom = "0.7"
+//!
+//! [lints.rust]
+//! unexpected_cfgs = { level = "warn", check-cfg = ['cfg(toctou_loom)'] }
 //! ```
 //!
 //! and write the model so that it also runs as a plain test:
@@ -181,7 +189,9 @@
 //! ```
 //!
 //! Run it with `RUSTFLAGS="--cfg toctou_loom" cargo test --release`. The
-//! repository's `loom-tests/downstream.rs` is this model, run by our CI.
+//! repository's `loom-tests/downstream.rs` is this model, run by our CI, and
+//! `loom-tests/downstream-crate/` is a crate whose library has `static`
+//! cells, with loom models that race them.
 //!
 //! # Performance
 //!

@@ -44,7 +44,9 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::reentry;
-use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering, loom_const_fn};
+use crate::sync::{
+    AtomicU64, Mutex, MutexGuard, Ordering, PerExecution, loom_const_fn, per_execution,
+};
 use cache::{Block, Key};
 
 /// The published state.
@@ -140,6 +142,16 @@ struct Current<T, S> {
 /// ```
 pub struct RegistryCell<T, S = ()> {
     build: fn(&S) -> T,
+    /// The protocol's state: per loom execution under `toctou_loom` (see
+    /// `sync::PerExecution`), the plain fields otherwise.
+    shared: PerExecution<Shared<T, S>>,
+    declared_at: &'static Location<'static>,
+}
+
+/// The loom-backed part of a [`RegistryCell`]. `repr(C)`, read path first:
+/// `generation` and `id` keep the offsets they had as fields of the cell.
+#[repr(C)]
+struct Shared<T, S> {
     /// The published generation; 0 while empty. See the module docs.
     generation: AtomicU64,
     /// This cell's id in the per-thread caches; 0 until first published.
@@ -147,7 +159,33 @@ pub struct RegistryCell<T, S = ()> {
     current: Mutex<Option<Current<T, S>>>,
     /// Held around every build.
     builder: Mutex<()>,
-    declared_at: &'static Location<'static>,
+}
+
+impl<T, S> Shared<T, S> {
+    loom_const_fn! {
+        fn new() -> Self {
+            Self {
+                generation: AtomicU64::new(0),
+                id: AtomicU64::new(0),
+                current: Mutex::new(None),
+                builder: Mutex::new(()),
+            }
+        }
+    }
+}
+
+impl<T, S> Drop for Shared<T, S> {
+    /// Takes the instance back from every thread's cache, so that it drops
+    /// with the cell unless an `Arc` from [`get_arc`](RegistryCell::get_arc)
+    /// or [`reinit`](RegistryCell::reinit) still holds it. (No `RegistryRef`
+    /// can: they borrow the cell.)
+    fn drop(&mut self) {
+        // Relaxed: `&mut self`; nothing runs concurrently on this cell.
+        let id = self.id.load(Ordering::Relaxed);
+        if id != 0 {
+            cache::reclaim(id, u64::MAX);
+        }
+    }
 }
 
 /// A reference to the instance a [`RegistryCell`] had published when
@@ -183,33 +221,28 @@ pub struct RegistryRef<'a, T> {
 }
 
 impl<T, S> RegistryCell<T, S> {
-    loom_const_fn! {
-        /// Creates an empty cell that builds instances with `build`.
-        ///
-        /// `const`, so it works in a `static`.
-        ///
-        /// ```
-        /// use toctou::RegistryCell;
-        ///
-        /// struct Registry {
-        ///     providers: Vec<String>,
-        /// }
-        ///
-        /// static REGISTRY: RegistryCell<Registry, Vec<String>> =
-        ///     RegistryCell::new(|names| Registry { providers: names.clone() });
-        ///
-        /// assert!(REGISTRY.get().providers.is_empty());
-        /// ```
-        #[track_caller]
-        pub fn new(build: fn(&S) -> T) -> Self {
-            Self {
-                build,
-                generation: AtomicU64::new(0),
-                id: AtomicU64::new(0),
-                current: Mutex::new(None),
-                builder: Mutex::new(()),
-                declared_at: Location::caller(),
-            }
+    /// Creates an empty cell that builds instances with `build`.
+    ///
+    /// `const`, so it works in a `static` (under `--cfg toctou_loom` too).
+    ///
+    /// ```
+    /// use toctou::RegistryCell;
+    ///
+    /// struct Registry {
+    ///     providers: Vec<String>,
+    /// }
+    ///
+    /// static REGISTRY: RegistryCell<Registry, Vec<String>> =
+    ///     RegistryCell::new(|names| Registry { providers: names.clone() });
+    ///
+    /// assert!(REGISTRY.get().providers.is_empty());
+    /// ```
+    #[track_caller]
+    pub const fn new(build: fn(&S) -> T) -> Self {
+        Self {
+            build,
+            shared: per_execution!(Shared::new),
+            declared_at: Location::caller(),
         }
     }
 
@@ -226,7 +259,7 @@ impl<T, S> RegistryCell<T, S> {
     /// ```
     pub fn generation(&self) -> u64 {
         // Acquire: pairs with the Release store in `publish`.
-        self.generation.load(Ordering::Acquire)
+        self.shared.generation.load(Ordering::Acquire)
     }
 
     fn addr(&self) -> usize {
@@ -256,14 +289,16 @@ impl<T, S> RegistryCell<T, S> {
     fn publish(&self, settings: S, instance: T) -> (Arc<T>, Option<Current<T, S>>) {
         let instance = Arc::new(instance);
         let settings = Arc::new(settings);
-        if self.id.load(Ordering::Relaxed) == 0 {
+        if self.shared.id.load(Ordering::Relaxed) == 0 {
             // Only builders write the id, and they are serialised by
             // `builder`. The Release store of `generation` below publishes it
             // to readers' Acquire load of `generation`.
-            self.id.store(cache::new_cell_id(), Ordering::Relaxed);
+            self.shared
+                .id
+                .store(cache::new_cell_id(), Ordering::Relaxed);
         }
         let replaced = {
-            let mut current = self.current.lock();
+            let mut current = self.shared.current.lock();
             let generation = current.as_ref().map_or(0, |c| c.generation) + 1;
             let replaced = current.replace(Current {
                 generation,
@@ -273,14 +308,17 @@ impl<T, S> RegistryCell<T, S> {
             // Release: a reader that loads this generation with Acquire then
             // sees the id above, and finds `current` at this generation or a
             // later one when it locks it.
-            self.generation.store(generation, Ordering::Release);
+            self.shared.generation.store(generation, Ordering::Release);
             replaced
         };
         if let Some(replaced) = &replaced {
             // Under `builder`, which serialises the sweeps of this cell (see
             // `cache::reclaim`). The counts it takes back are given back
             // inside; this `Arc` drops at the caller.
-            cache::reclaim(self.id.load(Ordering::Relaxed), replaced.generation + 1);
+            cache::reclaim(
+                self.shared.id.load(Ordering::Relaxed),
+                replaced.generation + 1,
+            );
         }
         (instance, replaced)
     }
@@ -361,9 +399,9 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         // visible, and with it the rest of what `publish` wrote. (The
         // instance behind a matching cache entry is this thread's own
         // earlier read, made under the `current` lock.)
-        let generation = self.generation.load(Ordering::Acquire);
+        let generation = self.shared.generation.load(Ordering::Acquire);
         // Relaxed: written once, before the first Release of `generation`.
-        let id = self.id.load(Ordering::Relaxed);
+        let id = self.shared.id.load(Ordering::Relaxed);
         Key { id, generation }
     }
 
@@ -383,17 +421,17 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     /// Reads `current` under its lock and refreshes this thread's cache.
     fn load_current(&self) -> Option<RegistryRef<'_, T>> {
         let (generation, instance) = {
-            let current = self.current.lock();
+            let current = self.shared.current.lock();
             let current = current.as_ref()?;
             (current.generation, Arc::clone(&current.instance))
         };
         // Relaxed: `current` was Some, so the id was written before the
         // `current` lock we just released.
         let key = Key {
-            id: self.id.load(Ordering::Relaxed),
+            id: self.shared.id.load(Ordering::Relaxed),
             generation,
         };
-        let block = cache::fill(key, instance, &self.generation);
+        let block = cache::fill(key, instance, &self.shared.generation);
         // SAFETY: `block` was just made, with one reference: ours.
         let ptr = unsafe { cache::instance(block) };
         // From `Arc::into_raw`, not from a `&T`: the pointer keeps the
@@ -413,8 +451,8 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         S: Default,
     {
         self.assert_not_reentrant("first initialisation");
-        let builder = self.builder.lock();
-        if self.current.lock().is_some() {
+        let builder = self.shared.builder.lock();
+        if self.shared.current.lock().is_some() {
             return;
         }
         let Ok(_) = self.build_and_publish(builder, S::default(), self.own_build());
@@ -482,8 +520,8 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         S: PartialEq,
     {
         self.assert_not_reentrant("reinit");
-        let builder = self.builder.lock();
-        if let Some(current) = &*self.current.lock() {
+        let builder = self.shared.builder.lock();
+        if let Some(current) = &*self.shared.current.lock() {
             if *current.settings == settings {
                 return Arc::clone(&current.instance);
             }
@@ -510,7 +548,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         build: impl FnOnce(&S) -> Result<T, E>,
     ) -> Result<Arc<T>, E> {
         self.assert_not_reentrant("reinit");
-        let builder = self.builder.lock();
+        let builder = self.shared.builder.lock();
         self.build_and_publish(builder, settings, build)
     }
 
@@ -528,24 +566,10 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         S: Default,
     {
         loop {
-            if let Some(current) = &*self.current.lock() {
+            if let Some(current) = &*self.shared.current.lock() {
                 return Arc::clone(&current.settings);
             }
             self.init_first();
-        }
-    }
-}
-
-impl<T, S> Drop for RegistryCell<T, S> {
-    /// Takes the instance back from every thread's cache, so that it drops
-    /// with the cell unless an `Arc` from [`get_arc`](Self::get_arc) or
-    /// [`reinit`](Self::reinit) still holds it. (No `RegistryRef` can: they
-    /// borrow the cell.)
-    fn drop(&mut self) {
-        // Relaxed: `&mut self`; nothing runs concurrently on this cell.
-        let id = self.id.load(Ordering::Relaxed);
-        if id != 0 {
-            cache::reclaim(id, u64::MAX);
         }
     }
 }

@@ -14,7 +14,7 @@ use std::panic::{Location, RefUnwindSafe, UnwindSafe};
 
 use crate::once::{Begin, Once};
 use crate::reentry;
-use crate::sync::{UnsafeCell, loom_const_fn};
+use crate::sync::{PerExecution, UnsafeCell, loom_const_fn, per_execution};
 
 /// A thread-safe cell that is initialised at most once, on first use: the
 /// double-checked singleton done right.
@@ -125,19 +125,53 @@ use crate::sync::{UnsafeCell, loom_const_fn};
 ///
 /// # Model checking
 ///
-/// Under `RUSTFLAGS="--cfg toctou_loom"`, `Singleton::new` is not `const`
-/// (loom's primitives are not), so build cells inside `loom::model` instead
-/// of in a `static`. See the crate docs.
+/// Under `RUSTFLAGS="--cfg toctou_loom"`, `Singleton::new` is still `const`,
+/// so a `static` cell compiles in a downstream crate's loom build. Inside a
+/// model, a `static` cell is empty again at the start of every execution, as
+/// a `loom::lazy_static!` is; each access synchronises with the cell's first
+/// access in the execution. See the crate docs.
 // `repr(C)` with the value first: a pointer to the cell is a pointer to the
 // value, so the fast path returns the cell's own address (no offset add on
-// the load-compare-return chain; measured in benches/singleton.rs).
+// the load-compare-return chain; measured in benches/singleton.rs). In std
+// builds `PerExecution` is `repr(transparent)` and `State` is `repr(C)`, so
+// the value is still at offset 0.
 #[repr(C)]
 pub struct Singleton<T> {
+    /// The value slot and the protocol: per loom execution under
+    /// `toctou_loom` (see `sync::PerExecution`), the plain fields otherwise.
+    state: PerExecution<State<T>>,
+    declared_at: &'static Location<'static>,
+}
+
+/// The loom-backed part of a [`Singleton`].
+#[repr(C)]
+struct State<T> {
     value: UnsafeCell<MaybeUninit<T>>,
     once: Once,
-    declared_at: &'static Location<'static>,
     /// `MaybeUninit<T>` does not tell the drop checker that we own a `T`.
     _owns: PhantomData<T>,
+}
+
+impl<T> State<T> {
+    loom_const_fn! {
+        fn new() -> Self {
+            Self {
+                once: Once::new(),
+                value: UnsafeCell::new(MaybeUninit::uninit()),
+                _owns: PhantomData,
+            }
+        }
+    }
+}
+
+impl<T> Drop for State<T> {
+    fn drop(&mut self) {
+        if self.once.is_ready_mut() {
+            // SAFETY: READY means initialised; `&mut self` means exclusive,
+            // and the cell is never used again.
+            unsafe { self.value.get_mut().assume_init_drop() }
+        }
+    }
 }
 
 // SAFETY: shared access hands out `&T` to many threads (so `T: Sync`), and the
@@ -150,34 +184,27 @@ impl<T: RefUnwindSafe + UnwindSafe> RefUnwindSafe for Singleton<T> {}
 impl<T: UnwindSafe> UnwindSafe for Singleton<T> {}
 
 impl<T> Singleton<T> {
-    loom_const_fn! {
-        /// Creates an empty cell. `const`, so it works in a `static`.
-        ///
-        /// The caller's location is recorded (`#[track_caller]`) and named in
-        /// the reentrancy panic message.
-        ///
-        /// Under `--cfg toctou_loom` this is not a `const fn`.
-        ///
-        /// ```
-        /// static CONFIG: toctou::Singleton<String> = toctou::Singleton::new();
-        /// assert!(CONFIG.get().is_none());
-        /// ```
-        #[must_use]
-        #[track_caller]
-        pub fn new() -> Self {
-            Self::declared_at(Location::caller())
-        }
+    /// Creates an empty cell. `const`, so it works in a `static` (under
+    /// `--cfg toctou_loom` too).
+    ///
+    /// The caller's location is recorded (`#[track_caller]`) and named in
+    /// the reentrancy panic message.
+    ///
+    /// ```
+    /// static CONFIG: toctou::Singleton<String> = toctou::Singleton::new();
+    /// assert!(CONFIG.get().is_none());
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub const fn new() -> Self {
+        Self::declared_at(Location::caller())
     }
 
-    loom_const_fn! {
-        /// An empty cell whose reentrancy message names `declared_at`.
-        fn declared_at(declared_at: &'static Location<'static>) -> Self {
-            Self {
-                once: Once::new(),
-                value: UnsafeCell::new(MaybeUninit::uninit()),
-                declared_at,
-                _owns: PhantomData,
-            }
+    /// An empty cell whose reentrancy message names `declared_at`.
+    const fn declared_at(declared_at: &'static Location<'static>) -> Self {
+        Self {
+            state: per_execution!(State::new),
+            declared_at,
         }
     }
 
@@ -192,7 +219,7 @@ impl<T> Singleton<T> {
     /// ```
     #[inline]
     pub fn get(&self) -> Option<&T> {
-        if self.once.is_ready() {
+        if self.state.once.is_ready() {
             // SAFETY: `is_ready` observed READY with Acquire.
             Some(unsafe { self.get_unchecked() })
         } else {
@@ -210,7 +237,7 @@ impl<T> Singleton<T> {
     /// ```
     #[inline]
     pub fn is_initialized(&self) -> bool {
-        self.once.is_ready()
+        self.state.once.is_ready()
     }
 
     /// Blocks the calling thread until the cell is initialised, then returns
@@ -268,7 +295,7 @@ impl<T> Singleton<T> {
             }
             // Our own initialiser is running: waiting could never end.
             self.assert_not_reentrant("Singleton");
-            self.once.wait_ready();
+            self.state.once.wait_ready();
         }
     }
 
@@ -340,7 +367,7 @@ impl<T> Singleton<T> {
     #[cold]
     fn init_slow<E>(&self, kind: &'static str, f: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
         loop {
-            match self.once.try_begin() {
+            match self.state.once.try_begin() {
                 // SAFETY: `try_begin` observed READY with Acquire.
                 Begin::Ready => return Ok(unsafe { self.get_unchecked() }),
                 Begin::Owner(guard) => {
@@ -354,7 +381,7 @@ impl<T> Singleton<T> {
                 }
                 Begin::Running => {
                     self.assert_not_reentrant(kind);
-                    self.once.wait();
+                    self.state.once.wait();
                 }
             }
         }
@@ -441,7 +468,7 @@ impl<T> Singleton<T> {
             return Ok(value);
         }
         loop {
-            match self.once.try_begin() {
+            match self.state.once.try_begin() {
                 // SAFETY: `try_begin` observed READY with Acquire.
                 Begin::Ready => return Ok(unsafe { self.get_unchecked() }),
                 Begin::Owner(guard) => {
@@ -453,7 +480,7 @@ impl<T> Singleton<T> {
                 }
                 Begin::Running => {
                     self.assert_not_reentrant("Singleton");
-                    self.once.wait_async().await;
+                    self.state.once.wait_async().await;
                 }
             }
         }
@@ -493,10 +520,11 @@ impl<T> Singleton<T> {
     /// assert_eq!(cell.get().map(String::as_str), Some("ab"));
     /// ```
     pub fn get_mut(&mut self) -> Option<&mut T> {
-        if self.once.is_ready_mut() {
+        let state = &mut *self.state;
+        if state.once.is_ready_mut() {
             // SAFETY: READY means the slot was written and published, and
             // `&mut self` excludes every other access.
-            Some(unsafe { self.value.get_mut().assume_init_mut() })
+            Some(unsafe { state.value.get_mut().assume_init_mut() })
         } else {
             None
         }
@@ -506,14 +534,15 @@ impl<T> Singleton<T> {
     /// cell is empty. `&mut self` excludes every other access, so nothing is
     /// synchronised and nobody can wait. A panic in `f` leaves the cell empty.
     fn get_mut_or_init(&mut self, f: impl FnOnce() -> T) -> &mut T {
-        if !self.once.is_ready_mut() {
+        let state = &mut *self.state;
+        if !state.once.is_ready_mut() {
             let value = f();
-            self.value.get_mut().write(value);
-            self.once.set_ready_mut();
+            state.value.get_mut().write(value);
+            state.once.set_ready_mut();
         }
         // SAFETY: READY, either from before or set just above after the write;
         // `&mut self` excludes every other access.
-        unsafe { self.value.get_mut().assume_init_mut() }
+        unsafe { state.value.get_mut().assume_init_mut() }
     }
 
     /// Takes the value out, leaving the cell empty and reusable.
@@ -525,11 +554,12 @@ impl<T> Singleton<T> {
     /// assert_eq!(cell.get(), None);
     /// ```
     pub fn take(&mut self) -> Option<T> {
-        if self.once.is_ready_mut() {
-            self.once.reset_mut();
+        let state = &mut *self.state;
+        if state.once.is_ready_mut() {
+            state.once.reset_mut();
             // SAFETY: the slot was initialised (READY), and the state is now
             // EMPTY, so nothing will read or drop the old value again.
-            Some(unsafe { self.value.get_mut().assume_init_read() })
+            Some(unsafe { state.value.get_mut().assume_init_read() })
         } else {
             None
         }
@@ -550,12 +580,14 @@ impl<T> Singleton<T> {
     ///
     /// # Safety
     ///
-    /// `guard` must be this cell's RUNNING claim (from `self.once.try_begin`).
+    /// `guard` must be this cell's RUNNING claim (from `self.state.once.try_begin`).
     unsafe fn publish(&self, guard: crate::once::InitGuard<'_>, value: T) -> &T {
         // SAFETY: the RUNNING claim makes us the only thread that touches the
         // slot; readers wait for READY, which `complete` publishes after this
         // write (Release).
-        self.value.with_mut(|slot| unsafe { (*slot).write(value) });
+        self.state
+            .value
+            .with_mut(|slot| unsafe { (*slot).write(value) });
         guard.complete();
         // SAFETY: we published READY ourselves, after the write above.
         unsafe { self.get_unchecked() }
@@ -571,7 +603,9 @@ impl<T> Singleton<T> {
         // after the slot is written, and the caller's Acquire load saw it.
         // Nothing writes the slot again while shared references exist: only
         // `take`/`get_mut`/drop do, and they need `&mut self`.
-        self.value.with(|slot| unsafe { (*slot).assume_init_ref() })
+        self.state
+            .value
+            .with(|slot| unsafe { (*slot).assume_init_ref() })
     }
 
     /// The identity of this cell for the reentrancy check.
@@ -592,16 +626,6 @@ impl<T> Singleton<T> {
                 type_name::<T>(),
                 self.declared_at,
             );
-        }
-    }
-}
-
-impl<T> Drop for Singleton<T> {
-    fn drop(&mut self) {
-        if self.once.is_ready_mut() {
-            // SAFETY: READY means initialised; `&mut self` means exclusive,
-            // and the cell is never used again.
-            unsafe { self.value.get_mut().assume_init_drop() }
         }
     }
 }
@@ -651,7 +675,7 @@ impl<T: fmt::Debug> Singleton<T> {
         let mut t = f.debug_tuple(name);
         match self.get() {
             Some(value) => t.field(value),
-            None if self.once.is_running() => t.field(&format_args!("<initializing>")),
+            None if self.state.once.is_running() => t.field(&format_args!("<initializing>")),
             None => t.field(&format_args!("<uninit>")),
         };
         t.finish()
@@ -700,21 +724,19 @@ pub struct Lazy<T, F = fn() -> T> {
 }
 
 impl<T, F: Fn() -> T> Lazy<T, F> {
-    loom_const_fn! {
-        /// Creates a `Lazy` that initialises itself with `f` on first access.
-        /// `const`, so it works in a `static` (not under `--cfg toctou_loom`).
-        ///
-        /// ```
-        /// static GREETING: toctou::Lazy<String> = toctou::Lazy::new(|| "hello".to_uppercase());
-        /// assert_eq!(*GREETING, "HELLO");
-        /// ```
-        #[must_use]
-        #[track_caller]
-        pub fn new(f: F) -> Self {
-            Self {
-                cell: Singleton::new(),
-                init: f,
-            }
+    /// Creates a `Lazy` that initialises itself with `f` on first access.
+    /// `const`, so it works in a `static` (under `--cfg toctou_loom` too).
+    ///
+    /// ```
+    /// static GREETING: toctou::Lazy<String> = toctou::Lazy::new(|| "hello".to_uppercase());
+    /// assert_eq!(*GREETING, "HELLO");
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub const fn new(f: F) -> Self {
+        Self {
+            cell: Singleton::new(),
+            init: f,
         }
     }
 

@@ -20,6 +20,10 @@
 //! - Constructors are `const` only in std builds (loom's are not); use
 //!   [`loom_const_fn!`](crate::sync::loom_const_fn) to declare a function that
 //!   is `const` exactly when the back-end allows it.
+//! - A public cell that must be `const`-constructible in both builds (so that
+//!   a downstream crate's `static` compiles under `--cfg toctou_loom` too)
+//!   keeps its loom-backed fields in a [`PerExecution`], built with
+//!   [`per_execution!`](crate::sync::per_execution).
 
 use std::ops::{Deref, DerefMut};
 
@@ -102,6 +106,251 @@ macro_rules! global_ref {
     };
 }
 pub(crate) use global_ref;
+
+/// The loom-backed part of a cell that must be `const`-constructible in both
+/// builds, so that a `static` of it compiles under `--cfg toctou_loom` too.
+///
+/// In std builds it is the value itself (`repr(transparent)`, `Deref` is a
+/// field access): nothing changes and nothing gets slower.
+///
+/// Under `toctou_loom` loom's constructors are not `const`, so it holds the
+/// constructor instead, and each loom *execution* gets its own value, built on
+/// first use in that execution, as `loom::lazy_static!` builds its statics.
+/// That is what a `static` cell needs (fresh state in every execution, none
+/// leaking from one into the next), and a cell created inside a model behaves
+/// as before, except as follows:
+///
+/// - **Each access synchronises with the first one.** loom checks that every
+///   access to one of its objects happens after the object's creation, which
+///   is the first use of the cell in the execution, possibly on another loom
+///   thread. So every access first reads a `loom::lazy_static` of the cell's
+///   own (not a scheduling point), which, exactly as `loom::lazy_static!`
+///   does, makes the first access of the execution happen before it. A model
+///   can therefore miss a race whose only witness is something the first
+///   user of the cell did before that first use.
+/// - **The values of finished executions are leaked** (test-only memory: one
+///   value per execution that used the cell, and a few bytes per cell). A
+///   cell that is dropped inside the execution that uses it (a cell created in
+///   the model) drops that execution's value with it, so `Drop`-based
+///   behaviour is unchanged; a `static`'s values are never dropped, and a
+///   value holding a `loom::sync::Arc` would then be reported as leaked.
+/// - **Not during thread-local teardown**: loom drops its lazy statics before
+///   the model's main thread's thread-locals, so an access from a destructor
+///   that runs then panics, as a `loom::lazy_static!` access does.
+///
+/// Values are kept per OS thread (several tests run their models in parallel,
+/// each model on one OS thread) and per execution, under a `std` mutex that
+/// is never held across a loom operation: creating loom objects and reading a
+/// lazy static are not scheduling points, so no other loom thread of the same
+/// model can run while it is held.
+#[cfg(not(toctou_loom))]
+#[repr(transparent)]
+pub(crate) struct PerExecution<T>(T);
+
+#[cfg(not(toctou_loom))]
+impl<T> PerExecution<T> {
+    /// Wraps `value`. Use [`per_execution!`](crate::sync::per_execution),
+    /// which passes the constructor itself under loom.
+    #[inline(always)]
+    pub(crate) const fn new(value: T) -> Self {
+        Self(value)
+    }
+}
+
+#[cfg(not(toctou_loom))]
+impl<T> Deref for PerExecution<T> {
+    type Target = T;
+
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+#[cfg(not(toctou_loom))]
+impl<T> DerefMut for PerExecution<T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+/// `PerExecution::new($init())` in std builds, `PerExecution::new($init)`
+/// (the constructor, run once per loom execution) under `toctou_loom`. Usable
+/// in a `const fn` in both, as long as `$init` is `const` in std builds
+/// (declare it with [`loom_const_fn!`](crate::sync::loom_const_fn)).
+macro_rules! per_execution {
+    ($init:path) => {{
+        #[cfg(not(toctou_loom))]
+        {
+            $crate::sync::PerExecution::new($init())
+        }
+        #[cfg(toctou_loom)]
+        {
+            $crate::sync::PerExecution::new($init)
+        }
+    }};
+}
+pub(crate) use per_execution;
+
+#[cfg(toctou_loom)]
+pub(crate) use loom_per_execution::PerExecution;
+
+#[cfg(toctou_loom)]
+mod loom_per_execution {
+    use std::ops::{Deref, DerefMut};
+    use std::ptr::NonNull;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+    use std::thread::ThreadId;
+
+    use loom::lazy_static::Lazy;
+
+    /// See the std version's docs.
+    pub(crate) struct PerExecution<T> {
+        /// Builds the value of an execution.
+        init: fn() -> T,
+        slots: Mutex<Slots<T>>,
+    }
+
+    struct Slots<T> {
+        /// This cell's own lazy static, allocated on first use and leaked: a
+        /// lazy static is keyed by its address, which must never be reused
+        /// by another cell (a cell's may be, once it is dropped).
+        lazy: Option<&'static Lazy<Token>>,
+        /// One value per OS thread that runs models using this cell.
+        values: Vec<Slot<T>>,
+    }
+
+    struct Slot<T> {
+        thread: ThreadId,
+        /// The execution that built `value`: the `alive` flag of its token.
+        execution: Arc<AtomicBool>,
+        /// From `Box::leak`; owned by this slot while `execution` runs.
+        value: NonNull<T>,
+    }
+
+    /// The value of [`Slots::lazy`] in one execution: a fresh one in each
+    /// (loom re-creates its lazy statics), so it names the execution, and
+    /// loom drops it when the execution ends, which clears `alive`.
+    struct Token {
+        alive: Arc<AtomicBool>,
+    }
+
+    impl Drop for Token {
+        fn drop(&mut self) {
+            // Relaxed: read on this OS thread only (`PerExecution::drop`).
+            self.alive.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn new_token() -> Token {
+        Token {
+            alive: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    // SAFETY: `&PerExecution<T>` hands out `&T` to the loom threads of a
+    // model (so `T: Sync`), and a value may be built on one loom thread and
+    // dropped on another (so `T: Send`). OS threads never share a value: each
+    // has its own slot.
+    unsafe impl<T: Send + Sync> Sync for PerExecution<T> {}
+    // SAFETY: moving the cell moves ownership of its values (`T: Send`).
+    unsafe impl<T: Send> Send for PerExecution<T> {}
+
+    impl<T> PerExecution<T> {
+        /// A cell whose value is built by `init` on first use in each
+        /// execution.
+        pub(crate) const fn new(init: fn() -> T) -> Self {
+            Self {
+                init,
+                slots: Mutex::new(Slots {
+                    lazy: None,
+                    values: Vec::new(),
+                }),
+            }
+        }
+
+        fn slots(&self) -> MutexGuard<'_, Slots<T>> {
+            self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// The current execution's value, built now if this is its first use.
+        fn value(&self) -> NonNull<T> {
+            let lazy: &'static Lazy<Token> = self.slots().lazy.get_or_insert_with(|| {
+                Box::leak(Box::new(Lazy {
+                    init: new_token,
+                    _p: std::marker::PhantomData,
+                }))
+            });
+            // Not a scheduling point. Synchronises with the first `get` of
+            // this execution (see the type's docs), which built the value.
+            let execution = &lazy.get().alive;
+            let thread = std::thread::current().id();
+            if let Some(slot) = self.slots().values.iter().find(|s| s.thread == thread) {
+                if Arc::ptr_eq(&slot.execution, execution) {
+                    return slot.value;
+                }
+            }
+            // The first use in this execution (on this OS thread; a model
+            // runs all its loom threads on one). Building creates loom
+            // objects, which is not a scheduling point either, so nobody else
+            // in this model can get here meanwhile.
+            let value = NonNull::from(Box::leak(Box::new((self.init)())));
+            let slot = Slot {
+                thread,
+                execution: Arc::clone(execution),
+                value,
+            };
+            let mut slots = self.slots();
+            match slots.values.iter_mut().find(|s| s.thread == thread) {
+                // The replaced value belongs to a finished execution: leaked,
+                // as dropping its loom objects outside it would panic.
+                Some(old) => *old = slot,
+                None => slots.values.push(slot),
+            }
+            value
+        }
+    }
+
+    impl<T> Deref for PerExecution<T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            // SAFETY: the value is dropped only by `drop(&mut self)`, or
+            // never: it outlives this borrow of `self`. Only `deref_mut`
+            // hands out `&mut`, and it needs `&mut self`.
+            unsafe { self.value().as_ref() }
+        }
+    }
+
+    impl<T> DerefMut for PerExecution<T> {
+        fn deref_mut(&mut self) -> &mut T {
+            // SAFETY: as in `deref`; `&mut self` excludes every other
+            // reference to the value.
+            unsafe { self.value().as_mut() }
+        }
+    }
+
+    impl<T> Drop for PerExecution<T> {
+        fn drop(&mut self) {
+            let thread = std::thread::current().id();
+            let slots = self.slots.get_mut().unwrap_or_else(PoisonError::into_inner);
+            for slot in slots.values.drain(..) {
+                // Relaxed: written on this OS thread (by `Token::drop`).
+                if slot.thread == thread && slot.execution.load(Ordering::Relaxed) {
+                    // SAFETY: from `Box::leak` in `value`, owned by the slot,
+                    // which is gone now; the execution that built it is the
+                    // one running (its token is alive, and an OS thread runs
+                    // one execution at a time), so its loom objects are too.
+                    drop(unsafe { Box::from_raw(slot.value.as_ptr()) });
+                }
+                // Any other value belongs to a finished execution, or to
+                // another OS thread's model: leaked (see the type's docs).
+            }
+        }
+    }
+}
 
 /// Asymmetric fences: a [`light`](barrier::light) one that a hot read path
 /// pays on every read, and a [`heavy`](barrier::heavy) one that a rare writer
