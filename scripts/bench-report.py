@@ -58,6 +58,7 @@ REFERENCE = {
     "registry_get_arc": "toctou::RegistryCell::get_arc",
     "registry_get_parallel": "toctou::RegistryCell::get",
     "registry_get_scaling": "toctou::RegistryCell::get",
+    "registry_reinit": "toctou::RegistryCell::get + reinit",
     "keyed_fresh_key": "toctou::KeyedLocks::lock",
     "keyed_beside_held_keys": "toctou::KeyedLocks::lock",
     "keyed_disjoint_parallel": "toctou::KeyedLocks::lock",
