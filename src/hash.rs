@@ -4,7 +4,7 @@
 use std::fmt;
 use std::hash::{BuildHasher, DefaultHasher, RandomState};
 
-use crate::sync::{LazyInit, loom_const_fn};
+use crate::sync::OnceValue;
 
 /// The default hasher of [`KeyedLocks`](crate::KeyedLocks),
 /// [`KeyedRwLocks`](crate::KeyedRwLocks) and
@@ -26,21 +26,19 @@ use crate::sync::{LazyInit, loom_const_fn};
 /// assert_eq!(HASHER.hash_one("a"), HASHER.hash_one("a"));
 /// ```
 pub struct LazyRandomState {
-    keys: LazyInit<RandomState>,
+    keys: OnceValue<RandomState>,
 }
 
 impl LazyRandomState {
-    loom_const_fn! {
-        /// A hasher whose keys are drawn at its first use.
-        ///
-        /// ```
-        /// let _ = toctou::LazyRandomState::new();
-        /// ```
-        #[must_use]
-        pub fn new() -> Self {
-            Self {
-                keys: LazyInit::new(RandomState::new),
-            }
+    /// A hasher whose keys are drawn at its first use.
+    ///
+    /// ```
+    /// let _ = toctou::LazyRandomState::new();
+    /// ```
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            keys: OnceValue::new(),
         }
     }
 

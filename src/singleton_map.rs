@@ -43,7 +43,7 @@ use std::sync::Arc;
 use crate::LazyRandomState;
 use crate::once::{Once, SharedInit};
 use crate::reentry;
-use crate::sync::{RwLock, loom_const_fn};
+use crate::sync::RwLock;
 use crate::table::{Entries, Table};
 
 /// One shard's contents (see the module docs).
@@ -221,45 +221,41 @@ enum Removal<V> {
 }
 
 impl<K, V> SingletonMap<K, V, LazyRandomState> {
-    loom_const_fn! {
-        /// Creates an empty map with the default hasher,
-        /// [`LazyRandomState`] (std's `RandomState`, seeded at the first use).
-        ///
-        /// `const`: a map can be a plain `static`. Nothing is allocated until
-        /// the first use. Under `--cfg toctou_loom` it is not `const`, as
-        /// loom's primitives are not.
-        ///
-        /// ```
-        /// static MAP: toctou::SingletonMap<String, u32> = toctou::SingletonMap::new();
-        /// assert!(MAP.is_empty());
-        /// assert_eq!(*MAP.get_or_init("a", |_| 1), 1);
-        /// ```
-        #[must_use]
-        #[track_caller]
-        pub fn new() -> Self {
-            Self::with_hasher(LazyRandomState::new())
-        }
+    /// Creates an empty map with the default hasher,
+    /// [`LazyRandomState`] (std's `RandomState`, seeded at the first use).
+    ///
+    /// `const`: a map can be a plain `static`. Nothing is allocated until
+    /// the first use. Under `--cfg toctou_loom` it is `const` too, and a
+    /// `static` map is empty again in every execution of a model.
+    ///
+    /// ```
+    /// static MAP: toctou::SingletonMap<String, u32> = toctou::SingletonMap::new();
+    /// assert!(MAP.is_empty());
+    /// assert_eq!(*MAP.get_or_init("a", |_| 1), 1);
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub const fn new() -> Self {
+        Self::with_hasher(LazyRandomState::new())
     }
 }
 
 impl<K, V, S> SingletonMap<K, V, S> {
-    loom_const_fn! {
-        /// Creates an empty map that hashes keys with `hasher`.
-        ///
-        /// ```
-        /// use std::hash::RandomState;
-        ///
-        /// let map: toctou::SingletonMap<u64, String, RandomState> =
-        ///     toctou::SingletonMap::with_hasher(RandomState::new());
-        /// assert_eq!(map.len(), 0);
-        /// ```
-        #[must_use]
-        #[track_caller]
-        pub fn with_hasher(hasher: S) -> Self {
-            Self {
-                table: Table::with_hasher(hasher, "toctou::SingletonMap"),
-                created_at: Location::caller(),
-            }
+    /// Creates an empty map that hashes keys with `hasher`.
+    ///
+    /// ```
+    /// use std::hash::RandomState;
+    ///
+    /// let map: toctou::SingletonMap<u64, String, RandomState> =
+    ///     toctou::SingletonMap::with_hasher(RandomState::new());
+    /// assert_eq!(map.len(), 0);
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub const fn with_hasher(hasher: S) -> Self {
+        Self {
+            table: Table::with_hasher(hasher, "toctou::SingletonMap"),
+            created_at: Location::caller(),
         }
     }
 

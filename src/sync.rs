@@ -884,6 +884,26 @@ impl<T> ShardLock for ParkingRwLock<T> {
     }
 }
 
+/// A plain value (no loom objects inside) made on first use, so that its
+/// owner's constructor can be `const`: a `std::sync::OnceLock` in every
+/// build. Under `toctou_loom` too, as the value takes part in no protocol
+/// (a hasher's random keys): loom need not explore it, and it stays out of
+/// the models' synchronisation.
+pub(crate) struct OnceValue<T>(std::sync::OnceLock<T>);
+
+impl<T> OnceValue<T> {
+    /// An empty value.
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::OnceLock::new())
+    }
+
+    /// The value, made now by `init` if this is its first use.
+    #[inline]
+    pub(crate) fn get(&self, init: fn() -> T) -> &T {
+        self.0.get_or_init(init)
+    }
+}
+
 /// A value made on first use, so that the owner's constructor can be
 /// `const` (the keyed maps' shard arrays and default hasher). `init` is the
 /// same function at every call for one value.
@@ -891,9 +911,10 @@ impl<T> ShardLock for ParkingRwLock<T> {
 /// In std builds it is a `std::sync::OnceLock`: after the first use, a
 /// `get` is one `Acquire` load of its state and a branch (the load pairs
 /// with the `Release` that completes the initialisation, so the value's
-/// contents are visible). Under `toctou_loom`, where constructors are not
-/// `const` anyway, the value is made by the constructor, so models see no
-/// synchronisation that normal builds would not have after the first use.
+/// contents are visible). Under `toctou_loom` it is a [`PerExecution`]: the
+/// value is made at the first use in each execution of a model, so that the
+/// owner's constructor stays `const` there too (a `static` map compiles under
+/// the cfg, and is empty again in every execution).
 #[cfg(not(toctou_loom))]
 pub(crate) struct LazyInit<T>(std::sync::OnceLock<T>);
 
@@ -920,12 +941,12 @@ impl<T> LazyInit<T> {
 }
 
 #[cfg(toctou_loom)]
-pub(crate) struct LazyInit<T>(T);
+pub(crate) struct LazyInit<T>(PerExecution<T>);
 
 #[cfg(toctou_loom)]
 impl<T> LazyInit<T> {
-    pub(crate) fn new(init: fn() -> T) -> Self {
-        Self(init())
+    pub(crate) const fn new(init: fn() -> T) -> Self {
+        Self(PerExecution::new(init))
     }
 
     pub(crate) fn get(&self, _: fn() -> T) -> &T {

@@ -26,7 +26,7 @@ use std::hash::{BuildHasher, Hash};
 use hashbrown::HashTable;
 
 use crate::reentry;
-use crate::sync::{LazyInit, ShardLock, loom_const_fn};
+use crate::sync::{LazyInit, ShardLock};
 
 /// One key's entry: the owned key, its hash, and the front-end's state for it.
 ///
@@ -154,15 +154,14 @@ fn make_shards<L: ShardLock<Data: Default>>() -> Box<[Padded<L>]> {
 }
 
 impl<L: ShardLock<Data: Default>, S> Table<L, S> {
-    loom_const_fn! {
-        /// An empty table; its shards are allocated at the first use.
-        pub(crate) fn with_hasher(hasher: S, owner: &'static str) -> Self {
-            Self {
-                hasher,
-                shards: LazyInit::new(make_shards::<L>),
-                make: make_shards::<L>,
-                owner,
-            }
+    /// An empty table; its shards are allocated at the first use (under
+    /// `toctou_loom`, at the first use in each execution).
+    pub(crate) const fn with_hasher(hasher: S, owner: &'static str) -> Self {
+        Self {
+            hasher,
+            shards: LazyInit::new(make_shards::<L>),
+            make: make_shards::<L>,
+            owner,
         }
     }
 }

@@ -64,8 +64,8 @@ use hashbrown::HashTable;
 use super::block::Block;
 use super::kind::LockKind;
 use crate::sync::{
-    self, AtomicUsize, Deadline, Ordering, ParkingRwLock, ShardLock, SpinWait, UnsafeCell,
-    WaitStart,
+    self, AtomicUsize, Deadline, Ordering, ParkingRwLock, PerExecution, ShardLock, SpinWait,
+    UnsafeCell, WaitStart,
 };
 use crate::table::Table;
 use crate::wait::{Unpark, WaitList, Waiter};
@@ -409,27 +409,33 @@ pub(crate) struct Core<K, L: LockKind, S> {
     table: Table<ParkingRwLock<Shard<K, L>>, S>,
     /// The largest total of live keys seen when some shard reached a new
     /// high; written only then, so it stays out of every hot path.
-    peak: AtomicUsize,
+    peak: PerExecution<AtomicUsize>,
     /// The public type's name, for panic messages.
     name: &'static str,
     /// Where the map was created (`#[track_caller]`), for panic messages.
     created_at: &'static Location<'static>,
 }
 
+sync::loom_const_fn! {
+    /// A zero counter (`const` in std builds, for `per_execution!`).
+    fn zero() -> AtomicUsize {
+        AtomicUsize::new(0)
+    }
+}
+
 impl<K, L: LockKind, S> Core<K, L, S> {
-    sync::loom_const_fn! {
-        /// An empty map; nothing is allocated until its first use.
-        pub(crate) fn with_hasher(
-            hasher: S,
-            name: &'static str,
-            created_at: &'static Location<'static>,
-        ) -> Self {
-            Self {
-                table: Table::with_hasher(hasher, name),
-                peak: AtomicUsize::new(0),
-                name,
-                created_at,
-            }
+    /// An empty map; nothing is allocated until its first use. `const` in
+    /// loom builds too: the loom-backed parts are made per execution.
+    pub(crate) const fn with_hasher(
+        hasher: S,
+        name: &'static str,
+        created_at: &'static Location<'static>,
+    ) -> Self {
+        Self {
+            table: Table::with_hasher(hasher, name),
+            peak: sync::per_execution!(zero),
+            name,
+            created_at,
         }
     }
 

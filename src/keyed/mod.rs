@@ -14,37 +14,35 @@
 macro_rules! keyed_map_common {
     ($ty:ident, $acquire:literal, $acquire_str:literal) => {
         impl<K> $ty<K> {
-            $crate::sync::loom_const_fn! {
-                /// An empty map with the default hasher,
-                /// [`LazyRandomState`]($crate::LazyRandomState) (std's
-                /// `RandomState`, seeded at the first use).
-                ///
-                /// `const`: a map can be a plain `static`. Nothing is
-                /// allocated until the first use, which allocates the shards
-                /// (racing first uses allocate them once). Under
-                /// `--cfg toctou_loom` it is not `const`, as loom's
-                /// primitives are not.
-                ///
-                /// The caller's location is recorded (`#[track_caller]`) and
-                /// named in the reentrancy panic.
-                ///
-                /// ```
-                #[doc = concat!("static MAP: toctou::", stringify!($ty), "<String> = toctou::", stringify!($ty), "::new();")]
-                ///
-                /// assert!(MAP.is_empty());
-                #[doc = concat!("drop(MAP.", $acquire_str, ");")]
-                /// assert!(MAP.is_empty());
-                /// ```
-                #[must_use]
-                #[track_caller]
-                pub fn new() -> Self {
-                    Self {
-                        core: $crate::keyed::core::Core::with_hasher(
-                            $crate::LazyRandomState::new(),
-                            concat!("toctou::", stringify!($ty)),
-                            std::panic::Location::caller(),
-                        ),
-                    }
+            /// An empty map with the default hasher,
+            /// [`LazyRandomState`]($crate::LazyRandomState) (std's
+            /// `RandomState`, seeded at the first use).
+            ///
+            /// `const`: a map can be a plain `static`. Nothing is
+            /// allocated until the first use, which allocates the shards
+            /// (racing first uses allocate them once). Under
+            /// `--cfg toctou_loom` it is `const` too, and a `static` map is
+            /// empty again in every execution of a model.
+            ///
+            /// The caller's location is recorded (`#[track_caller]`) and
+            /// named in the reentrancy panic.
+            ///
+            /// ```
+            #[doc = concat!("static MAP: toctou::", stringify!($ty), "<String> = toctou::", stringify!($ty), "::new();")]
+            ///
+            /// assert!(MAP.is_empty());
+            #[doc = concat!("drop(MAP.", $acquire_str, ");")]
+            /// assert!(MAP.is_empty());
+            /// ```
+            #[must_use]
+            #[track_caller]
+            pub const fn new() -> Self {
+                Self {
+                    core: $crate::keyed::core::Core::with_hasher(
+                        $crate::LazyRandomState::new(),
+                        concat!("toctou::", stringify!($ty)),
+                        std::panic::Location::caller(),
+                    ),
                 }
             }
         }
