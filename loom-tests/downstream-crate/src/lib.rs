@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use toctou::{Lazy, RegistryCell, Singleton};
+use toctou::{KeyedLocks, Lazy, RegistryCell, Singleton, SingletonMap};
 
 /// Process-wide, deliberately a plain `std` atomic in every build: a serial
 /// number is never reused, so equal serials mean "the same build".
@@ -91,8 +91,40 @@ pub fn switch_region(region: &'static str) -> u64 {
     REGISTRY.reinit_if_changed(Settings { region }).serial
 }
 
+/// One model server per model name, started once.
+pub struct Server {
+    /// Which start this is.
+    pub serial: u64,
+}
+
+static SERVERS: SingletonMap<String, Server> = SingletonMap::new();
+
+/// The server for `model`, started by the first caller.
+pub fn server(model: &'static str) -> u64 {
+    SERVERS
+        .get_or_init(model, |_| Server { serial: build() })
+        .serial
+}
+
+static WORKFLOWS: KeyedLocks<String> = KeyedLocks::new();
+
+/// Runs `step` while holding the lock of `workflow`.
+pub fn with_workflow<R>(workflow: &'static str, step: impl FnOnce() -> R) -> R {
+    let _guard = WORKFLOWS.lock(workflow);
+    step()
+}
+
+/// Whether no workflow lock has an entry (nobody holds or waits for one).
+pub fn no_workflow_entries() -> bool {
+    WORKFLOWS.is_empty()
+}
+
 /// Whether no global cell has been touched yet (in a loom model: in this
 /// execution).
 pub fn untouched() -> bool {
-    CONFIG.get().is_none() && Lazy::get(&PORTS).is_none() && REGISTRY.generation() == 0
+    CONFIG.get().is_none()
+        && Lazy::get(&PORTS).is_none()
+        && REGISTRY.generation() == 0
+        && SERVERS.is_empty()
+        && WORKFLOWS.is_empty()
 }

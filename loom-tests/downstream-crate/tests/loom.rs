@@ -14,7 +14,8 @@
 #![cfg(toctou_loom)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 use loom::thread;
 use toctou_loom_downstream as app;
@@ -122,5 +123,39 @@ fn racing_first_gets_build_a_static_registry_cell_once_per_execution() {
         assert_eq!(app::registry(), (eu, "eu"));
         assert_eq!(app::builds_on_this_thread() - builds, 2);
         eu
+    });
+}
+
+#[test]
+fn racing_first_calls_start_a_static_singleton_map_entry_once_per_execution() {
+    check(|| {
+        let builds = app::builds_on_this_thread();
+        let other = thread::spawn(|| app::server("phi-4"));
+        let mine = app::server("phi-4");
+        assert_eq!(other.join().unwrap(), mine, "two servers for one model");
+        assert_eq!(app::builds_on_this_thread() - builds, 1, "started twice");
+        mine
+    });
+}
+
+#[test]
+fn a_static_keyed_lock_excludes_and_leaves_no_entry_in_each_execution() {
+    check(|| {
+        // A loom atomic: the models explore the two holders' interleavings.
+        let inside = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let step = |inside: &loom::sync::atomic::AtomicBool| {
+            let alone = !inside.swap(true, SeqCst);
+            inside.store(false, SeqCst);
+            alone
+        };
+        let other = {
+            let inside = inside.clone();
+            thread::spawn(move || app::with_workflow("wf-1", || step(&inside)))
+        };
+        let mine = app::with_workflow("wf-1", || step(&inside));
+        assert!(other.join().unwrap() && mine, "two holders of one key");
+        assert!(app::no_workflow_entries(), "an entry was left behind");
+        // `check` wants a fresh serial per execution: a build stands in.
+        app::server("after")
     });
 }
