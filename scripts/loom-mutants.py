@@ -247,19 +247,19 @@ MUTANTS = [
     (
         "RegistryCell: reinit builds and publishes without holding the builder lock",
         "src/registry.rs",
-        "        let builder = self.shared.builder.lock();\n        self.build_and_publish(builder, settings, build)\n",
+        "        let builder = self.shared.builder.lock();\n        self.build_and_publish(settings, build, builder)\n",
         "        let builder = self.shared.builder.lock();\n        drop(builder);\n"
         "        let unlocked = crate::sync::Mutex::new(());\n"
-        "        self.build_and_publish(unlocked.lock(), settings, build)\n",
+        "        self.build_and_publish(settings, build, unlocked.lock())\n",
         "loom_registry",
         "two_reinits",
     ),
     (
         "RegistryCell: reinit_if_changed compares and builds under different locks",
         "src/registry.rs",
-        "        }\n        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());\n",
+        "        }\n        let Ok(instance) = self.build_and_publish(settings, self.own_build(), builder);\n",
         "        }\n        drop(builder);\n        let builder = self.shared.builder.lock();\n"
-        "        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());\n",
+        "        let Ok(instance) = self.build_and_publish(settings, self.own_build(), builder);\n",
         "loom_registry",
         "reinit_if_changed_with_equal_settings_builds_once",
     ),
@@ -280,8 +280,8 @@ MUTANTS = [
     (
         "RegistryCell cache: a refresh that never retires the block it replaces (lost track of)",
         "src/registry/cache.rs",
-        "                .and_then(|old| unsafe { Block::retire(old) })\n",
-        "                .and_then(|_old| None::<Count>)\n",
+        "                .set(key, block)\n                .and_then(|old| unsafe { Block::retire(old) })\n",
+        "                .set(key, block)\n                .and_then(|_old| None::<Count>)\n",
         "loom_registry",
         "a_ref_held_across_its_own_threads_refresh",
     ),
@@ -330,6 +330,30 @@ MUTANTS = [
         "            if false {\n",
         "loom_registry",
         "an_idle_cached_thread_does_not_keep_a_replaced_instance",
+    ),
+    (
+        "RegistryCell cache: a freed block gives its count back although a sweep stole it",
+        "src/registry/cache.rs",
+        "        (!stolen).then_some(Count {\n",
+        "        (!stolen || true).then_some(Count {\n",
+        "loom_registry",
+        "counts_are_given_back_exactly_once",
+    ),
+    (
+        "RegistryCell sweep: steals without marking the block stolen",
+        "src/registry/cache.rs",
+        "std::mem::replace(&mut *stolen, true)",
+        "std::mem::replace(&mut *stolen, false)",
+        "loom_registry",
+        "counts_are_given_back_exactly_once",
+    ),
+    (
+        "RegistryCell: a dropped cell leaves its instance in idle threads' caches",
+        "src/registry.rs",
+        "            cache::reclaim(id, u64::MAX)\n",
+        "            Vec::<cache::Count>::new()\n",
+        "loom_registry",
+        "dropping_the_cell_takes_its_instance_back_from_idle_caches",
     ),
     (
         "keyed: take the key without checking that it is free",

@@ -49,6 +49,23 @@ use crate::sync::{
 };
 use cache::{Block, Key};
 
+/// What a publish leaves for its caller to release once `builder` is free.
+struct Retired<T, S> {
+    /// The replaced state: its `Arc`s of the instance and the settings.
+    replaced: Option<Current<T, S>>,
+    /// The counts the sweep took back from threads' caches.
+    counts: Vec<cache::Count>,
+}
+
+impl<T, S> Retired<T, S> {
+    /// Drops the replaced state and gives the counts back: the replaced
+    /// instance is dropped here if nothing else holds it.
+    fn release(self) {
+        drop(self.replaced);
+        self.counts.into_iter().for_each(cache::Count::give_back);
+    }
+}
+
 /// The published state.
 struct Current<T, S> {
     generation: u64,
@@ -90,7 +107,16 @@ struct Current<T, S> {
 ///   on the thread that calls `reinit`. Threads that read it once and went
 ///   idle (parked, blocked, or busy elsewhere) do not keep it alive, and
 ///   `reinit` never waits for them or for any reference. Dropping the cell
-///   drops its instance the same way.
+///   drops its instance the same way. One exception to "before `reinit`
+///   returns": a thread that is inside a `get` of this cell, or exiting,
+///   while `reinit` sweeps may take the last count itself; it then drops the
+///   instance when that call or its exit gets there, moments later.
+/// - **Reads never wait for a build or for user code.** A read that hits
+///   this thread's cache takes no lock at all. A thread's first read of the
+///   cell, and the first read after a `reinit`, lock the cell's `current` and
+///   this thread's cache for a few instructions; such a read can wait for a
+///   concurrent `reinit`'s sweep of the caches (which runs no user code), and
+///   a sweep can wait for such a read to leave its few instructions.
 /// - **The cost of that.** A `reinit` that finds the replaced instance in some
 ///   thread's cache runs one `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`
 ///   on Linux (a few microseconds: it interrupts the CPUs running this
@@ -183,7 +209,9 @@ impl<T, S> Drop for Shared<T, S> {
         // Relaxed: `&mut self`; nothing runs concurrently on this cell.
         let id = self.id.load(Ordering::Relaxed);
         if id != 0 {
-            cache::reclaim(id, u64::MAX);
+            cache::reclaim(id, u64::MAX)
+                .into_iter()
+                .for_each(cache::Count::give_back);
         }
     }
 }
@@ -283,10 +311,11 @@ impl<T, S> RegistryCell<T, S> {
 
     /// Publishes `instance` built from `settings`, and takes the replaced
     /// instance back from every thread's cache that holds it without a
-    /// reference. Returns the published instance, and the replaced state for
-    /// the caller to drop once it has released `builder`. The caller holds
+    /// reference. Returns the published instance, and what the caller must
+    /// drop once it has released `builder` (dropping either may run an
+    /// instance's `drop`, which may use this cell). The caller holds
     /// `builder`.
-    fn publish(&self, settings: S, instance: T) -> (Arc<T>, Option<Current<T, S>>) {
+    fn publish(&self, settings: S, instance: T) -> (Arc<T>, Retired<T, S>) {
         let instance = Arc::new(instance);
         let settings = Arc::new(settings);
         if self.shared.id.load(Ordering::Relaxed) == 0 {
@@ -311,35 +340,48 @@ impl<T, S> RegistryCell<T, S> {
             self.shared.generation.store(generation, Ordering::Release);
             replaced
         };
-        if let Some(replaced) = &replaced {
-            // Under `builder`, which serialises the sweeps of this cell (see
-            // `cache::reclaim`). The counts it takes back are given back
-            // inside; this `Arc` drops at the caller.
-            cache::reclaim(
+        // Under `builder`, which serialises the sweeps of this cell (see
+        // `cache::reclaim`). The counts it takes back are not only the
+        // replaced generation's: an older one that a reference held at the
+        // last sweep may have lost it since.
+        let counts = match &replaced {
+            Some(replaced) => cache::reclaim(
                 self.shared.id.load(Ordering::Relaxed),
                 replaced.generation + 1,
-            );
-        }
-        (instance, replaced)
+            ),
+            None => Vec::new(),
+        };
+        (instance, Retired { replaced, counts })
     }
 
     /// Runs `build` with this thread marked as building the cell, publishes
     /// its `Ok`, releases `builder`, and only then drops the replaced
     /// instance (if this was its last holder), so that its `drop` may use
     /// the cell.
+    ///
+    /// `builder` is the last parameter so that it is dropped first if `build`
+    /// panics: `settings` (user code too) drops after it.
     fn build_and_publish<E>(
         &self,
-        builder: MutexGuard<'_, ()>,
         settings: S,
         build: impl FnOnce(&S) -> Result<T, E>,
+        builder: MutexGuard<'_, ()>,
     ) -> Result<Arc<T>, E> {
-        let instance = {
+        let built = {
             let _mark = reentry::Mark::enter(self.addr());
-            build(&settings)?
+            build(&settings)
         };
-        let (instance, replaced) = self.publish(settings, instance);
+        let instance = match built {
+            Ok(instance) => instance,
+            Err(error) => {
+                drop(builder);
+                drop(settings);
+                return Err(error);
+            }
+        };
+        let (instance, retired) = self.publish(settings, instance);
         drop(builder);
-        drop(replaced);
+        retired.release();
         Ok(instance)
     }
 
@@ -354,8 +396,9 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     /// Returns the published instance, building the first one from
     /// `S::default()` if the cell is empty.
     ///
-    /// On an initialised cell this never blocks and writes no memory that
-    /// other threads read: it compares the published generation with this
+    /// On an initialised cell that this thread has read since the last
+    /// `reinit` this never blocks, takes no lock and writes no memory that
+    /// other threads write: it compares the published generation with this
     /// thread's cached one. During a [`reinit`](Self::reinit) it returns the
     /// previous instance until the new one is published.
     ///
@@ -455,7 +498,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
         if self.shared.current.lock().is_some() {
             return;
         }
-        let Ok(_) = self.build_and_publish(builder, S::default(), self.own_build());
+        let Ok(_) = self.build_and_publish(S::default(), self.own_build(), builder);
     }
 
     /// The published instance as an `Arc`, to hold across threads or an
@@ -526,7 +569,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
                 return Arc::clone(&current.instance);
             }
         }
-        let Ok(instance) = self.build_and_publish(builder, settings, self.own_build());
+        let Ok(instance) = self.build_and_publish(settings, self.own_build(), builder);
         instance
     }
 
@@ -549,7 +592,7 @@ impl<T: Send + Sync + 'static, S> RegistryCell<T, S> {
     ) -> Result<Arc<T>, E> {
         self.assert_not_reentrant("reinit");
         let builder = self.shared.builder.lock();
-        self.build_and_publish(builder, settings, build)
+        self.build_and_publish(settings, build, builder)
     }
 
     /// The settings of the published instance, building the first instance

@@ -502,7 +502,10 @@ pub(crate) mod barrier {
                 if membarrier(CMD_PRIVATE_EXPEDITED) != 0 {
                     // Registered, so the kernel cannot refuse it; if it did,
                     // readers that trusted their compiler fences could use
-                    // freed memory. Nothing safe is left to do.
+                    // freed memory. Nothing safe is left to do. (A seccomp
+                    // filter is per thread: one installed later, on the
+                    // writing thread only, that denies membarrier, gets here.
+                    // Such a filter must allow it.)
                     std::process::abort();
                 }
             } else {

@@ -70,7 +70,12 @@ use crate::sync::{
 /// fixed by its id; the first `SLOTS` cells a process publishes get distinct
 /// slots. Two cells that share a slot and are read alternately take the slow
 /// path (a mutex and an `Arc` clone) on each read, but stay correct.
-const SLOTS: usize = 16;
+///
+/// Under `toctou_loom` there is one slot: every cell shares it, so the models
+/// exercise slot sharing, and the work a thread's exit does does not depend
+/// on which slot a process-wide counter gave a cell (loom needs each
+/// execution to replay the same steps).
+const SLOTS: usize = if cfg!(toctou_loom) { 1 } else { 16 };
 const SLOT_BITS: u32 = SLOTS.trailing_zeros();
 
 /// The key of a vacant entry. Cell ids come from [`new_cell_id`], never this.
@@ -307,6 +312,17 @@ global_ref! {
     fn records() -> &'static Mutex<Vec<Listed>> = Mutex::new(Vec::new());
 }
 
+// In std builds the record is never dropped (`ManuallyDrop`), whatever the
+// platform's `Mutex` needs: so the thread-local has no destructor (and no
+// liveness check on access) anywhere, and its memory stays valid until the
+// thread's thread-locals are freed, after `EXIT`'s destructor has taken it
+// off the list. (On Linux a std `Mutex` needs no drop; where it is a boxed
+// pthread mutex, that box leaks once per exiting thread that read a cell.)
+#[cfg(not(toctou_loom))]
+const_thread_local! {
+    static CACHE: std::mem::ManuallyDrop<Record> = std::mem::ManuallyDrop::new(Record::new());
+}
+#[cfg(toctou_loom)]
 const_thread_local! {
     static CACHE: Record = Record::new();
 }
@@ -324,7 +340,7 @@ impl Drop for ExitHook {
         // Under loom this finds the record already destroyed (loom destroys
         // a thread's locals together), and the record's own destructor does
         // the work.
-        let _ = CACHE.try_with(Record::close);
+        let _ = CACHE.try_with(|cache| cache.close());
     }
 }
 
@@ -360,6 +376,8 @@ impl Record {
     }
 
     #[inline]
+    // Under loom `SLOTS` is 1 (see there).
+    #[cfg_attr(toctou_loom, allow(clippy::modulo_one))]
     fn entry(&self, id: u64) -> &Entry {
         // Truncating on 32-bit targets is fine: only the low bits are used.
         &self.entries[id as usize % SLOTS]
@@ -405,24 +423,28 @@ impl Record {
         let Some(list) = self.listed.get() else {
             return;
         };
-        {
-            let mut records = list.lock();
-            let me = Listed(NonNull::from(self));
-            if let Some(at) = records.iter().position(|&r| r == me) {
-                records.swap_remove(at);
-            }
-        }
-        let counts: Vec<Count> = {
-            let _lock = self.lock.lock();
-            let counts = self.entries.iter().filter_map(|entry| {
-                let old = entry.set(VACANT, NonNull::dangling())?;
+        // Entry by entry, each count given back before the next entry is
+        // emptied, and the record listed until the end: an instance's `drop`
+        // may block, and meanwhile sweeps still take the other entries'
+        // instances back. (Nothing new is cached: `armed` says no now.)
+        for entry in &self.entries {
+            let count = {
+                let _lock = self.lock.lock();
                 // SAFETY: the entry pointed at `old` until just now; this
                 // thread's, under the lock.
-                unsafe { Block::retire(old) }
-            });
-            counts.collect()
-        };
-        counts.into_iter().for_each(Count::give_back);
+                entry
+                    .set(VACANT, NonNull::dangling())
+                    .and_then(|old| unsafe { Block::retire(old) })
+            };
+            if let Some(count) = count {
+                count.give_back();
+            }
+        }
+        let mut records = list.lock();
+        let me = Listed(NonNull::from(self));
+        if let Some(at) = records.iter().position(|&r| r == me) {
+            records.swap_remove(at);
+        }
     }
 }
 
@@ -604,15 +626,17 @@ unsafe fn evict(block: NonNull<Block>) {
 
 /// Takes back every count that this thread's and every other thread's cache
 /// holds for cell `id` at a generation older than `generation`, unless a
-/// reference holds it (that reference's drop gives it back). The writer's
-/// side of the module docs' hand-shake. `generation` is `u64::MAX` when the
-/// cell itself is dropped.
+/// reference holds it (that reference's drop gives it back), and returns
+/// them for the caller to give back once it holds no lock. The writer's side
+/// of the module docs' hand-shake. `generation` is `u64::MAX` when the cell
+/// itself is dropped.
 ///
 /// The caller publishes `generation` (or drops the cell) before calling this,
 /// and no other sweep of the same cell runs at the same time (the cell's
 /// builder lock, or `&mut` access, serialises them): a sweep takes back only
 /// blocks it doomed itself, before its own barrier.
-pub(super) fn reclaim(id: u64, generation: u64) {
+#[must_use = "the counts taken back must be given back, once no lock is held"]
+pub(super) fn reclaim(id: u64, generation: u64) -> Vec<Count> {
     let stale = |key: Key| key.id == id && key.generation < generation;
     let records = records().lock();
     // The records where this pass doomed a block: the only ones the second
@@ -641,7 +665,7 @@ pub(super) fn reclaim(id: u64, generation: u64) {
         }
     }
     if doomed.is_empty() {
-        return;
+        return Vec::new();
     }
     barrier::heavy();
     let mut counts = Vec::new();
@@ -675,9 +699,9 @@ pub(super) fn reclaim(id: u64, generation: u64) {
             }
         }
     }
-    drop(records);
-    // Outside every lock: an instance's `drop` may read a cell.
-    counts.into_iter().for_each(Count::give_back);
+    // Given back by the caller, outside every lock (the cell's builder lock
+    // included): an instance's `drop` may read or reinitialise a cell.
+    counts
 }
 
 /// The instance a block holds: an `Arc::into_raw` pointer.
