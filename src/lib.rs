@@ -197,6 +197,8 @@
 #![warn(missing_docs)]
 
 pub mod docs;
+#[cfg(target_os = "linux")]
+mod file;
 mod hash;
 mod keyed;
 mod once;
@@ -208,6 +210,14 @@ mod sync;
 mod table;
 mod wait;
 
+/// The on-disk protocol of [`FileLocks`], exposed only under
+/// `--cfg toctou_loom` for the loom models in `loom-tests/file_locks.rs`,
+/// which run it over a simulated file system. Not a stable API.
+#[cfg(all(toctou_loom, target_os = "linux"))]
+#[doc(hidden)]
+pub use file::protocol as __file_protocol;
+#[cfg(target_os = "linux")]
+pub use file::{FileGuard, FileLocks, FileLocksBuilder};
 pub use hash::LazyRandomState;
 pub use keyed::{
     KeyGuard, KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LockStats, MultiKeyGuard,
