@@ -19,6 +19,7 @@
 //! | "is this task pending? yes? claim it"; read-modify-write of a shared file | 3 | [`KeyedLocks<K>`], [`KeyedRwLocks<K>`] |
 //! | `if registry is None or settings is not None: registry = Registry(settings)` | 4 | [`RegistryCell<T, S>`] |
 //! | `if key not in locks: locks[key] = Lock()` (a lock per key) | 5 | [`KeyedLocks<K>`] |
+//! | the same per-key lock, but the parties are separate processes on one machine (workers, CLIs, a Python agent with `fcntl.flock`) | | [`FileLocks`] (Linux) |
 //!
 //! # Try it
 //!

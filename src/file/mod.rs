@@ -9,7 +9,6 @@
 //! - this file: the public front-end and its in-process layer.
 
 mod name;
-#[cfg_attr(not(toctou_loom), allow(unreachable_pub))]
 pub mod protocol;
 mod sys;
 
