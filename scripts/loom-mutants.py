@@ -440,6 +440,57 @@ MUTANTS = [
         "lock_many_in_opposite_orders_does_not_deadlock",
     ),
     (
+        "FileLocks: no inode re-check after locking",
+        "src/file/protocol.rs",
+        "        let verified = is_at_name(fs, name, &fd)?;\n",
+        "        let verified = true;\n",
+        "loom_file_locks",
+        "two_processes_lock_release_and_delete",
+    ),
+    (
+        "FileLocks: no inode re-check after locking, three processes",
+        "src/file/protocol.rs",
+        "        let verified = is_at_name(fs, name, &fd)?;\n",
+        "        let verified = true;\n",
+        "loom_file_locks",
+        "three_processes_lock_release_and_delete",
+    ),
+    (
+        "FileLocks: unlock before unlink",
+        "src/file/protocol.rs",
+        "            Ok(true) => fs.unlink_at(name).map_err(at(\"unlink\")),\n",
+        "            Ok(true) => fs\n"
+        "                .unlock(&fd)\n"
+        "                .map_err(at(\"unlock\"))\n"
+        "                .and_then(|()| fs.unlink_at(name).map_err(at(\"unlink\"))),\n",
+        "loom_file_locks",
+        "two_processes_lock_release_and_delete",
+    ),
+    (
+        "FileLocks: prune unlinking without holding the lock",
+        "src/file/protocol.rs",
+        "        let held = !fs.lock(&fd, Mode::Exclusive, false).map_err(at(\"lock\"))?;\n",
+        "        let held = false;\n",
+        "loom_file_locks",
+        "prune_races_a_locker",
+    ),
+    (
+        "FileLocks: a shared holder unlinking without the upgrade",
+        "src/file/protocol.rs",
+        "            Mode::Shared => match fs.lock(&fd, Mode::Exclusive, false) {\n",
+        "            Mode::Shared => match Ok::<bool, io::Error>(true) {\n",
+        "loom_file_locks",
+        "shared_holders_and_an_exclusive_one",
+    ),
+    (
+        "FileLocks: a shared holder's upgrade without the re-check of the name",
+        "src/file/protocol.rs",
+        "                Ok(true) => is_at_name(fs, name, &fd),\n",
+        "                Ok(true) => Ok(true),\n",
+        "loom_file_locks",
+        "shared_holders_and_an_exclusive_one",
+    ),
+    (
         "keyed rw: a writer is granted while readers hold the key",
         "src/keyed/kind.rs",
         "            Access::Write => !self.writer && self.readers == 0,",

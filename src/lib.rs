@@ -19,6 +19,7 @@
 //! | "is this task pending? yes? claim it"; read-modify-write of a shared file | 3 | [`KeyedLocks<K>`], [`KeyedRwLocks<K>`] |
 //! | `if registry is None or settings is not None: registry = Registry(settings)` | 4 | [`RegistryCell<T, S>`] |
 //! | `if key not in locks: locks[key] = Lock()` (a lock per key) | 5 | [`KeyedLocks<K>`] |
+//! | the same per-key lock, but the parties are separate processes on one machine (workers, CLIs, a Python agent with `fcntl.flock`) | | [`FileLocks`] (Linux) |
 //!
 //! # Try it
 //!
@@ -207,6 +208,8 @@
 #![warn(missing_docs)]
 
 pub mod docs;
+#[cfg(target_os = "linux")]
+mod file;
 mod hash;
 mod keyed;
 mod once;
@@ -218,6 +221,14 @@ mod sync;
 mod table;
 mod wait;
 
+/// The on-disk protocol of [`FileLocks`], exposed only under
+/// `--cfg toctou_loom` for the loom models in `loom-tests/file_locks.rs`,
+/// which run it over a simulated file system. Not a stable API.
+#[cfg(all(toctou_loom, target_os = "linux"))]
+#[doc(hidden)]
+pub use file::protocol as __file_protocol;
+#[cfg(target_os = "linux")]
+pub use file::{FileGuard, FileLocks, FileLocksBuilder};
 pub use hash::LazyRandomState;
 pub use keyed::{
     KeyGuard, KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LockStats, MultiKeyGuard,

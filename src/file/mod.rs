@@ -1,0 +1,1067 @@
+//! [`FileLocks`]: per-key locks across the processes of one machine, whose
+//! lock files exist exactly while somebody holds or waits for them.
+//!
+//! - `protocol.rs`: the on-disk protocol (open, lock, re-check; unlink
+//!   before unlock; the shared holder's upgrade; prune), generic over a
+//!   small file-system trait so that loom runs it over a simulated one.
+//! - `sys.rs`: that trait over the real syscalls.
+//! - `name.rs`: the stable key → file name mapping.
+//! - this file: the public front-end and its in-process layer.
+
+mod name;
+pub mod protocol;
+mod sys;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use self::protocol::{Failed, Mode, Wait};
+use crate::sync::Mutex;
+use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
+
+/// Per-key reader-writer locks shared by every process on the machine that
+/// opens the same directory: the on-disk counterpart of
+/// [`KeyedRwLocks`](crate::KeyedRwLocks).
+///
+/// Each key has a lock file in the directory, locked with `flock(2)`. In the
+/// default (deleting) mode **a key's file exists exactly while somebody holds
+/// or waits for it**: the last holder deletes it on release, without the
+/// deletion race of simple lock-file schemes, so the directory does not fill
+/// up with one file per key ever used. Within a process, callers first queue
+/// on an in-process [`KeyedRwLocks`](crate::KeyedRwLocks) keyed by the same
+/// key, so only one caller per process and key talks to the OS.
+///
+/// ```
+/// use toctou::FileLocks;
+/// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-type", std::process::id()));
+///
+/// let locks = FileLocks::open(&dir)?;
+/// {
+///     let guard = locks.lock("invoice-42")?;
+///     assert_eq!(guard.key(), "invoice-42");
+///     assert!(locks.path_of("invoice-42").exists(), "the file exists while held");
+///     assert!(locks.try_lock("invoice-42")?.is_none(), "held");
+///     // ... read-modify-write the invoice: no other thread or process can ...
+/// }
+/// assert!(!locks.path_of("invoice-42").exists(), "and is gone after the release");
+/// # std::fs::remove_dir(&dir)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # When to use it
+///
+/// Use [`KeyedLocks`](crate::KeyedLocks) when everybody who must be
+/// excluded lives in one process: it costs nanoseconds, `FileLocks` costs
+/// system calls (tens of microseconds for a fresh key). Use `FileLocks` when
+/// the parties are separate processes on one machine: workers, CLIs, cron
+/// jobs, agents spawned as processes, or a Python program that takes the
+/// same lock with `fcntl.flock`.
+///
+/// # Semantics
+///
+/// - **Modes**, named as std's `File` names them: [`lock`](Self::lock)
+///   (exclusive) and [`lock_shared`](Self::lock_shared), each with `try_`,
+///   `try_..._for` (timeout) and `..._async` forms. Any number of shared
+///   holders, across processes, or one exclusive holder.
+/// - **Errors** are [`io::Error`]s that name the key, the path and the
+///   failed step (open, lock, fstat, stat, unlink, ...), with the system's
+///   error kind: a deleted directory, a read-only file system, `EMFILE`.
+///   Nothing here panics on an I/O failure. An error never leaves a lock
+///   held or a descriptor open.
+/// - **Panics** only for same-thread reentrancy, as `KeyedRwLocks` does: a
+///   thread that holds a key through [`lock`](Self::lock), `try_lock` or
+///   `try_lock_for` and calls `lock` or `lock_shared` on it panics instead
+///   of deadlocking. A thread that holds a key *shared* and asks for it
+///   exclusively deadlocks (shared holders are not tracked per thread). A
+///   holder that panics releases its key during unwinding; there is no
+///   poisoning.
+/// - **Cancellation.** [`lock_async`](Self::lock_async) and
+///   [`lock_shared_async`](Self::lock_shared_async) are runtime-agnostic
+///   and cancel-safe: a dropped future leaves no descriptor, no file (in
+///   deleting mode) and no in-process entry behind. While another *process*
+///   holds the key they poll the OS lock without blocking, backing off from
+///   0.2 ms to 10 ms between tries (a short-lived timer thread wakes the
+///   task), since a blocking `flock` would block the executor.
+/// - **Timeouts.** `try_lock_for` waits in the in-process queue, then tries
+///   the OS lock with the same backoff, never past the deadline; `None` on
+///   timeout, with nothing left behind.
+/// - **Crashes.** A process that dies holding a key, even by `SIGKILL`,
+///   releases it: the kernel drops a `flock` lock when the last descriptor
+///   of its open file closes, and a blocked `lock` in another process wakes
+///   at once. The dead holder's file stays until the next user of the key
+///   (whose release deletes it) or [`prune`](Self::prune).
+/// - **Fairness.** Within a process, the in-process queue's fairness.
+///   Across processes, whatever the kernel gives `flock` waiters (no FIFO
+///   promise). Each in-process holder takes the OS lock itself (there is no
+///   in-process hand-over of the OS lock yet), so other processes are never
+///   starved by a busy process.
+/// - **Descriptors.** One per key held exclusively, one per key held shared
+///   by any number of this process's callers, and one for the directory.
+///   Waiters hold none. Descriptors are `O_CLOEXEC`.
+///
+/// # What `flock` does not promise
+///
+/// - **Network file systems.** On NFS, `flock` is emulated with `fcntl`
+///   byte-range locks (Linux since 2.6.12) or not supported; on some
+///   CIFS/SMB mounts it is local to the client. Put the directory on a local
+///   file system (`$XDG_RUNTIME_DIR`, `/run/lock`, `/tmp`).
+/// - **Forked children.** A child made by `fork` (without `exec`) shares the
+///   parent's open file descriptions and so its `flock` locks: the lock is
+///   held until *both* close the descriptor, and either one's unlock
+///   releases it for both. `O_CLOEXEC` only covers `exec`. Do not fork while
+///   holding a guard, or have the child close its inherited descriptors.
+/// - **Advisory only.** Programs that open the files without `flock` are not
+///   excluded; the lock protects what every party agrees it protects.
+///
+/// # On-disk format
+///
+/// A key's file is `<dir>/<name>`, where the name is stable across
+/// processes, versions and languages ([`path_of`](Self::path_of) computes
+/// it):
+///
+/// - A **simple key**, 1 to 100 bytes of ASCII letters, digits, `-` and `_`,
+///   is `<key>.lock`: key `invoice-42` is `invoice-42.lock`.
+/// - **Any other key** (empty, with `.`, `/`, NUL, spaces, non-ASCII, or
+///   longer than 100 bytes) is `~` followed by the key's UTF-8 bytes, each
+///   simple byte as is and every other byte as `%XX` (upper-case hex), then
+///   `.lock`: `""` is `~.lock`, `".."` is `~%2E%2E.lock`, `"a/b"` is
+///   `~a%2Fb.lock`. Distinct keys get distinct names, no simple key's name
+///   starts with `~`, and no name contains `/` or is `.` or `..`, so no key
+///   names a file outside the directory.
+/// - If that name's part before `.lock` would exceed 200 bytes, the name is
+///   `~~` followed by the 64 lower-case hex digits of the SHA-256 of the
+///   key's UTF-8 bytes, then `.lock`. Two keys whose hashes collided would
+///   share one lock: that can only over-exclude, never let two holders in.
+///
+/// The files are empty, created with mode `0o600` (see
+/// [`FileLocksBuilder::file_mode`]) and locked with `flock`. Other files in
+/// the directory are left alone, also by [`prune`](Self::prune).
+///
+/// # From Python
+///
+/// For a simple key, `fcntl.flock` on `<dir>/<key>.lock` takes the same
+/// lock, and excludes and is excluded by `FileLocks` in every process:
+///
+/// ```python
+/// import fcntl, os
+///
+/// def locked(dir, key):          # key: a simple key
+///     fd = os.open(os.path.join(dir, key + ".lock"), os.O_RDONLY | os.O_CREAT, 0o600)
+///     fcntl.flock(fd, fcntl.LOCK_EX)
+///     return fd                  # os.close(fd) releases it
+/// ```
+///
+/// Such a locker does not follow the deletion protocol (it does not
+/// re-check the file after locking), so share a directory with it in
+/// keeping mode ([`FileLocksBuilder::keep_files`]), and do not
+/// [`prune`](Self::prune) while it runs.
+///
+/// # Compared with
+///
+/// `fs4`, `fd-lock` and `fslock` lock one file you name and open; they
+/// neither map keys to files nor delete them (deleting a lock file safely
+/// is the caller's problem). `named-lock` maps a name to a file in the temp
+/// directory and never deletes it. None of them queue threads of one process
+/// in-process first, nor offer timeouts or async waits. `FileLocks` is one
+/// lock per key, created on demand and deleted when unused.
+///
+/// Available on Linux (the crate's `libc` dependency is Linux-only).
+pub struct FileLocks {
+    dir: sys::Dir,
+    path: PathBuf,
+    keep_files: bool,
+    /// The in-process layer: exclusive callers take the key for writing,
+    /// shared callers for reading.
+    keyed: KeyedRwLocks<String>,
+    /// Serialises this process's shared callers of one key while they join
+    /// or leave the key's one shared OS lock (in `shared`).
+    gate: KeyedLocks<String>,
+    /// The keys this process holds shared: one descriptor and a count of
+    /// this process's shared holders each. Changed only under `gate`.
+    shared: Mutex<HashMap<String, SharedOs>>,
+}
+
+struct SharedOs {
+    fd: OwnedFd,
+    holders: usize,
+}
+
+/// Options for [`FileLocks`]: how strict the directory checks are and
+/// whether lock files are deleted. Made by [`FileLocks::builder`].
+///
+/// ```
+/// use toctou::FileLocks;
+/// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-builder", std::process::id()));
+///
+/// let locks = FileLocks::builder().keep_files(true).file_mode(0o660).open(&dir)?;
+/// drop(locks.lock("job")?);
+/// assert!(locks.path_of("job").exists(), "kept for naive lockers");
+/// assert_eq!(locks.prune()?, 1);
+/// # std::fs::remove_dir(&dir)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct FileLocksBuilder {
+    keep_files: bool,
+    allow_other_owner: bool,
+    file_mode: u32,
+}
+
+impl Default for FileLocksBuilder {
+    fn default() -> Self {
+        Self {
+            keep_files: false,
+            allow_other_owner: false,
+            file_mode: 0o600,
+        }
+    }
+}
+
+impl FileLocksBuilder {
+    /// Keep lock files after release (default `false`: delete them). For
+    /// sharing the directory with lockers that do not follow the deletion
+    /// protocol, such as a plain `fcntl.flock` in Python. Unheld files can
+    /// then be removed with [`FileLocks::prune`].
+    ///
+    /// ```
+    /// let builder = toctou::FileLocks::builder().keep_files(true);
+    /// # drop(builder);
+    /// ```
+    #[must_use]
+    pub fn keep_files(mut self, keep: bool) -> Self {
+        self.keep_files = keep;
+        self
+    }
+
+    /// Accept a directory owned by another user (default `false`), e.g. a
+    /// group-shared directory. Anybody who can write the directory can
+    /// then delete or plant files in it: trust its owner.
+    ///
+    /// ```
+    /// let builder = toctou::FileLocks::builder().allow_other_owner(true);
+    /// # drop(builder);
+    /// ```
+    #[must_use]
+    pub fn allow_other_owner(mut self, allow: bool) -> Self {
+        self.allow_other_owner = allow;
+        self
+    }
+
+    /// The mode lock files are created with, before the umask (default
+    /// `0o600`; `0o660` for a group-shared directory). Opening a file for
+    /// `flock` needs only read permission.
+    ///
+    /// ```
+    /// let builder = toctou::FileLocks::builder().file_mode(0o660);
+    /// # drop(builder);
+    /// ```
+    #[must_use]
+    pub fn file_mode(mut self, mode: u32) -> Self {
+        self.file_mode = mode & 0o777;
+        self
+    }
+
+    /// Opens (creating it with mode `0o700` if missing, parents included)
+    /// the lock directory `dir`.
+    ///
+    /// # Errors
+    ///
+    /// If `dir` is a symlink, not a directory, owned by another user
+    /// (unless [`allow_other_owner`](Self::allow_other_owner)), or cannot be
+    /// created or opened. The message names the path and the reason.
+    ///
+    /// ```
+    /// # let base = std::env::temp_dir().join(format!("toctou-doc-{}-open", std::process::id()));
+    /// # std::fs::create_dir_all(&base)?;
+    /// let file = base.join("not-a-dir");
+    /// std::fs::write(&file, b"")?;
+    /// let err = toctou::FileLocks::builder().open(&file).unwrap_err();
+    /// assert!(err.to_string().contains("not a directory"), "{err}");
+    /// # std::fs::remove_dir_all(&base)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn open(self, dir: impl AsRef<Path>) -> io::Result<FileLocks> {
+        let path = dir.as_ref();
+        let refuse = |kind: io::ErrorKind, why: String| {
+            io::Error::new(
+                kind,
+                format!(
+                    "toctou::FileLocks: lock directory {}: {why}",
+                    path.display()
+                ),
+            )
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(refuse(
+                    io::ErrorKind::InvalidInput,
+                    "is a symlink (refused: it could be redirected)".into(),
+                ));
+            }
+            Ok(meta) if !meta.is_dir() => {
+                return Err(refuse(
+                    io::ErrorKind::NotADirectory,
+                    "is not a directory".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(|e| refuse(e.kind(), format!("cannot be created: {e}")))?,
+            Err(e) => return Err(refuse(e.kind(), format!("cannot be inspected: {e}"))),
+        }
+        // Open it without following a symlink: the checks above are advice,
+        // these are the ones that hold (a swap after them fails here).
+        let dir = sys::Dir::open(path, self.file_mode).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refuse(io::ErrorKind::InvalidInput, "is a symlink".into()),
+            Some(libc::ENOTDIR) => {
+                refuse(io::ErrorKind::NotADirectory, "is not a directory".into())
+            }
+            _ => refuse(e.kind(), format!("cannot be opened: {e}")),
+        })?;
+        let stat = dir
+            .stat()
+            .map_err(|e| refuse(e.kind(), format!("fstat failed: {e}")))?;
+        if !stat.is_dir() {
+            return Err(refuse(
+                io::ErrorKind::NotADirectory,
+                "is not a directory".into(),
+            ));
+        }
+        let me = sys::euid();
+        if !self.allow_other_owner && stat.uid() != me {
+            return Err(refuse(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "is owned by uid {}, not by this process's user (uid {me}); \
+                     FileLocksBuilder::allow_other_owner accepts it",
+                    stat.uid()
+                ),
+            ));
+        }
+        Ok(FileLocks {
+            dir,
+            path: path.to_path_buf(),
+            keep_files: self.keep_files,
+            keyed: KeyedRwLocks::new(),
+            gate: KeyedLocks::new(),
+            shared: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// How an acquisition waits for the OS lock.
+#[derive(Clone, Copy)]
+enum How {
+    Block,
+    Try,
+    /// Poll without blocking until the deadline (`None`: never expires).
+    Until(Option<Instant>),
+}
+
+/// The first and the longest pause between two tries of an OS lock that
+/// another process holds (timed and async waits).
+const BACKOFF_FIRST: Duration = Duration::from_micros(200);
+const BACKOFF_MAX: Duration = Duration::from_millis(10);
+
+impl FileLocks {
+    /// Opens the lock directory `dir` with the default options: deleting
+    /// mode, owner checked. Creates `dir` (mode `0o700`, parents included)
+    /// if it is missing. Same as `FileLocks::builder().open(dir)`.
+    ///
+    /// # Errors
+    ///
+    /// If `dir` is a symlink, not a directory, owned by another user, or
+    /// cannot be created or opened; see [`FileLocksBuilder::open`].
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-fopen", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// assert_eq!(locks.dir(), dir.as_path());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn open(dir: impl AsRef<Path>) -> io::Result<Self> {
+        FileLocksBuilder::default().open(dir)
+    }
+
+    /// A builder, to keep lock files or to accept another owner's directory.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-fbuilder", std::process::id()));
+    /// let locks = toctou::FileLocks::builder().keep_files(true).open(&dir)?;
+    /// # drop(locks); std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn builder() -> FileLocksBuilder {
+        FileLocksBuilder::default()
+    }
+
+    /// The lock directory, as given to [`open`](Self::open).
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-dir", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// assert_eq!(locks.dir(), dir);
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file `key` is locked through: `dir` joined with the key's name
+    /// (see [On-disk format](Self#on-disk-format)). Always directly inside
+    /// `dir`, whatever the key.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-path", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// assert_eq!(locks.path_of("job-7"), dir.join("job-7.lock"));
+    /// assert_eq!(locks.path_of("../etc/passwd"), dir.join("~%2E%2E%2Fetc%2Fpasswd.lock"));
+    /// assert_eq!(locks.path_of(""), dir.join("~.lock"));
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.path.join(name::file_name(key))
+    }
+
+    /// Whether lock files are kept after release
+    /// ([`FileLocksBuilder::keep_files`]).
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-keeps", std::process::id()));
+    /// assert!(!toctou::FileLocks::open(&dir)?.keeps_files());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn keeps_files(&self) -> bool {
+        self.keep_files
+    }
+
+    fn error(&self, key: &str, name: &str, failed: Failed) -> io::Error {
+        const SHOWN: usize = 64;
+        let shown = match key.char_indices().nth(SHOWN) {
+            None => format!("{key:?}"),
+            Some((cut, _)) => format!("{:?}... ({} bytes)", &key[..cut], key.len()),
+        };
+        io::Error::new(
+            failed.error.kind(),
+            format!(
+                "toctou::FileLocks: {} of {} (key {shown}) failed: {}",
+                failed.step,
+                self.path.join(name).display(),
+                failed.error
+            ),
+        )
+    }
+
+    /// The OS step, blocking or polling.
+    fn os_acquire(
+        &self,
+        key: &str,
+        name: &str,
+        mode: Mode,
+        how: How,
+    ) -> io::Result<Option<OwnedFd>> {
+        let once = |wait| {
+            protocol::acquire(&self.dir, name, mode, wait).map_err(|f| self.error(key, name, f))
+        };
+        match how {
+            How::Block => once(Wait::Block),
+            How::Try => once(Wait::Try),
+            How::Until(deadline) => {
+                let mut pause = BACKOFF_FIRST;
+                loop {
+                    if let Some(fd) = once(Wait::Try)? {
+                        return Ok(Some(fd));
+                    }
+                    let left = match deadline {
+                        None => pause,
+                        Some(at) => match at.checked_duration_since(Instant::now()) {
+                            Some(left) if !left.is_zero() => left,
+                            _ => return Ok(None),
+                        },
+                    };
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// The OS step for an async caller: tries without blocking, and sleeps
+    /// (without blocking the executor) between tries.
+    async fn os_acquire_async(&self, key: &str, name: &str, mode: Mode) -> io::Result<OwnedFd> {
+        let mut pause = BACKOFF_FIRST;
+        loop {
+            if let Some(fd) = self.os_acquire(key, name, mode, How::Try)? {
+                return Ok(fd);
+            }
+            Sleep::new(pause).await;
+            pause = (pause * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn exclusive<'a>(
+        &'a self,
+        key: KeyWriteGuard<'a, String>,
+        fd: Option<OwnedFd>,
+    ) -> Option<FileGuard<'a>> {
+        let name = name::file_name(key.key());
+        Some(FileGuard {
+            locks: self,
+            name,
+            held: Held::Exclusive { fd: Some(fd?), key },
+        })
+    }
+
+    /// Joins the key's shared OS lock, taking it if this process holds it
+    /// shared nowhere else. Called with `gate` held for the key.
+    fn join_shared<'a>(
+        &'a self,
+        key: KeyReadGuard<'a, String>,
+        take: impl FnOnce(&str) -> io::Result<Option<OwnedFd>>,
+    ) -> io::Result<Option<FileGuard<'a>>> {
+        let name = name::file_name(key.key());
+        let joined = match self.shared.lock().get_mut(key.key()) {
+            Some(os) => {
+                os.holders += 1;
+                true
+            }
+            None => false,
+        };
+        if !joined {
+            let Some(fd) = take(&name)? else {
+                return Ok(None);
+            };
+            let os = SharedOs { fd, holders: 1 };
+            self.shared.lock().insert(key.key().clone(), os);
+        }
+        Ok(Some(FileGuard {
+            locks: self,
+            name,
+            held: Held::Shared { joined: true, key },
+        }))
+    }
+
+    /// Locks `key` exclusively, waiting as long as it takes: first for this
+    /// process's other holders and waiters ahead (in-process queue), then
+    /// for other processes (a blocking `flock`).
+    ///
+    /// # Errors
+    ///
+    /// An [`io::Error`] naming the key, the path and the failed step.
+    ///
+    /// # Panics
+    ///
+    /// If this thread already holds `key` exclusively through a guard from
+    /// `lock`, `try_lock` or `try_lock_for` (it would deadlock).
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-lock", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let counter = dir.join("counter.txt");
+    /// std::thread::scope(|s| {
+    ///     for _ in 0..4 {
+    ///         s.spawn(|| {
+    ///             let _guard = locks.lock("counter").unwrap();
+    ///             // Read-modify-write under the key: no lost update, also
+    ///             // against other processes that use the same directory.
+    ///             let n: u64 = std::fs::read_to_string(&counter)
+    ///                 .map_or(0, |s| s.parse().unwrap());
+    ///             std::fs::write(&counter, (n + 1).to_string()).unwrap();
+    ///         });
+    ///     }
+    /// });
+    /// assert_eq!(std::fs::read_to_string(&counter)?, "4");
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn lock(&self, key: &str) -> io::Result<FileGuard<'_>> {
+        let held = self.keyed.write(key);
+        let name = name::file_name(key);
+        let fd = self.os_acquire(key, &name, Mode::Exclusive, How::Block)?;
+        Ok(self
+            .exclusive(held, fd)
+            .expect("a blocking lock returns a descriptor"))
+    }
+
+    /// Locks `key` exclusively if nobody, in this process or another, holds
+    /// it now; never waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock); a held key is `Ok(None)`, not an error.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-try", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let held = locks.try_lock("job")?.expect("free");
+    /// assert!(locks.try_lock("job")?.is_none());
+    /// drop(held);
+    /// assert!(locks.try_lock("job")?.is_some());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn try_lock(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
+        let Some(held) = self.keyed.try_write(key) else {
+            return Ok(None);
+        };
+        let name = name::file_name(key);
+        let fd = self.os_acquire(key, &name, Mode::Exclusive, How::Try)?;
+        Ok(self.exclusive(held, fd))
+    }
+
+    /// Locks `key` exclusively, waiting at most about `timeout` (in-process
+    /// queue, then polling the OS lock with a backoff of up to 10 ms, never
+    /// past the deadline). `Ok(None)` on timeout, leaving nothing behind.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-tryfor", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let held = locks.lock("job")?;
+    /// assert!(locks.try_lock_for("job", Duration::from_millis(10))?.is_none());
+    /// drop(held);
+    /// assert!(locks.try_lock_for("job", Duration::from_millis(10))?.is_some());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn try_lock_for(&self, key: &str, timeout: Duration) -> io::Result<Option<FileGuard<'_>>> {
+        let deadline = Instant::now().checked_add(timeout);
+        let Some(held) = self.keyed.try_write_for(key, timeout) else {
+            return Ok(None);
+        };
+        let name = name::file_name(key);
+        let fd = self.os_acquire(key, &name, Mode::Exclusive, How::Until(deadline))?;
+        Ok(self.exclusive(held, fd))
+    }
+
+    /// Locks `key` exclusively without blocking the thread; runtime-agnostic.
+    ///
+    /// Cancel-safe: dropping the future before it resolves leaves no
+    /// descriptor, file or in-process entry behind. While another process
+    /// holds the key the future polls the OS lock (backoff 0.2 ms to 10 ms).
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-async", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let guard = block_on(locks.lock_async("job"))?;
+    /// assert_eq!(guard.key(), "job");
+    /// # drop(guard); std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn lock_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
+        let held = self.keyed.write_async(key).await;
+        let name = name::file_name(key);
+        let fd = self.os_acquire_async(key, &name, Mode::Exclusive).await?;
+        Ok(self.exclusive(held, Some(fd)).expect("a descriptor"))
+    }
+
+    /// Locks `key` shared, waiting as long as it takes. Any number of
+    /// shared holders, in any processes, or one exclusive holder. This
+    /// process's shared holders of a key share one descriptor and one OS
+    /// lock.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// # Panics
+    ///
+    /// If this thread holds `key` exclusively through a guard from `lock`,
+    /// `try_lock` or `try_lock_for`.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-shared", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let a = locks.lock_shared("config")?;
+    /// let b = locks.lock_shared("config")?;
+    /// assert!(locks.try_lock("config")?.is_none(), "readers exclude a writer");
+    /// drop((a, b));
+    /// assert!(!locks.path_of("config").exists());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn lock_shared(&self, key: &str) -> io::Result<FileGuard<'_>> {
+        let held = self.keyed.read(key);
+        let _gate = self.gate.lock(key);
+        let guard = self.join_shared(held, |name| {
+            self.os_acquire(key, name, Mode::Shared, How::Block)
+        })?;
+        Ok(guard.expect("a blocking lock returns a descriptor"))
+    }
+
+    /// Locks `key` shared if that needs no waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock); a key held exclusively is `Ok(None)`.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-tryshared", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let w = locks.lock("config")?;
+    /// assert!(locks.try_lock_shared("config")?.is_none());
+    /// drop(w);
+    /// assert!(locks.try_lock_shared("config")?.is_some());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn try_lock_shared(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
+        let Some(held) = self.keyed.try_read(key) else {
+            return Ok(None);
+        };
+        let Some(_gate) = self.gate.try_lock(key) else {
+            return Ok(None);
+        };
+        self.join_shared(held, |name| {
+            self.os_acquire(key, name, Mode::Shared, How::Try)
+        })
+    }
+
+    /// Locks `key` shared, waiting at most about `timeout`; `Ok(None)` on
+    /// timeout, leaving nothing behind.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-sharedfor", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let w = locks.lock("config")?;
+    /// assert!(locks.try_lock_shared_for("config", Duration::from_millis(5))?.is_none());
+    /// # drop(w); std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn try_lock_shared_for(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> io::Result<Option<FileGuard<'_>>> {
+        let deadline = Instant::now().checked_add(timeout);
+        let Some(held) = self.keyed.try_read_for(key, timeout) else {
+            return Ok(None);
+        };
+        let left = deadline.map_or(timeout, |at| at.saturating_duration_since(Instant::now()));
+        let Some(_gate) = self.gate.try_lock_for(key, left) else {
+            return Ok(None);
+        };
+        self.join_shared(held, |name| {
+            self.os_acquire(key, name, Mode::Shared, How::Until(deadline))
+        })
+    }
+
+    /// Locks `key` shared without blocking the thread; runtime-agnostic and
+    /// cancel-safe, as [`lock_async`](Self::lock_async).
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-sharedasync", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// let r = block_on(locks.lock_shared_async("config"))?;
+    /// assert!(locks.try_lock_shared("config")?.is_some());
+    /// # drop(r); std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn lock_shared_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
+        let held = self.keyed.read_async(key).await;
+        let _gate = self.gate.lock_async(key).await;
+        let name = name::file_name(key);
+        let joined = match self.shared.lock().get_mut(key) {
+            Some(os) => {
+                os.holders += 1;
+                true
+            }
+            None => false,
+        };
+        if !joined {
+            let fd = self.os_acquire_async(key, &name, Mode::Shared).await?;
+            let os = SharedOs { fd, holders: 1 };
+            self.shared.lock().insert(key.to_owned(), os);
+        }
+        Ok(FileGuard {
+            locks: self,
+            name,
+            held: Held::Shared {
+                joined: true,
+                key: held,
+            },
+        })
+    }
+
+    /// Removes the lock files in the directory that nobody holds, and
+    /// returns how many it removed: files kept in keeping mode, and files
+    /// left by holders that crashed. Each file is locked exclusively without
+    /// waiting (a held one is skipped), re-checked, unlinked, unlocked, so a
+    /// concurrent locker that follows the protocol is never harmed.
+    ///
+    /// Only names the key mapping produces are considered. A naive locker
+    /// (one that does not re-check the file after locking, like a plain
+    /// `fcntl.flock`) can be harmed: do not prune while one runs.
+    ///
+    /// # Errors
+    ///
+    /// The first failed step, with the path.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-prune", std::process::id()));
+    /// let locks = toctou::FileLocks::builder().keep_files(true).open(&dir)?;
+    /// drop(locks.lock("a")?);
+    /// let held = locks.lock("b")?;
+    /// assert_eq!(locks.prune()?, 1, "a is removed, b is held");
+    /// assert!(!locks.path_of("a").exists() && locks.path_of("b").exists());
+    /// # drop(held); locks.prune()?; std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn prune(&self) -> io::Result<usize> {
+        protocol::prune(&self.dir, name::is_lock_name).map_err(|f| {
+            io::Error::new(
+                f.error.kind(),
+                format!(
+                    "toctou::FileLocks: prune of {}: {} failed: {}",
+                    self.path.display(),
+                    f.step,
+                    f.error
+                ),
+            )
+        })
+    }
+}
+
+impl fmt::Debug for FileLocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLocks")
+            .field("dir", &self.path)
+            .field("keep_files", &self.keep_files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key of a [`FileLocks`], held exclusively or shared; released on drop
+/// (in deleting mode, the last holder's release deletes the lock file).
+///
+/// `Send`: it may be dropped on another thread. Dropping cannot report an
+/// error; [`unlock`](Self::unlock) releases and reports one. A release that
+/// fails to delete the file still releases the lock, and leaves a file that
+/// the next locker of the key accepts and deletes.
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-guard", std::process::id()));
+/// let locks = toctou::FileLocks::open(&dir)?;
+/// let guard = locks.lock("job")?;
+/// assert_eq!(guard.key(), "job");
+/// assert!(!guard.is_shared());
+/// guard.unlock()?;
+/// # std::fs::remove_dir(&dir)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct FileGuard<'a> {
+    locks: &'a FileLocks,
+    name: String,
+    held: Held<'a>,
+}
+
+enum Held<'a> {
+    /// `fd` is `None` once released.
+    Exclusive {
+        fd: Option<OwnedFd>,
+        key: KeyWriteGuard<'a, String>,
+    },
+    /// `joined`: counted in `FileLocks::shared` (until released).
+    Shared {
+        joined: bool,
+        key: KeyReadGuard<'a, String>,
+    },
+}
+
+impl FileGuard<'_> {
+    /// The locked key.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-key", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// assert_eq!(locks.lock_shared("k")?.key(), "k");
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn key(&self) -> &str {
+        match &self.held {
+            Held::Exclusive { key, .. } => key.key(),
+            Held::Shared { key, .. } => key.key(),
+        }
+    }
+
+    /// Whether the key is held shared (not exclusively).
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-isshared", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// assert!(locks.lock_shared("k")?.is_shared());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_shared(&self) -> bool {
+        matches!(self.held, Held::Shared { .. })
+    }
+
+    /// Releases the key now and reports a failure to delete or unlock the
+    /// file (which dropping the guard ignores). The key is released either
+    /// way.
+    ///
+    /// # Errors
+    ///
+    /// The failed step, with the key and the path.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-unlock", std::process::id()));
+    /// let locks = toctou::FileLocks::open(&dir)?;
+    /// locks.lock("job")?.unlock()?;
+    /// assert!(!locks.path_of("job").exists());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn unlock(mut self) -> io::Result<()> {
+        self.release()
+    }
+
+    /// Gives up the OS lock (idempotent); the in-process key is released
+    /// after it, when the fields drop.
+    fn release(&mut self) -> io::Result<()> {
+        let locks = self.locks;
+        let delete = !locks.keep_files;
+        match &mut self.held {
+            Held::Exclusive { fd, key } => match fd.take() {
+                None => Ok(()),
+                Some(fd) => protocol::release(&locks.dir, &self.name, fd, Mode::Exclusive, delete)
+                    .map_err(|f| locks.error(key.key(), &self.name, f)),
+            },
+            Held::Shared { joined, key } => {
+                if !std::mem::take(joined) {
+                    return Ok(());
+                }
+                let _gate = locks.gate.lock(key.key().as_str());
+                let last = {
+                    let mut shared = locks.shared.lock();
+                    let os = shared
+                        .get_mut(key.key())
+                        .expect("a shared holder is counted");
+                    os.holders -= 1;
+                    if os.holders == 0 {
+                        shared.remove(key.key())
+                    } else {
+                        None
+                    }
+                };
+                match last {
+                    None => Ok(()),
+                    Some(os) => {
+                        protocol::release(&locks.dir, &self.name, os.fd, Mode::Shared, delete)
+                            .map_err(|f| locks.error(key.key(), &self.name, f))
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FileGuard<'_> {
+    fn drop(&mut self) {
+        // A failure leaves a correct state (see the type's docs); `unlock`
+        // reports it.
+        let _ = self.release();
+    }
+}
+
+impl fmt::Debug for FileGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileGuard")
+            .field("key", &self.key())
+            .field("shared", &self.is_shared())
+            .field("path", &self.locks.path.join(&self.name))
+            .finish()
+    }
+}
+
+/// A runtime-agnostic sleep: a poll starts a short-lived thread that wakes
+/// the task after the pause, unless the thread started by an earlier poll
+/// wakes the same waker (if a thread cannot be started, the task is woken at
+/// once and polls again).
+struct Sleep {
+    until: Instant,
+    waker: Option<std::task::Waker>,
+}
+
+impl Sleep {
+    fn new(pause: Duration) -> Self {
+        Self {
+            until: Instant::now() + pause,
+            waker: None,
+        }
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let now = Instant::now();
+        if now >= self.until {
+            return Poll::Ready(());
+        }
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let waker = cx.waker().clone();
+        self.waker = Some(waker.clone());
+        let pause = self.until - now;
+        let timer = std::thread::Builder::new()
+            .name("toctou-filelocks-timer".into())
+            .spawn(move || {
+                std::thread::sleep(pause);
+                waker.wake();
+            });
+        if timer.is_err() {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,680 @@
+//! `FileLocks` across real processes: the test binary re-executes itself as
+//! child processes (`current_exe()` plus the `TOCTOU_FL_ROLE` environment
+//! variable, read by the `child_process_entry` test, which returns at once
+//! when the variable is absent).
+//!
+//! Each test asserts what a broken protocol would violate: exact counts
+//! after concurrent read-modify-writes, an empty directory afterwards,
+//! exclusion against another process and against Python's `fcntl.flock`,
+//! descriptors counted before and after. Timing is printed, never asserted
+//! tightly. Miri cannot run processes or these syscalls: every test is
+//! ignored under miri.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use toctou::{FileGuard, FileLocks};
+
+const ROLE: &str = "TOCTOU_FL_ROLE";
+const DIR: &str = "TOCTOU_FL_DIR";
+const KEY: &str = "TOCTOU_FL_KEY";
+
+/// A fresh, empty base directory for one test.
+fn base(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "toctou-fl-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Starts this test binary as a child playing `role`.
+fn spawn_child(role: &str, dir: &Path, key: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .env(KEY, key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("re-execute the test binary")
+}
+
+/// Reads the child's stdout until a line equal to `word`.
+fn wait_for_line(child: &mut Child, word: &str) {
+    let out = child.stdout.as_mut().unwrap();
+    let mut reader = BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "child exited before printing {word}"
+        );
+        if line.trim_end().ends_with(word) {
+            return;
+        }
+    }
+}
+
+/// The child side. Returns at once in a normal test run.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let key = std::env::var(KEY).unwrap();
+    match role.as_str() {
+        "counter" => child_counter(&dir),
+        "hold" => {
+            let locks = FileLocks::open(dir.join("locks")).unwrap();
+            let _guard = locks.lock(&key).unwrap();
+            println!("LOCKED");
+            std::io::stdout().flush().unwrap();
+            // Hold until the parent closes our stdin (or kills us).
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        }
+        "cancelled_futures" => child_cancelled_futures(&dir, &key),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+const KEYS: [&str; 3] = ["alpha", "beta", "gamma"];
+const THREADS: usize = 4;
+const ROUNDS: usize = 30;
+const PROCESSES: usize = 8;
+
+/// 4 threads, each `ROUNDS` read-modify-writes of the counter file of a key,
+/// under `lock(key)`, cycling over `KEYS`.
+fn child_counter(dir: &Path) {
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let counters = dir.join("counters");
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (locks, counters) = (&locks, &counters);
+            s.spawn(move || {
+                for round in 0..ROUNDS {
+                    let key = KEYS[(t + round) % KEYS.len()];
+                    let _guard = locks.lock(key).unwrap();
+                    let file = counters.join(key);
+                    let n: usize = std::fs::read_to_string(&file)
+                        .map_or(0, |s| s.trim().parse().expect("a torn write"));
+                    // Widen the race window a naive lock would lose.
+                    std::thread::yield_now();
+                    std::fs::write(&file, (n + 1).to_string()).unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn processes_and_threads_count_exactly_and_leave_the_directory_empty() {
+    let dir = base("counter");
+    std::fs::create_dir(dir.join("counters")).unwrap();
+    let children: Vec<Child> = (0..PROCESSES)
+        .map(|_| spawn_child("counter", &dir, ""))
+        .collect();
+    for mut child in children {
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "a child failed");
+    }
+    let per_key = PROCESSES * THREADS * ROUNDS / KEYS.len();
+    for key in KEYS {
+        let n: usize = std::fs::read_to_string(dir.join("counters").join(key))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(n, per_key, "lost updates on {key}");
+    }
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn a_holder_killed_with_sigkill_releases_the_key() {
+    let dir = base("kill");
+    let mut child = spawn_child("hold", &dir, "victim");
+    wait_for_line(&mut child, "LOCKED");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    assert!(
+        locks.try_lock("victim").unwrap().is_none(),
+        "the child holds it"
+    );
+    let got = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let guard = locks.lock("victim").unwrap();
+            let at = Instant::now();
+            drop(guard);
+            at
+        });
+        std::thread::sleep(Duration::from_millis(20)); // let it block in flock
+        let killed = Instant::now();
+        child.kill().unwrap(); // SIGKILL
+        let got = waiter.join().unwrap();
+        got.saturating_duration_since(killed)
+    });
+    child.wait().unwrap();
+    println!("acquired {got:?} after the SIGKILL (goal: under 100 ms)");
+    assert!(got < Duration::from_secs(5), "took {got:?}");
+    // The crashed holder's file was removed by the next user's release.
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn try_lock_for_gives_up_on_a_key_held_by_another_process() {
+    let dir = base("timeout");
+    let mut child = spawn_child("hold", &dir, "busy");
+    wait_for_line(&mut child, "LOCKED");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let timeout = Duration::from_millis(50);
+    let start = Instant::now();
+    assert!(locks.try_lock_for("busy", timeout).unwrap().is_none());
+    let took = start.elapsed();
+    assert!(
+        locks
+            .try_lock_shared_for("busy", timeout)
+            .unwrap()
+            .is_none()
+    );
+    println!("try_lock_for({timeout:?}) returned None after {took:?}");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(1),
+        "{took:?}"
+    );
+    drop(child.stdin.take()); // the child releases and exits
+    assert!(child.wait().unwrap().success());
+    let guard = locks.try_lock_for("busy", Duration::from_secs(5)).unwrap();
+    assert!(guard.is_some(), "free once the child is gone");
+    drop(guard);
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// In a child, so that no other test opens descriptors meanwhile: 1,000
+/// `lock_async` futures, polled once while `key` is held by another process
+/// (`hold` child) or by this one, then dropped.
+fn child_cancelled_futures(dir: &Path, key: &str) {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let before = open_fds();
+    let held_here = (key == "here").then(|| locks.lock(key).unwrap());
+    let mut futures: Vec<_> = (0..1000)
+        .map(|i| {
+            if i % 2 == 0 {
+                Box::pin(locks.lock_async(key)) as std::pin::Pin<Box<dyn Future<Output = _>>>
+            } else {
+                Box::pin(locks.lock_shared_async(key))
+            }
+        })
+        .collect();
+    let mut cx = Context::from_waker(Waker::noop());
+    for f in &mut futures {
+        assert!(f.as_mut().poll(&mut cx).is_pending(), "the key is held");
+    }
+    drop(futures);
+    drop(held_here);
+    let after = open_fds();
+    assert_eq!(before, after, "descriptors left open");
+    println!("FDS {before} {after}");
+    // Nothing left in-process either: the key can be taken at once.
+    if key == "here" {
+        drop(locks.try_lock(key).unwrap().expect("free"));
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn cancelled_async_waiters_leave_no_descriptor_and_no_file() {
+    // Held by this process: the futures queue in-process.
+    let dir = base("cancel-here");
+    let child = spawn_child("cancelled_futures", &dir, "here");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+
+    // Held by another process: one future reaches the OS lock and polls it.
+    let mut holder = spawn_child("hold", &dir, "there");
+    wait_for_line(&mut holder, "LOCKED");
+    let child = spawn_child("cancelled_futures", &dir, "there");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const PYTHON_HOLDER: &str = r#"
+import fcntl, os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("LOCKED", flush=True)
+sys.stdin.readline()            # the Rust side checks it is excluded
+fcntl.flock(fd, fcntl.LOCK_UN)
+print("RELEASED", flush=True)
+sys.stdin.readline()            # the Rust side now holds the key
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("GOT-IT", flush=True)
+except BlockingIOError:
+    print("EXCLUDED", flush=True)
+"#;
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn python_fcntl_flock_excludes_and_is_excluded_in_keep_mode() {
+    if Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_err()
+    {
+        println!("skipped: python3 is not on this machine");
+        return;
+    }
+    let dir = base("python");
+    let locks = FileLocks::builder()
+        .keep_files(true)
+        .open(dir.join("locks"))
+        .unwrap();
+    let mut py = Command::new("python3")
+        .arg("-c")
+        .arg(PYTHON_HOLDER)
+        .arg(locks.path_of("shared-job"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut py, "LOCKED");
+    assert!(
+        locks.try_lock("shared-job").unwrap().is_none(),
+        "Python excludes us"
+    );
+    assert!(locks.try_lock_shared("shared-job").unwrap().is_none());
+    writeln!(py.stdin.as_mut().unwrap()).unwrap();
+    wait_for_line(&mut py, "RELEASED");
+    let guard = locks
+        .try_lock_for("shared-job", Duration::from_secs(5))
+        .unwrap();
+    assert!(guard.is_some(), "free after Python's unlock");
+    writeln!(py.stdin.as_mut().unwrap()).unwrap();
+    wait_for_line(&mut py, "EXCLUDED");
+    drop(guard);
+    assert!(py.wait().unwrap().success());
+    assert!(
+        locks.path_of("shared-job").exists(),
+        "keep mode keeps the file"
+    );
+    assert_eq!(locks.prune().unwrap(), 1);
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn bad_keys() -> Vec<String> {
+    let mut keys: Vec<String> = [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "../../etc/passwd",
+        "/etc/passwd",
+        "\0",
+        "a\0b",
+        "~",
+        "~~",
+        "%2E",
+        "x.lock",
+        ".lock",
+        "-",
+        "_",
+        " ",
+        "é",
+        "日本語",
+        "a b",
+        "\n",
+        "CON",
+        "a\\b",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    keys.push("k".repeat(100));
+    keys.push("k".repeat(101));
+    keys.push("/".repeat(66)); // 199-byte stem: encoded
+    keys.push("/".repeat(67)); // 202-byte stem: hashed
+    keys.push("x".repeat(1 << 20));
+    keys.push("/".repeat(1 << 20));
+    keys.extend((0u8..128).map(|b| (b as char).to_string()));
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn any_key_stays_inside_the_directory_and_distinct_keys_never_share_a_file() {
+    let dir = base("badkeys");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let keys = bad_keys();
+    let mut names = std::collections::HashSet::new();
+    for key in &keys {
+        let path = locks.path_of(key);
+        assert_eq!(path.parent(), Some(dir.join("locks").as_path()), "{path:?}");
+        assert!(path.file_name().unwrap().len() <= 210);
+        assert!(names.insert(path), "two keys share a file");
+    }
+    // All held at once: keys that shared a file would exclude each other.
+    let guards: Vec<FileGuard<'_>> = keys
+        .iter()
+        .map(|k| {
+            locks
+                .try_lock(k)
+                .unwrap()
+                .expect("distinct keys are independent")
+        })
+        .collect();
+    assert_eq!(entries(&dir.join("locks")).len(), keys.len());
+    assert_eq!(
+        entries(&dir),
+        vec!["locks".to_owned()],
+        "nothing outside dir"
+    );
+    for (guard, key) in guards.iter().zip(&keys) {
+        assert_eq!(guard.key(), key);
+    }
+    drop(guards);
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn the_directory_checks_refuse_with_a_reason() {
+    let dir = base("dirs");
+    // Created if missing, mode 0o700, parents included.
+    let nested = dir.join("a/b/locks");
+    drop(FileLocks::open(&nested).unwrap());
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(
+        std::fs::metadata(&nested).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&nested, &link).unwrap();
+    let err = FileLocks::open(&link).unwrap_err();
+    assert!(err.to_string().contains("symlink"), "{err}");
+
+    let file = dir.join("file");
+    std::fs::write(&file, b"").unwrap();
+    let err = FileLocks::open(&file).unwrap_err();
+    assert!(err.to_string().contains("not a directory"), "{err}");
+
+    // Owned by another user.
+    let me = std::fs::metadata(&dir).unwrap().uid();
+    let other = if me == 0 {
+        let foreign = dir.join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        let c = std::ffi::CString::new(foreign.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc_chown(c.as_ptr(), 4321, 4321) }, 0);
+        foreign
+    } else {
+        PathBuf::from("/") // owned by root, not by us
+    };
+    let err = FileLocks::open(&other).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+    assert!(err.to_string().contains("owned by uid"), "{err}");
+    if me == 0 {
+        let locks = FileLocks::builder()
+            .allow_other_owner(true)
+            .open(&other)
+            .unwrap();
+        drop(locks.lock("ok").unwrap());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+unsafe extern "C" {
+    #[link_name = "chown"]
+    fn libc_chown(path: *const std::ffi::c_char, uid: u32, gid: u32) -> i32;
+}
+
+/// A read-only directory: as root a mode does not make it read-only, so a
+/// read-only bind mount is used (skipped with a reason when mounting is not
+/// allowed); otherwise `chmod 0o500`. `FileLocks` works relative to the
+/// directory descriptor it opened, so it is opened after the change.
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn a_read_only_directory_is_an_error_with_context_and_a_failed_unlink_stays_correct() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = base("ro");
+    let locks_dir = dir.join("locks");
+    // A file left by an earlier holder (keeping mode), to be deleted later.
+    let rw = FileLocks::builder()
+        .keep_files(true)
+        .open(&locks_dir)
+        .unwrap();
+    drop(rw.lock("job").unwrap());
+    drop(rw);
+    let root = std::fs::metadata(&dir).unwrap().uid() == 0;
+    let mount = |args: &[&std::ffi::OsStr]| {
+        Command::new("mount")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let made_ro = if root {
+        let d = locks_dir.as_os_str();
+        mount(&["--bind".as_ref(), d, d]) && mount(&["-o".as_ref(), "remount,bind,ro".as_ref(), d])
+    } else {
+        std::fs::set_permissions(&locks_dir, std::fs::Permissions::from_mode(0o500)).is_ok()
+    };
+    let undo = || {
+        if root {
+            let _ = Command::new("umount").arg(&locks_dir).status();
+        } else {
+            let _ = std::fs::set_permissions(&locks_dir, std::fs::Permissions::from_mode(0o700));
+        }
+    };
+    if !made_ro {
+        undo();
+        println!("skipped: cannot make a read-only directory here (mount refused)");
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    }
+    let locks = FileLocks::open(&locks_dir).unwrap();
+    let err = locks.lock("other").unwrap_err();
+    let text = err.to_string();
+    undo_on_failure(&undo, || {
+        assert!(
+            text.contains("open") && text.contains("other.lock") && text.contains("\"other\""),
+            "{text}"
+        );
+        // The existing file can be locked, but the release cannot delete
+        // it: `unlock` reports that, and the lock is released anyway.
+        let held = locks.lock("job").unwrap();
+        let err = held.unlock().unwrap_err();
+        assert!(err.to_string().contains("unlink"), "{err}");
+        assert!(locks.try_lock("job").unwrap().is_some(), "released anyway");
+    });
+    drop(locks);
+    undo();
+    // The file left behind is accepted by the next locker, who deletes it.
+    assert_eq!(entries(&locks_dir), vec!["job.lock".to_owned()]);
+    let locks = FileLocks::open(&locks_dir).unwrap();
+    drop(locks.lock("job").unwrap());
+    assert_eq!(entries(&locks_dir), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `f`; if it panics, runs `undo` first (unmount), then re-panics.
+fn undo_on_failure(undo: &dyn Fn(), f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        undo();
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn shared_and_exclusive_in_one_process() {
+    let dir = base("modes");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let r1 = locks.lock_shared("k").unwrap();
+    let r2 = locks.try_lock_shared("k").unwrap().unwrap();
+    assert!(r1.is_shared() && r2.is_shared());
+    assert!(locks.try_lock("k").unwrap().is_none());
+    assert!(
+        locks
+            .try_lock_for("k", Duration::from_millis(5))
+            .unwrap()
+            .is_none()
+    );
+    drop(r1);
+    assert!(locks.path_of("k").exists(), "a shared holder remains");
+    drop(r2);
+    assert!(
+        !locks.path_of("k").exists(),
+        "the last shared holder deletes it"
+    );
+    let w = locks.lock("k").unwrap();
+    assert!(locks.try_lock_shared("k").unwrap().is_none());
+    assert!(format!("{w:?}").contains("\"k\""));
+    drop(w);
+    // Threads contend: readers and writers, with a violation detector.
+    let state = std::sync::Mutex::new((0usize, false));
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (locks, state) = (&locks, &state);
+            s.spawn(move || {
+                for i in 0..50 {
+                    if (t + i) % 3 == 0 {
+                        let _w = locks.lock("rw").unwrap();
+                        let mut st = state.lock().unwrap();
+                        assert!(st.0 == 0 && !st.1, "a writer with others");
+                        st.1 = true;
+                        drop(st);
+                        std::thread::yield_now();
+                        state.lock().unwrap().1 = false;
+                    } else {
+                        let _r = locks.lock_shared("rw").unwrap();
+                        let mut st = state.lock().unwrap();
+                        assert!(!st.1, "a reader with a writer");
+                        st.0 += 1;
+                        drop(st);
+                        std::thread::yield_now();
+                        state.lock().unwrap().0 -= 1;
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn async_locks_and_guards_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let dir = base("async");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let fut = locks.lock_async("a");
+    assert_send(&fut);
+    let guard = common::block_on(fut).unwrap();
+    assert_send(&guard);
+    let shared = common::block_on(locks.lock_shared_async("b")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || drop((guard, shared)));
+    });
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn same_thread_reentrancy_panics_and_releases() {
+    let dir = base("reentry");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _held = locks.lock("k").unwrap();
+        let _again = locks.lock("k");
+    }));
+    assert!(result.is_err(), "a second lock on this thread panics");
+    assert!(
+        locks.try_lock("k").unwrap().is_some(),
+        "released during unwinding"
+    );
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn keep_mode_keeps_files_and_prune_spares_held_ones() {
+    let dir = base("keep");
+    let locks = FileLocks::builder()
+        .keep_files(true)
+        .open(dir.join("locks"))
+        .unwrap();
+    for key in ["a", "b", "c/d"] {
+        drop(locks.lock(key).unwrap());
+    }
+    std::fs::write(dir.join("locks").join("notes.txt"), b"not ours").unwrap();
+    let held = locks.lock_shared("b").unwrap();
+    assert_eq!(locks.prune().unwrap(), 2);
+    assert_eq!(
+        entries(&dir.join("locks")),
+        vec!["b.lock".to_owned(), "notes.txt".to_owned()]
+    );
+    drop(held);
+    assert_eq!(locks.prune().unwrap(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
