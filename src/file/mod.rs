@@ -40,6 +40,7 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 /// key, so only one caller per process and key talks to the OS.
 ///
 /// ```
+/// # #[cfg(not(miri))] {
 /// use toctou::FileLocks;
 /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-type", std::process::id()));
 ///
@@ -53,6 +54,7 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 /// }
 /// assert!(!locks.path_of("invoice-42").exists(), "and is gone after the release");
 /// # std::fs::remove_dir(&dir)?;
+/// # }
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///
@@ -198,6 +200,7 @@ struct SharedOs {
 /// whether lock files are deleted. Made by [`FileLocks::builder`].
 ///
 /// ```
+/// # #[cfg(not(miri))] {
 /// use toctou::FileLocks;
 /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-builder", std::process::id()));
 ///
@@ -206,6 +209,7 @@ struct SharedOs {
 /// assert!(locks.path_of("job").exists(), "kept for naive lockers");
 /// assert_eq!(locks.prune()?, 1);
 /// # std::fs::remove_dir(&dir)?;
+/// # }
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -232,8 +236,10 @@ impl FileLocksBuilder {
     /// then be removed with [`FileLocks::prune`].
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// let builder = toctou::FileLocks::builder().keep_files(true);
     /// # drop(builder);
+    /// # }
     /// ```
     #[must_use]
     pub fn keep_files(mut self, keep: bool) -> Self {
@@ -246,8 +252,10 @@ impl FileLocksBuilder {
     /// then delete or plant files in it: trust its owner.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// let builder = toctou::FileLocks::builder().allow_other_owner(true);
     /// # drop(builder);
+    /// # }
     /// ```
     #[must_use]
     pub fn allow_other_owner(mut self, allow: bool) -> Self {
@@ -260,8 +268,10 @@ impl FileLocksBuilder {
     /// `flock` needs only read permission.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// let builder = toctou::FileLocks::builder().file_mode(0o660);
     /// # drop(builder);
+    /// # }
     /// ```
     #[must_use]
     pub fn file_mode(mut self, mode: u32) -> Self {
@@ -279,6 +289,7 @@ impl FileLocksBuilder {
     /// created or opened. The message names the path and the reason.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let base = std::env::temp_dir().join(format!("toctou-doc-{}-open", std::process::id()));
     /// # std::fs::create_dir_all(&base)?;
     /// let file = base.join("not-a-dir");
@@ -286,6 +297,7 @@ impl FileLocksBuilder {
     /// let err = toctou::FileLocks::builder().open(&file).unwrap_err();
     /// assert!(err.to_string().contains("not a directory"), "{err}");
     /// # std::fs::remove_dir_all(&base)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn open(self, dir: impl AsRef<Path>) -> io::Result<FileLocks> {
@@ -385,10 +397,12 @@ impl FileLocks {
     /// cannot be created or opened; see [`FileLocksBuilder::open`].
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-fopen", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// assert_eq!(locks.dir(), dir.as_path());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn open(dir: impl AsRef<Path>) -> io::Result<Self> {
@@ -398,9 +412,11 @@ impl FileLocks {
     /// A builder, to keep lock files or to accept another owner's directory.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-fbuilder", std::process::id()));
     /// let locks = toctou::FileLocks::builder().keep_files(true).open(&dir)?;
     /// # drop(locks); std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn builder() -> FileLocksBuilder {
@@ -410,10 +426,12 @@ impl FileLocks {
     /// The lock directory, as given to [`open`](Self::open).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-dir", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// assert_eq!(locks.dir(), dir);
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn dir(&self) -> &Path {
@@ -425,12 +443,14 @@ impl FileLocks {
     /// `dir`, whatever the key.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-path", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// assert_eq!(locks.path_of("job-7"), dir.join("job-7.lock"));
     /// assert_eq!(locks.path_of("../etc/passwd"), dir.join("~%2E%2E%2Fetc%2Fpasswd.lock"));
     /// assert_eq!(locks.path_of(""), dir.join("~.lock"));
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn path_of(&self, key: &str) -> PathBuf {
@@ -441,9 +461,11 @@ impl FileLocks {
     /// ([`FileLocksBuilder::keep_files`]).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-keeps", std::process::id()));
     /// assert!(!toctou::FileLocks::open(&dir)?.keeps_files());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn keeps_files(&self) -> bool {
@@ -570,6 +592,7 @@ impl FileLocks {
     /// `lock`, `try_lock` or `try_lock_for` (it would deadlock).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-lock", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// let counter = dir.join("counter.txt");
@@ -587,6 +610,7 @@ impl FileLocks {
     /// });
     /// assert_eq!(std::fs::read_to_string(&counter)?, "4");
     /// # std::fs::remove_dir_all(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]
@@ -607,6 +631,7 @@ impl FileLocks {
     /// As [`lock`](Self::lock); a held key is `Ok(None)`, not an error.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-try", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// let held = locks.try_lock("job")?.expect("free");
@@ -614,6 +639,7 @@ impl FileLocks {
     /// drop(held);
     /// assert!(locks.try_lock("job")?.is_some());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
@@ -634,6 +660,7 @@ impl FileLocks {
     /// As [`lock`](Self::lock).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// use std::time::Duration;
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-tryfor", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
@@ -642,6 +669,7 @@ impl FileLocks {
     /// drop(held);
     /// assert!(locks.try_lock_for("job", Duration::from_millis(10))?.is_some());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock_for(&self, key: &str, timeout: Duration) -> io::Result<Option<FileGuard<'_>>> {
@@ -665,6 +693,7 @@ impl FileLocks {
     /// As [`lock`](Self::lock).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
     /// #     let mut f = std::pin::pin!(f);
     /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -675,6 +704,7 @@ impl FileLocks {
     /// let guard = block_on(locks.lock_async("job"))?;
     /// assert_eq!(guard.key(), "job");
     /// # drop(guard); std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn lock_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
@@ -699,6 +729,7 @@ impl FileLocks {
     /// `try_lock` or `try_lock_for`.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-shared", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// let a = locks.lock_shared("config")?;
@@ -707,6 +738,7 @@ impl FileLocks {
     /// drop((a, b));
     /// assert!(!locks.path_of("config").exists());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]
@@ -726,6 +758,7 @@ impl FileLocks {
     /// As [`lock`](Self::lock); a key held exclusively is `Ok(None)`.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-tryshared", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// let w = locks.lock("config")?;
@@ -733,6 +766,7 @@ impl FileLocks {
     /// drop(w);
     /// assert!(locks.try_lock_shared("config")?.is_some());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock_shared(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
@@ -755,12 +789,14 @@ impl FileLocks {
     /// As [`lock`](Self::lock).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// use std::time::Duration;
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-sharedfor", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// let w = locks.lock("config")?;
     /// assert!(locks.try_lock_shared_for("config", Duration::from_millis(5))?.is_none());
     /// # drop(w); std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock_shared_for(
@@ -789,6 +825,7 @@ impl FileLocks {
     /// As [`lock`](Self::lock).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
     /// #     let mut f = std::pin::pin!(f);
     /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -799,6 +836,7 @@ impl FileLocks {
     /// let r = block_on(locks.lock_shared_async("config"))?;
     /// assert!(locks.try_lock_shared("config")?.is_some());
     /// # drop(r); std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn lock_shared_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
@@ -842,6 +880,7 @@ impl FileLocks {
     /// The first failed step, with the path.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-prune", std::process::id()));
     /// let locks = toctou::FileLocks::builder().keep_files(true).open(&dir)?;
     /// drop(locks.lock("a")?);
@@ -849,6 +888,7 @@ impl FileLocks {
     /// assert_eq!(locks.prune()?, 1, "a is removed, b is held");
     /// assert!(!locks.path_of("a").exists() && locks.path_of("b").exists());
     /// # drop(held); locks.prune()?; std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn prune(&self) -> io::Result<usize> {
@@ -884,6 +924,7 @@ impl fmt::Debug for FileLocks {
 /// the next locker of the key accepts and deletes.
 ///
 /// ```
+/// # #[cfg(not(miri))] {
 /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-guard", std::process::id()));
 /// let locks = toctou::FileLocks::open(&dir)?;
 /// let guard = locks.lock("job")?;
@@ -891,6 +932,7 @@ impl fmt::Debug for FileLocks {
 /// assert!(!guard.is_shared());
 /// guard.unlock()?;
 /// # std::fs::remove_dir(&dir)?;
+/// # }
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[must_use = "the key is released as soon as the guard is dropped"]
@@ -917,10 +959,12 @@ impl FileGuard<'_> {
     /// The locked key.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-key", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// assert_eq!(locks.lock_shared("k")?.key(), "k");
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn key(&self) -> &str {
@@ -933,10 +977,12 @@ impl FileGuard<'_> {
     /// Whether the key is held shared (not exclusively).
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-isshared", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// assert!(locks.lock_shared("k")?.is_shared());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn is_shared(&self) -> bool {
@@ -952,11 +998,13 @@ impl FileGuard<'_> {
     /// The failed step, with the key and the path.
     ///
     /// ```
+    /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-unlock", std::process::id()));
     /// let locks = toctou::FileLocks::open(&dir)?;
     /// locks.lock("job")?.unlock()?;
     /// assert!(!locks.path_of("job").exists());
     /// # std::fs::remove_dir(&dir)?;
+    /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn unlock(mut self) -> io::Result<()> {
