@@ -293,6 +293,88 @@ fn dropping_the_cell_drops_its_instance_despite_idle_caches() {
     reader.join().unwrap();
 }
 
+/// Reader threads that read until told to stop, then stay alive (idle, with
+/// whatever they cached) until released: what a sweep must cope with.
+struct IdleReaders {
+    stop: Arc<AtomicBool>,
+    stopped: Arc<Barrier>,
+    exit: Arc<Barrier>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// A reader's loop counter: the next read's index until the readers are
+/// told to stop, with a short sleep now and then (to leave the cores to the
+/// writer and to the timing test beside these ones).
+struct Reads {
+    stop: Arc<AtomicBool>,
+    i: usize,
+}
+
+impl Iterator for Reads {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.stop.load(SeqCst) {
+            return None;
+        }
+        self.i += 1;
+        if cfg!(miri) || self.i % 64 == 0 {
+            thread::sleep(Duration::from_micros(50));
+        }
+        Some(self.i - 1)
+    }
+}
+
+impl IdleReaders {
+    /// `readers` threads, thread `r` running `reader(r)` over its `Reads`.
+    /// A reader keeps the references it holds in its own frame and drops
+    /// them when it returns; then its thread idles.
+    fn spawn<R: FnOnce(Reads) + Send + 'static>(
+        readers: usize,
+        reader: impl Fn(usize) -> R,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stopped, exit) = (
+            Arc::new(Barrier::new(readers + 1)),
+            Arc::new(Barrier::new(readers + 1)),
+        );
+        let threads = (0..readers)
+            .map(|r| {
+                let read = reader(r);
+                let reads = Reads {
+                    stop: stop.clone(),
+                    i: 0,
+                };
+                let (stopped, exit) = (stopped.clone(), exit.clone());
+                thread::spawn(move || {
+                    read(reads);
+                    stopped.wait();
+                    exit.wait();
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            stopped,
+            exit,
+            threads,
+        }
+    }
+
+    /// Stops the readers and returns once every one of them has dropped its
+    /// references and is idle (alive, its cache intact).
+    fn stop_and_wait_idle(&self) {
+        self.stop.store(true, SeqCst);
+        self.stopped.wait();
+    }
+
+    /// Lets the idle readers exit, and joins them.
+    fn release(self) {
+        self.exit.wait();
+        self.threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+}
+
 /// Readers on many threads, some holding a `RegistryRef` across reinits,
 /// while one writer reinitialises: once the readers stop (and before they
 /// exit), exactly the current instance is alive.
@@ -307,46 +389,27 @@ fn after_readers_stop_only_the_current_instance_is_alive() {
         (*s, Counted(&DROPS))
     }));
     drop(cell.get());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stopped, exit) = (
-        Arc::new(Barrier::new(READERS + 1)),
-        Arc::new(Barrier::new(READERS + 1)),
-    );
-    let readers: Vec<_> = (0..READERS)
-        .map(|r| {
-            let (cell, stop) = (cell.clone(), stop.clone());
-            let (stopped, exit) = (stopped.clone(), exit.clone());
-            thread::spawn(move || {
-                let mut held = None;
-                let mut i = 0usize;
-                while !stop.load(SeqCst) {
-                    let seen = cell.get();
-                    assert!(seen.0 <= REINITS);
-                    // Every few reads, hold one across the next reads (and
-                    // so across reinits), or let the held one go.
-                    if (i + r) % 7 == 0 {
-                        held = held.is_none().then_some(seen);
-                    }
-                    i += 1;
-                    // Leave the cores to the writer and to other tests now
-                    // and then (the timing test beside this one needs them).
-                    if cfg!(miri) || i % 64 == 0 {
-                        thread::sleep(Duration::from_micros(50));
-                    }
+    let readers = IdleReaders::spawn(READERS, |r| {
+        let cell = cell.clone();
+        move |reads: Reads| {
+            let mut held = None;
+            for i in reads {
+                let seen = cell.get();
+                assert!(seen.0 <= REINITS);
+                // Every few reads, hold one across the next reads (and so
+                // across reinits), or let the held one go.
+                if (i + r) % 7 == 0 {
+                    held = held.is_none().then_some(seen);
                 }
-                drop(held);
-                stopped.wait();
-                // Idle, with the cell cached, while the main thread counts.
-                exit.wait();
-            })
-        })
-        .collect();
+            }
+            drop(held);
+        }
+    });
     for settings in 1..=REINITS {
         cell.reinit(settings);
         thread::yield_now();
     }
-    stop.store(true, SeqCst);
-    stopped.wait();
+    readers.stop_and_wait_idle();
     let (builds, drops) = (BUILDS.load(SeqCst), DROPS.load(SeqCst));
     assert_eq!(builds, REINITS + 1);
     assert_eq!(
@@ -354,8 +417,7 @@ fn after_readers_stop_only_the_current_instance_is_alive() {
         drops + 1,
         "exactly one instance alive (the current one) while {READERS} readers idle"
     );
-    exit.wait();
-    readers.into_iter().for_each(|r| r.join().unwrap());
+    readers.release();
 }
 
 /// More cells than a thread's cache has slots, read in turn by several
@@ -379,49 +441,31 @@ fn cells_sharing_slots_under_reinits_keep_exact_accounting() {
             .collect(),
     );
     cells.iter().for_each(|cell| drop(cell.get()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stopped, exit) = (
-        Arc::new(Barrier::new(READERS + 1)),
-        Arc::new(Barrier::new(READERS + 1)),
-    );
-    let readers: Vec<_> = (0..READERS)
-        .map(|r| {
-            let (cells, stop) = (cells.clone(), stop.clone());
-            let (stopped, exit) = (stopped.clone(), exit.clone());
-            thread::spawn(move || {
-                let mut held = Vec::new();
-                let mut i = r;
-                while !stop.load(SeqCst) {
-                    let cell = &cells[i % CELLS];
-                    if i % 5 == 0 {
-                        held.push(cell.get());
-                        if held.len() > 3 {
-                            drop(held.remove(0));
-                        }
-                    } else {
-                        assert!(cell.get_arc().0 <= ROUNDS);
+    let readers = IdleReaders::spawn(READERS, |r| {
+        let cells = cells.clone();
+        move |reads: Reads| {
+            let mut held = Vec::new();
+            for i in reads.map(|i| i + r) {
+                let cell = &cells[i % CELLS];
+                if i % 5 == 0 {
+                    held.push(cell.get());
+                    if held.len() > 3 {
+                        drop(held.remove(0));
                     }
-                    i += 1;
-                    // Leave the cores to the writer and to other tests now
-                    // and then (the timing test beside this one needs them).
-                    if cfg!(miri) || i % 64 == 0 {
-                        thread::sleep(Duration::from_micros(50));
-                    }
+                } else {
+                    assert!(cell.get_arc().0 <= ROUNDS);
                 }
-                drop(held);
-                stopped.wait();
-                exit.wait();
-            })
-        })
-        .collect();
+            }
+            drop(held);
+        }
+    });
     for round in 1..=ROUNDS {
         for cell in cells.iter() {
             cell.reinit(round);
         }
         thread::yield_now();
     }
-    stop.store(true, SeqCst);
-    stopped.wait();
+    readers.stop_and_wait_idle();
     let (builds, drops) = (BUILDS.load(SeqCst), DROPS.load(SeqCst));
     assert_eq!(builds, CELLS * (ROUNDS + 1));
     assert_eq!(
@@ -429,8 +473,7 @@ fn cells_sharing_slots_under_reinits_keep_exact_accounting() {
         drops + CELLS,
         "exactly one instance per cell alive while the readers idle"
     );
-    exit.wait();
-    readers.into_iter().for_each(|r| r.join().unwrap());
+    readers.release();
 }
 
 #[test]
