@@ -157,7 +157,7 @@ pub fn child() -> io::Result<()> {
         dir: dir.clone(),
     };
     let locks = match procs::var("TOCTOU_RACE_VARIANT")?.as_str() {
-        "toctou" => Locks::Files(FileLocks::open(dir.join("locks"))?),
+        "toctou" => Locks::Files(FileLocks::open(lock_dir(&dir))?),
         _ => Locks::PerProcess {
             tasks: KeyedLocks::new(),
             files: KeyedRwLocks::new(),
@@ -245,6 +245,7 @@ fn run(processes: usize, variant: &str) -> Vec<Metric> {
     metrics
 }
 
+/// The `FileLocks` directory inside a round's directory.
 fn lock_dir(dir: &Path) -> PathBuf {
     dir.join("locks")
 }
