@@ -1,6 +1,10 @@
 //! The race report: five check-then-act bugs from production incident
 //! write-ups, each run twice, once with the incident's naive check-then-act
 //! code written in safe Rust and once with `toctou`, printed as one table.
+//! On Linux, three more scenarios race separate processes: two of the
+//! incidents again, with processes instead of threads, and the lock-file
+//! deletion race. Their processes are this binary, re-executed with
+//! `TOCTOU_RACE_ROLE` set (see `procs.rs`).
 //!
 //! ```text
 //! cargo run --release --example race_report [-- --workers N] [--rounds N]
@@ -12,7 +16,15 @@
 //! `toctou` rows must be clean on every round: the example exits with status 1
 //! if any of them shows a symptom, so CI runs it as a smoke test.
 
+#[cfg(target_os = "linux")]
+mod agent_processes;
+#[cfg(target_os = "linux")]
+mod deletion_race;
+#[cfg(target_os = "linux")]
+mod manager_processes;
 mod orchestrator;
+#[cfg(target_os = "linux")]
+mod procs;
 mod provider_registry;
 mod sequence_numbers;
 mod server_manager;
@@ -281,12 +293,14 @@ fn usage(problem: Option<&str>) -> ExitCode {
          \n\
          Runs five check-then-act bugs from production incident write-ups,\n\
          each with the naive check-then-act code and with toctou, and prints\n\
-         what each one did.\n\
+         what each one did. On Linux, three more race separate processes.\n\
          \n\
          Options:\n  \
            --workers N   threads (or async emits) per scenario, 2 to 1000\n                \
                          (default: each scenario's own, as in its incident; the\n                \
-                         provider registry runs with 10 and with 200)\n  \
+                         provider registry runs with 10 and with 200); the\n                \
+                         cross-process scenarios run N processes, at most 8\n                \
+                         (default 4)\n  \
            --rounds N    run each scenario N times, 1 to 100 (default 3)\n  \
            --help        print this and exit\n\
          \n\
@@ -317,7 +331,19 @@ fn number(
     }
 }
 
+/// Processes per cross-process scenario: `--workers`, capped at 8 (a
+/// process costs milliseconds to start, and the machine has few cores).
+#[cfg(target_os = "linux")]
+fn processes(workers: Option<usize>) -> usize {
+    workers.map_or(4, |n| n.min(8))
+}
+
 fn main() -> ExitCode {
+    // A child process of a cross-process scenario plays its role and exits.
+    #[cfg(target_os = "linux")]
+    if let Some(status) = procs::child_main() {
+        return status;
+    }
     let (mut workers, mut rounds) = (None, 3);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -332,7 +358,7 @@ fn main() -> ExitCode {
         }
     }
 
-    eprintln!("running the five incident scenarios, naive and toctou:");
+    eprintln!("running the incident scenarios, naive and toctou:");
     let mut reports = vec![
         run(
             "1 orchestrator singleton".into(),
@@ -381,6 +407,31 @@ fn main() -> ExitCode {
         rounds,
         sequence_numbers::round,
     ));
+    #[cfg(target_os = "linux")]
+    {
+        let processes = processes(workers);
+        reports.push(run(
+            "6 agents as processes".into(),
+            "agent processes race on files",
+            processes,
+            rounds,
+            agent_processes::round,
+        ));
+        reports.push(run(
+            "7 manager processes".into(),
+            "processes race to start a server",
+            processes,
+            rounds,
+            manager_processes::round,
+        ));
+        reports.push(run(
+            "8 lock-file deletion race".into(),
+            "processes delete a lock file",
+            processes,
+            rounds,
+            deletion_race::round,
+        ));
+    }
 
     println!();
     print_table(&reports);

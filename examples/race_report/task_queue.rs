@@ -26,11 +26,11 @@ use toctou::{KeyedLocks, KeyedRwLocks};
 use crate::{Metric, Round, released_together};
 
 /// Tasks per agent.
-const TASKS_PER_AGENT: usize = 4;
+pub const TASKS_PER_AGENT: usize = 4;
 /// Context files the results go to.
-const FILES: usize = 3;
+pub const FILES: usize = 3;
 /// The gap between the check and the act: a database round trip.
-const WINDOW: Duration = Duration::from_micros(300);
+pub const WINDOW: Duration = Duration::from_micros(300);
 
 /// The shared queue and files, with what the agents did to them.
 struct Workspace {
@@ -123,7 +123,7 @@ impl Workspace {
 
 /// Writes `lines` and then an `end N` trailer, one `write` call per line, the
 /// way a logger or a templating step writes a file.
-fn write_file(path: &Path, lines: &[String]) {
+pub fn write_file(path: &Path, lines: &[String]) {
     let mut file = fs::File::create(path).expect("write a context file");
     for line in lines {
         file.write_all(format!("{line}\n").as_bytes()).unwrap();
@@ -134,7 +134,7 @@ fn write_file(path: &Path, lines: &[String]) {
 
 /// The result lines of a complete file, or `None` if it is half written (no
 /// trailer, or a trailer that does not match the lines above it).
-fn read_lines(path: &Path) -> Option<Vec<String>> {
+pub fn read_lines(path: &Path) -> Option<Vec<String>> {
     let text = fs::read_to_string(path).ok()?;
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     let trailer = lines.pop()?;
