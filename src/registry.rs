@@ -222,7 +222,8 @@ impl<T, S> Drop for Shared<T, S> {
 /// It keeps that instance alive even if the cell is reinitialised meanwhile:
 /// the instance is dropped (if nothing else holds it) when its last
 /// `RegistryRef` drops. It is neither `Send` nor `Sync`: it is
-/// counted in the reading thread's cache, without atomics. Use
+/// counted in the reading thread's cache, with plain loads and stores that
+/// only that thread makes (no read-modify-write). Use
 /// [`RegistryCell::get_arc`] (or [`RegistryRef::to_arc`]) to hold the instance
 /// across threads or an `.await`.
 ///
