@@ -450,6 +450,27 @@ fn the_directory_checks_refuse_with_a_reason() {
     std::os::unix::fs::symlink(&nested, &link).unwrap();
     let err = FileLocks::open(&link).unwrap_err();
     assert!(err.to_string().contains("symlink"), "{err}");
+    // A trailing slash makes `lstat` and `O_NOFOLLOW` follow the link.
+    let err = FileLocks::open(format!("{}/", link.display())).unwrap_err();
+    assert!(err.to_string().contains("symlink"), "{err}");
+
+    // Writable by others: they could delete a held file. The sticky bit
+    // (only a file's owner may delete it) makes it safe again.
+    let open_to_all = dir.join("open-to-all");
+    std::fs::create_dir(&open_to_all).unwrap();
+    for mode in [0o777, 0o770] {
+        std::fs::set_permissions(&open_to_all, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = FileLocks::open(&open_to_all).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("writable by users other"), "{err}");
+        let locks = FileLocks::builder()
+            .allow_writable_by_others(true)
+            .open(&open_to_all)
+            .unwrap();
+        drop(locks.lock("ok").unwrap());
+    }
+    std::fs::set_permissions(&open_to_all, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    drop(FileLocks::open(&open_to_all).unwrap().lock("ok").unwrap());
 
     let file = dir.join("file");
     std::fs::write(&file, b"").unwrap();

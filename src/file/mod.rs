@@ -101,10 +101,15 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 ///   at once. The dead holder's file stays until the next user of the key
 ///   (whose release deletes it) or [`prune`](Self::prune).
 /// - **Fairness.** Within a process, the in-process queue's fairness.
-///   Across processes, whatever the kernel gives `flock` waiters (no FIFO
-///   promise). Each in-process holder takes the OS lock itself (there is no
-///   in-process hand-over of the OS lock yet), so other processes are never
-///   starved by a busy process.
+///   Across processes, whatever the kernel gives `flock` waiters: no FIFO
+///   promise. Each in-process exclusive holder takes and releases the OS
+///   lock itself (there is no in-process hand-over of the OS lock yet).
+///   Shared holders of one process share one descriptor, so a process whose
+///   readers overlap without a gap keeps its shared lock, and another
+///   process's exclusive waiter waits until they stop. An async or timed
+///   waiter polls the OS lock with a backoff (up to 10 ms), so under steady
+///   contention from blocking lockers in other processes it can keep losing
+///   the lock to them.
 /// - **Descriptors.** One per key held exclusively, one per key held shared
 ///   by any number of this process's callers, and one for the directory.
 ///   Waiters hold none. Descriptors are `O_CLOEXEC`.
@@ -122,6 +127,10 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 ///   holding a guard, or have the child close its inherited descriptors.
 /// - **Advisory only.** Programs that open the files without `flock` are not
 ///   excluded; the lock protects what every party agrees it protects.
+/// - **Case-insensitive file systems.** On ext4 with casefolding, vfat or
+///   CIFS, keys that differ only in ASCII case name one file. Between
+///   processes that only over-excludes, but one thread that holds one of
+///   them and locks the other blocks in the kernel instead of panicking.
 ///
 /// # On-disk format
 ///
@@ -216,6 +225,7 @@ struct SharedOs {
 pub struct FileLocksBuilder {
     keep_files: bool,
     allow_other_owner: bool,
+    allow_writable_by_others: bool,
     file_mode: u32,
 }
 
@@ -224,6 +234,7 @@ impl Default for FileLocksBuilder {
         Self {
             keep_files: false,
             allow_other_owner: false,
+            allow_writable_by_others: false,
             file_mode: 0o600,
         }
     }
@@ -260,6 +271,27 @@ impl FileLocksBuilder {
     #[must_use]
     pub fn allow_other_owner(mut self, allow: bool) -> Self {
         self.allow_other_owner = allow;
+        self
+    }
+
+    /// Accept a directory that users other than its owner may write (group
+    /// or world write permission without the sticky bit; default `false`).
+    /// Such a user can delete a lock file that a holder holds, and the next
+    /// locker then creates a new file and holds the key too: only accept it
+    /// if every user who can write the directory is trusted to take the
+    /// locks properly (a group-shared directory of cooperating services).
+    /// A directory with the sticky bit (`chmod +t`, as `/tmp` has) is
+    /// accepted without this: there, only a file's owner can delete it.
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// let builder = toctou::FileLocks::builder().allow_writable_by_others(true);
+    /// # drop(builder);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn allow_writable_by_others(mut self, allow: bool) -> Self {
+        self.allow_writable_by_others = allow;
         self
     }
 
@@ -301,7 +333,9 @@ impl FileLocksBuilder {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn open(self, dir: impl AsRef<Path>) -> io::Result<FileLocks> {
-        let path = dir.as_ref();
+        // Without trailing slashes: `lstat` and `O_NOFOLLOW` both follow a
+        // symlink named as `link/`, which would slip past the checks below.
+        let path: &Path = &dir.as_ref().components().collect::<PathBuf>();
         let refuse = |kind: io::ErrorKind, why: String| {
             io::Error::new(
                 kind,
@@ -358,6 +392,18 @@ impl FileLocksBuilder {
                     "is owned by uid {}, not by this process's user (uid {me}); \
                      FileLocksBuilder::allow_other_owner accepts it",
                     stat.uid()
+                ),
+            ));
+        }
+        const STICKY: u32 = 0o1000;
+        let permissions = stat.permissions();
+        if !self.allow_writable_by_others && permissions & 0o022 != 0 && permissions & STICKY == 0 {
+            return Err(refuse(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "is writable by users other than its owner (mode {:o}), who could delete \
+                     a held lock file; FileLocksBuilder::allow_writable_by_others accepts it",
+                    permissions
                 ),
             ));
         }

@@ -52,6 +52,10 @@ impl Stat {
     pub(crate) fn uid(&self) -> u32 {
         self.0.st_uid
     }
+    /// The permission bits, with the sticky bit (`0o7777` of `st_mode`).
+    pub(crate) fn permissions(&self) -> u32 {
+        self.0.st_mode & 0o7777
+    }
 }
 
 /// `fstat(fd)`.
