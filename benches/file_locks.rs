@@ -17,6 +17,8 @@
 //!   would only add formatting a name and a cold dentry to our side).
 //!   Floor: `openat(O_CREAT)` + `flock(LOCK_EX)` + `fstat` + `fstatat` +
 //!   `unlinkat` + `close` of that name. Target: at most 1.3x the floor.
+//!   A `syscalls of ours` row adds the `flock(LOCK_UN)` our release makes
+//!   before closing, so the rest of the gap is the in-process layer.
 //! - `file_locks_existing_key`: `FileLocks::lock` + drop of an uncontended
 //!   key in keep mode (the file exists). Floors: `openat` + `flock` + `close`
 //!   of the existing file, and `flock(LOCK_EX)` + `flock(LOCK_UN)` on an
@@ -24,6 +26,8 @@
 //!   on an open file, `named-lock`'s `lock` + drop on a held handle (its file
 //!   stays open), and `NamedLock::with_path` + `lock` + drop (opens the file
 //!   each time, as we do). Target: at most 1.2x the open+lock+close floor.
+//!   A `syscalls of ours` row makes keep mode's syscalls (it re-checks the
+//!   name with `fstat` + `fstatat`, and unlocks before closing).
 //! - `file_locks_hot_key_2_threads`: 2 threads of one process lock and
 //!   release one key, `HOT_OPS` times each; the time until both are done
 //!   (divide by `2 * HOT_OPS` for the time per acquisition). Ours in both
@@ -203,6 +207,23 @@ mod linux {
                 drop(fd);
             })
         });
+        // Not the target's floor: the syscalls our release makes, which
+        // unlocks before closing (the close would release it anyway).
+        g.bench_function(
+            "syscalls of ours: create+flock+fstat+stat+unlink+unlock+close",
+            |b| {
+                b.iter(|| {
+                    let fd = raw.openat(&name, libc::O_CREAT);
+                    flock(&fd, libc::LOCK_EX);
+                    let ours = fstat(&fd);
+                    let now = fstatat(&raw, &name);
+                    black_box((ours.st_ino == now.st_ino, ours.st_dev == now.st_dev));
+                    unlinkat(&raw, &name);
+                    flock(&fd, libc::LOCK_UN);
+                    drop(fd);
+                })
+            },
+        );
         g.finish();
         assert!(!locks.path_of(KEY).exists(), "deletion mode left the file");
     }
@@ -233,6 +254,22 @@ mod linux {
                 drop(fd);
             })
         });
+        // Not the target's floor: the syscalls of our keep mode, which
+        // re-checks the name after locking (`prune` may delete files).
+        g.bench_function(
+            "syscalls of ours: open+flock+fstat+stat+unlock+close",
+            |b| {
+                b.iter(|| {
+                    let fd = raw.openat(black_box(&name), 0);
+                    flock(&fd, libc::LOCK_EX);
+                    let ours = fstat(&fd);
+                    let now = fstatat(&raw, &name);
+                    black_box((ours.st_ino == now.st_ino, ours.st_dev == now.st_dev));
+                    flock(&fd, libc::LOCK_UN);
+                    drop(fd);
+                })
+            },
+        );
         g.bench_function("floor: flock(LOCK_EX)+flock(LOCK_UN) on an open fd", |b| {
             b.iter(|| {
                 flock(black_box(&open_fd), libc::LOCK_EX);
