@@ -38,12 +38,13 @@
 //!   ping-ponging one key. The bench binary re-executes itself as the second
 //!   process (`FL_BENCH_ROLE`). Each hand-over: the waiter writes one byte
 //!   into a pipe ("I am about to wait") and calls `lock`; the holder reads
-//!   it and releases. One iteration is two hand-overs (to the child and
-//!   back), so half of it is the hand-over latency, including one pipe
-//!   message. The floor is the same ping-pong with `flock` on descriptors
-//!   each process keeps open. The waiter may not be blocked in the kernel yet
-//!   when the holder releases; then it takes the lock uncontended, which is
-//!   still a hand-over.
+//!   it and releases; the new holder writes "I have it", and only then does
+//!   the old one announce itself and wait (so the key really alternates).
+//!   One iteration is two hand-overs (to the child and back), so half of it
+//!   is the hand-over latency, including two pipe messages. The floor is the
+//!   same ping-pong with `flock` on descriptors each process keeps open. The
+//!   waiter may not be blocked in the kernel yet when the holder releases;
+//!   then it takes the lock uncontended, which is still a hand-over.
 //!
 //! Run: `cargo bench -p toctou-benches --bench file_locks`.
 
@@ -78,7 +79,8 @@ mod linux {
 
     /// Acquisitions per thread per iteration in the hot-key group. Ours in
     /// deletion mode takes a full create+lock+check+unlink per acquisition
-    /// (over 100 µs here), so a few hundred keep an iteration near 50 ms.
+    /// (5-40 µs on the 2-core VM, up to 200 µs on slower disks), so a few
+    /// hundred keep an iteration in milliseconds.
     const HOT_OPS: u64 = 200;
     /// The environment variables of the child process.
     const ROLE: &str = "FL_BENCH_ROLE";
