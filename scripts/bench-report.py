@@ -63,6 +63,10 @@ REFERENCE = {
     "keyed_beside_held_keys": "toctou::KeyedLocks::lock",
     "keyed_disjoint_parallel": "toctou::KeyedLocks::lock",
     "keyed_hot_key_parallel": "toctou::KeyedLocks::lock",
+    "file_locks_fresh_key": "toctou::FileLocks::lock (deleting)",
+    "file_locks_existing_key": "toctou::FileLocks::lock (keep_files)",
+    "file_locks_hot_key_2_threads": "toctou::FileLocks::lock (deleting)",
+    "file_locks_cross_process": "toctou::FileLocks::lock (deleting)",
 }
 
 
