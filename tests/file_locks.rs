@@ -699,3 +699,30 @@ fn keep_mode_keeps_files_and_prune_spares_held_ones() {
     assert_eq!(locks.prune().unwrap(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `try_lock_shared` joins the shared lock that this process's other readers
+/// hold without waiting for (or failing on) another caller's join.
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn try_lock_shared_joins_this_processs_readers_while_others_come_and_go() {
+    let dir = base("tryshared");
+    let locks = FileLocks::open(&dir).unwrap();
+    let first = locks.lock_shared("cfg").unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..2_000 {
+                    let joined = locks.try_lock_shared("cfg").unwrap();
+                    assert!(joined.is_some(), "a held shared lock refused a reader");
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    drop(first);
+    assert!(
+        !locks.path_of("cfg").exists(),
+        "the last reader deleted the file"
+    );
+    std::fs::remove_dir(&dir).unwrap();
+}

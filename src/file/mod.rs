@@ -192,11 +192,14 @@ pub struct FileLocks {
     /// The in-process layer: exclusive callers take the key for writing,
     /// shared callers for reading.
     keyed: KeyedRwLocks<String>,
-    /// Serialises this process's shared callers of one key while they join
-    /// or leave the key's one shared OS lock (in `shared`).
+    /// Serialises this process's shared callers of one key while they
+    /// create or give up the key's one shared OS lock (in `shared`).
     gate: KeyedLocks<String>,
     /// The keys this process holds shared: one descriptor and a count of
-    /// this process's shared holders each. Changed only under `gate`.
+    /// this process's shared holders each. Entries are created and removed
+    /// only under `gate`; joining an existing entry (a count going up) needs
+    /// only this mutex, under which the last holder's decrement and removal
+    /// happen too.
     shared: Mutex<HashMap<String, SharedOs>>,
 }
 
@@ -597,6 +600,29 @@ impl FileLocks {
 
     /// Joins the key's shared OS lock, taking it if this process holds it
     /// shared nowhere else. Called with `gate` held for the key.
+    /// Joins this process's shared lock of the key if there is one; gives
+    /// the read guard back if there is none.
+    fn join_existing<'a>(
+        &'a self,
+        key: KeyReadGuard<'a, String>,
+    ) -> Result<FileGuard<'a>, KeyReadGuard<'a, String>> {
+        let joined = match self.shared.lock().get_mut(key.key()) {
+            Some(os) => {
+                os.holders += 1;
+                true
+            }
+            None => false,
+        };
+        if !joined {
+            return Err(key);
+        }
+        Ok(FileGuard {
+            locks: self,
+            name: name::file_name(key.key()),
+            held: Held::Shared { joined: true, key },
+        })
+    }
+
     fn join_shared<'a>(
         &'a self,
         key: KeyReadGuard<'a, String>,
@@ -799,6 +825,12 @@ impl FileLocks {
 
     /// Locks `key` shared if that needs no waiting.
     ///
+    /// Joining a shared lock that this process's other callers already hold
+    /// always succeeds (unless an in-process writer waits: new readers queue
+    /// behind it). `Ok(None)` also comes back in the moment another caller
+    /// of this process is taking or giving up the process's shared OS lock of
+    /// the key.
+    ///
     /// # Errors
     ///
     /// As [`lock`](Self::lock); a key held exclusively is `Ok(None)`.
@@ -818,6 +850,15 @@ impl FileLocks {
     pub fn try_lock_shared(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
         let Some(held) = self.keyed.try_read(key) else {
             return Ok(None);
+        };
+        // Joining a shared lock this process already holds needs no gate:
+        // the count goes up under the map's mutex, where the last holder's
+        // decrement and removal happen too. Only creating one takes the
+        // gate, which another caller holds while it creates or releases
+        // the process's shared lock (then this try gives up, as before).
+        let held = match self.join_existing(held) {
+            Ok(guard) => return Ok(Some(guard)),
+            Err(held) => held,
         };
         let Some(_gate) = self.gate.try_lock(key) else {
             return Ok(None);
