@@ -469,8 +469,8 @@ MUTANTS = [
     (
         "FileLocks: prune unlinking without holding the lock",
         "src/file/protocol.rs",
-        "        let held = !fs.lock(&fd, Mode::Exclusive, false).map_err(at(\"lock\"))?;\n",
-        "        let held = false;\n",
+        "    let held = !fs.lock(&fd, Mode::Exclusive, false).map_err(at(\"lock\"))?;\n",
+        "    let held = false;\n",
         "loom_file_locks",
         "prune_races_a_locker",
     ),

@@ -697,6 +697,24 @@ fn keep_mode_keeps_files_and_prune_spares_held_ones() {
     );
     drop(held);
     assert_eq!(locks.prune().unwrap(), 1);
+
+    // Odd entries: a directory at a lock name fails alone (the others are
+    // still pruned, and the error names it); names the key mapping never
+    // produces are left alone, even ending in `.lock`.
+    for key in ["e", "f"] {
+        drop(locks.lock(key).unwrap());
+    }
+    std::fs::create_dir(dir.join("locks").join("odd.lock")).unwrap();
+    for foreign in ["a~b.lock", "~abc.lock", "%.lock"] {
+        std::fs::write(dir.join("locks").join(foreign), b"not ours").unwrap();
+    }
+    let err = locks.prune().unwrap_err();
+    assert!(err.to_string().contains("odd.lock"), "{err}");
+    assert_eq!(
+        entries(&dir.join("locks")),
+        ["%.lock", "a~b.lock", "notes.txt", "odd.lock", "~abc.lock"].map(str::to_owned),
+        "e and f pruned despite the directory; foreign names kept"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

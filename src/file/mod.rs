@@ -958,13 +958,17 @@ impl FileLocks {
     /// waiting (a held one is skipped), re-checked, unlinked, unlocked, so a
     /// concurrent locker that follows the protocol is never harmed.
     ///
-    /// Only names the key mapping produces are considered. A naive locker
+    /// Only names the key mapping produces are considered (exactly: other
+    /// files, even ones ending in `.lock`, are left alone). A naive locker
     /// (one that does not re-check the file after locking, like a plain
     /// `fcntl.flock`) can be harmed: do not prune while one runs.
     ///
     /// # Errors
     ///
-    /// The first failed step, with the path.
+    /// A name that fails (a directory at a lock name, a file it may not
+    /// open, an I/O error) does not stop the others: once every name was
+    /// tried, the first failure is returned, with the directory, the name
+    /// and the step.
     ///
     /// ```
     /// # #[cfg(not(miri))] {

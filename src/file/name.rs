@@ -58,15 +58,51 @@ pub(crate) fn file_name(key: &str) -> String {
     name
 }
 
-/// Whether `name` is a name [`file_name`] can produce (what `prune` may
-/// touch): the suffix, and a stem made of simple bytes, `~` and `%`.
+/// Whether `name` is a name [`file_name`] produces for some key (what
+/// `prune` may touch): exactly, so that other files in the directory, even
+/// ones ending in `.lock`, are left alone.
 pub(crate) fn is_lock_name(name: &str) -> bool {
-    match name.strip_suffix(SUFFIX) {
-        Some(stem) if !stem.is_empty() => stem
-            .bytes()
-            .all(|b| is_simple_byte(b) || b == b'~' || b == b'%'),
-        _ => false,
+    let Some(stem) = name.strip_suffix(SUFFIX) else {
+        return false;
+    };
+    if let Some(hash) = stem.strip_prefix("~~") {
+        return hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     }
+    let key = match stem.strip_prefix('~') {
+        Some(encoded) => match decode(encoded) {
+            Some(key) => key,
+            None => return false,
+        },
+        None => stem.to_owned(),
+    };
+    // The mapping is a function: a name is one of its outputs exactly when
+    // the key it decodes to maps back to it.
+    file_name(&key) == name
+}
+
+/// The key behind an encoded stem (after its `~`): simple bytes as they
+/// are, `%XX` (upper-case hex) as the byte; `None` for anything else or
+/// for bytes that are not UTF-8.
+fn decode(encoded: &str) -> Option<String> {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut rest = encoded.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if is_simple_byte(b) {
+            bytes.push(b);
+            rest = tail;
+        } else if let [b'%', high, low, tail @ ..] = rest {
+            bytes.push(hex(*high)? << 4 | hex(*low)?);
+            rest = tail;
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// SHA-256 (FIPS 180-4), for the stable names of over-long keys: the same
@@ -193,5 +229,20 @@ mod tests {
             assert!(!name.contains('/') && name != "." && name != "..");
         }
         assert!(!is_lock_name("notes.txt") && !is_lock_name(".lock"));
+        // Names the mapping never produces, though they look close: prune
+        // must leave them alone.
+        for other in [
+            "a~b.lock",
+            "%.lock",
+            "~~x.lock",
+            "~a%2f.lock", // lower-case hex
+            "~abc.lock",  // a simple key is never encoded
+            "~%41.lock",  // 'A' is simple, never written %41
+            "~%FF.lock",  // not UTF-8
+            "x.lock.lock",
+        ] {
+            assert!(!is_lock_name(other), "{other}");
+        }
+        assert!(is_lock_name(&format!("~~{}.lock", "0a".repeat(32))));
     }
 }

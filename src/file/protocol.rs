@@ -182,28 +182,47 @@ pub fn release<F: Fs>(
 /// Removes the lock files in the directory that nobody holds: each one is
 /// locked exclusively without waiting (held ones are skipped), re-checked,
 /// unlinked and unlocked. Returns how many were removed. `is_lock_name`
-/// picks the names to consider.
+/// picks the names to consider. A name that fails (a directory or a
+/// symlink at a lock name, a file it may not open, an I/O error) does not
+/// stop the others: the first failure is returned once every name was tried.
 pub fn prune<F: Fs>(fs: &F, is_lock_name: impl Fn(&str) -> bool) -> Result<usize, Failed> {
     let mut removed = 0;
+    let mut first_failure = None;
     for name in fs.list().map_err(at("list"))? {
         if !is_lock_name(&name) {
             continue;
         }
-        let fd = fs.open_create(&name).map_err(at("open"))?;
-        let held = !fs.lock(&fd, Mode::Exclusive, false).map_err(at("lock"))?;
-        if held {
-            continue; // somebody holds it (or is about to): not ours to remove
+        match prune_one(fs, &name) {
+            Ok(gone) => removed += usize::from(gone),
+            Err(failed) => {
+                first_failure.get_or_insert(Failed {
+                    step: failed.step,
+                    error: io::Error::new(failed.error.kind(), format!("{name}: {}", failed.error)),
+                });
+            }
         }
-        // Re-check: between the listing and our lock the file may have been
-        // deleted and re-created; remove only the file we hold.
-        let mut result = Ok(());
-        if is_at_name(fs, &name, &fd)? {
-            result = fs.unlink_at(&name).map_err(at("unlink"));
-            removed += usize::from(result.is_ok());
-        }
-        let unlocked = fs.unlock(&fd).map_err(at("unlock"));
-        drop(fd);
-        result.and(unlocked)?;
     }
-    Ok(removed)
+    match first_failure {
+        Some(failed) => Err(failed),
+        None => Ok(removed),
+    }
+}
+
+/// Removes `name` if nobody holds it; says whether it did.
+fn prune_one<F: Fs>(fs: &F, name: &str) -> Result<bool, Failed> {
+    let fd = fs.open_create(name).map_err(at("open"))?;
+    let held = !fs.lock(&fd, Mode::Exclusive, false).map_err(at("lock"))?;
+    if held {
+        return Ok(false); // somebody holds it (or is about to): not ours to remove
+    }
+    // Re-check: between the listing and our lock the file may have been
+    // deleted and re-created; remove only the file we hold.
+    let mut result = Ok(false);
+    if is_at_name(fs, name, &fd)? {
+        result = fs.unlink_at(name).map_err(at("unlink")).map(|()| true);
+    }
+    let unlocked = fs.unlock(&fd).map_err(at("unlock"));
+    drop(fd);
+    let gone = result?;
+    unlocked.map(|()| gone)
 }
