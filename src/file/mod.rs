@@ -628,21 +628,16 @@ impl FileLocks {
         key: KeyReadGuard<'a, String>,
         take: impl FnOnce(&str) -> io::Result<Option<OwnedFd>>,
     ) -> io::Result<Option<FileGuard<'a>>> {
-        let name = name::file_name(key.key());
-        let joined = match self.shared.lock().get_mut(key.key()) {
-            Some(os) => {
-                os.holders += 1;
-                true
-            }
-            None => false,
+        let key = match self.join_existing(key) {
+            Ok(joined) => return Ok(Some(joined)),
+            Err(key) => key,
         };
-        if !joined {
-            let Some(fd) = take(&name)? else {
-                return Ok(None);
-            };
-            let os = SharedOs { fd, holders: 1 };
-            self.shared.lock().insert(key.key().clone(), os);
-        }
+        let name = name::file_name(key.key());
+        let Some(fd) = take(&name)? else {
+            return Ok(None);
+        };
+        let os = SharedOs { fd, holders: 1 };
+        self.shared.lock().insert(key.key().clone(), os);
         Ok(Some(FileGuard {
             locks: self,
             name,
