@@ -88,8 +88,8 @@ MUTANTS = [
     (
         "waiter parks without re-checking the state under the queue lock",
         "src/once.rs",
-        "            if state & STATE_MASK != RUNNING {\n                return false;\n            }\n",
-        "",
+        "        self.flag_waiter(|state| state & STATE_MASK != RUNNING)\n",
+        "        self.flag_waiter(|_| false)\n",
         "loom_singleton",
         "waiter_parks_and_is_woken",
     ),

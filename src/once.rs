@@ -131,12 +131,19 @@ impl Once {
     /// the waiter in the state word, or says not to park because the state
     /// already left `RUNNING`.
     fn park_if_running(&self) -> bool {
+        self.flag_waiter(|state| state & STATE_MASK != RUNNING)
+    }
+
+    /// Sets the `WAITERS` bit so that the next `finish` wakes this caller,
+    /// unless `done(state)` says there is nothing to wait for; says whether
+    /// to park. Called under the wait-queue lock.
+    fn flag_waiter(&self, done: impl Fn(usize) -> bool) -> bool {
         // Relaxed throughout: the queue mutex orders this against the
         // notifier's lock-and-drain, and the caller re-reads the state with
-        // Acquire (in `try_begin`) after waking.
+        // Acquire (in `try_begin` or `is_ready`) after waking.
         let mut state = self.state.load(Ordering::Relaxed);
         loop {
-            if state & STATE_MASK != RUNNING {
+            if done(state) {
                 return false;
             }
             if state & WAITERS != 0 {
@@ -172,31 +179,11 @@ impl Once {
 
     /// Called under the wait-queue lock by [`wait_ready`](Self::wait_ready):
     /// records the waiter in the state word (in `EMPTY` or `RUNNING`), or says
-    /// not to park because the value is published.
+    /// not to park because the value is published. An `EMPTY` cell keeps the
+    /// bit until a claim (`try_begin_flagged`) carries it into `RUNNING`;
+    /// `finish` then clears it and wakes us.
     fn park_until_ready(&self) -> bool {
-        // Relaxed throughout, as in `park_if_running`: the queue mutex orders
-        // this against the notifier's lock-and-drain, and the caller re-reads
-        // the state with Acquire (in `is_ready`) after waking. An `EMPTY` cell
-        // keeps the bit until a claim (`try_begin_flagged`) carries it into
-        // `RUNNING`; `finish` then clears it and wakes us.
-        let mut state = self.state.load(Ordering::Relaxed);
-        loop {
-            if state == READY {
-                return false;
-            }
-            if state & WAITERS != 0 {
-                return true;
-            }
-            match self.state.compare_exchange_weak(
-                state,
-                state | WAITERS,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(actual) => state = actual,
-            }
-        }
+        self.flag_waiter(|state| state == READY)
     }
 
     /// The async form of [`wait`](Self::wait); never blocks the executor.
