@@ -90,7 +90,7 @@
 //! | init panics | the panic reaches that caller; the cell stays empty and retryable (no poisoning) | the same, per key | a holder's panic releases its key during unwinding; no poisoning | the current instance stays; the panic reaches the caller |
 //! | init returns `Err` | returned to that caller only, not stored; a waiter runs its own init | the same, per key | nothing to fail: `lock` creates the entry | `try_reinit`: `Err` to the caller, nothing changes |
 //! | a waiting caller is cancelled | a dropped async waiter leaves nothing; a dropped initialiser hands over to one waiter | the same, per key | a dropped async waiter leaves the queue; a key already handed to it goes to the next waiter | no async API: reads never wait after the first build |
-//! | reentrancy (same thread) | init of the same cell **panics** with a message | init of the same key **panics** | a blocking lock of a key this thread holds through a borrowed guard **panics**; owned and async guards are not tracked | a build that reinitialises its own cell **panics** |
+//! | reentrancy (same thread) | init of the same cell **panics** with a message | init of the same key **panics** | not detected: guards are `Send` and may have moved to a thread that releases them, so a thread that locks a key it holds itself waits forever, as with `std::sync::Mutex` | a build that reinitialises its own cell **panics** |
 //! | timeouts | `get` never waits; async waits can be dropped by any runtime's timeout | the same | `try_lock_for`, `try_read_for`, `try_write_for`: `None` on timeout, nothing left behind | reads never wait after the first build |
 //!
 //! Reentrancy here always means a call on the same thread; a cycle through
@@ -111,7 +111,9 @@
 //! - **Same-thread reentrancy panics instead of deadlocking.** An initialiser
 //!   that calls back into its own cell (or its own key) on the thread that
 //!   runs it gets a panic naming the type and the place the cell or map was
-//!   created. The check is per thread: a cycle through another thread (an
+//!   created. Keyed *locks* are not checked: their guards are `Send`, and a
+//!   wait for a key whose guard moved to another thread ends. The check is
+//!   per thread: a cycle through another thread (an
 //!   initialiser that spawns a thread which calls `get_or_init` on the same
 //!   cell, then joins it) or through another task is not detected and
 //!   deadlocks, as it does with `OnceLock`.

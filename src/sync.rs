@@ -542,29 +542,6 @@ pub(crate) fn unique_id() -> u64 {
     NEXT.next()
 }
 
-/// A process-wide unique, non-zero id for the current thread, cheap enough
-/// to read on every lock acquisition (one thread-local load after the first).
-///
-/// Used to recognise "this thread already holds this key": unlike a
-/// `ThreadId` comparison it needs no `Arc` clone, and unlike a thread-local
-/// address it is never reused by a later thread.
-#[inline]
-pub(crate) fn thread_token() -> u64 {
-    thread_local! {
-        // Not `const { .. }`: loom's `thread_local!` does not accept that form.
-        #[allow(clippy::missing_const_for_thread_local)]
-        static TOKEN: std::cell::Cell<u64> = std::cell::Cell::new(0);
-    }
-    TOKEN.with(|token| match token.get() {
-        0 => {
-            let id = unique_id();
-            token.set(id);
-            id
-        }
-        id => id,
-    })
-}
-
 /// A point in time after which a timed wait gives up.
 ///
 /// Under loom there is no clock: each timed wait yields, so that other

@@ -661,14 +661,34 @@ fn async_locks_and_guards_are_send() {
 
 #[test]
 #[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
-fn same_thread_reentrancy_panics_and_releases() {
-    let dir = base("reentry");
+fn a_guard_moved_to_another_thread_is_waited_for() {
+    // Issue 14: a guard this thread took and moved away counted as held by
+    // this thread, whose next `lock` of the key panicked; the wait ends.
+    let dir = base("moved");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    std::thread::scope(|s| {
+        let held = locks.lock("k").unwrap();
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(held);
+        });
+        let again = locks.lock("k").unwrap();
+        assert_eq!(again.key(), "k");
+    });
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn a_panic_while_holding_releases_the_key() {
+    let dir = base("unwind");
     let locks = FileLocks::open(dir.join("locks")).unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let _held = locks.lock("k").unwrap();
-        let _again = locks.lock("k");
+        panic!("boom");
     }));
-    assert!(result.is_err(), "a second lock on this thread panics");
+    assert!(result.is_err());
     assert!(
         locks.try_lock("k").unwrap().is_some(),
         "released during unwinding"

@@ -78,13 +78,12 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 ///   error kind: a deleted directory, a read-only file system, `EMFILE`.
 ///   Nothing here panics on an I/O failure. An error never leaves a lock
 ///   held or a descriptor open.
-/// - **Panics** only for same-thread reentrancy, as `KeyedRwLocks` does: a
-///   thread that holds a key through [`lock`](Self::lock), `try_lock` or
-///   `try_lock_for` and calls `lock` or `lock_shared` on it panics instead
-///   of deadlocking. A thread that holds a key *shared* and asks for it
-///   exclusively deadlocks (shared holders are not tracked per thread). A
-///   holder that panics releases its key during unwinding; there is no
-///   poisoning.
+/// - **Reentrancy is not detected**, as on [`KeyedLocks`](crate::KeyedLocks):
+///   guards are `Send`, so a thread that took one may have moved it to a
+///   thread that will release it. A thread that waits without a timeout for
+///   a key it holds itself waits forever; `try_lock` and `try_lock_for`
+///   answer `None` instead. A holder that panics releases its key during
+///   unwinding; there is no poisoning.
 /// - **Cancellation.** [`lock_async`](Self::lock_async) and
 ///   [`lock_shared_async`](Self::lock_shared_async) are runtime-agnostic
 ///   and cancel-safe: a dropped future leaves no descriptor, no file (in
@@ -653,10 +652,8 @@ impl FileLocks {
     ///
     /// An [`io::Error`] naming the key, the path and the failed step.
     ///
-    /// # Panics
-    ///
-    /// If this thread already holds `key` exclusively through a guard from
-    /// `lock`, `try_lock` or `try_lock_for` (it would deadlock).
+    /// A thread that waits for a key it holds itself waits forever (see
+    /// *Reentrancy* above).
     ///
     /// ```
     /// # #[cfg(not(miri))] {
@@ -680,7 +677,6 @@ impl FileLocks {
     /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    #[track_caller]
     pub fn lock(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let held = self.keyed.write(key);
         let name = name::file_name(key);
@@ -790,11 +786,6 @@ impl FileLocks {
     ///
     /// As [`lock`](Self::lock).
     ///
-    /// # Panics
-    ///
-    /// If this thread holds `key` exclusively through a guard from `lock`,
-    /// `try_lock` or `try_lock_for`.
-    ///
     /// ```
     /// # #[cfg(not(miri))] {
     /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-shared", std::process::id()));
@@ -808,7 +799,6 @@ impl FileLocks {
     /// # }
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    #[track_caller]
     pub fn lock_shared(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let held = self.keyed.read(key);
         let _gate = self.gate.lock(key);

@@ -73,10 +73,6 @@ use crate::wait::{Unpark, WaitList, Waiter};
 /// What a waiter wants, and how its wait has gone so far.
 struct Waiting<M> {
     mode: M,
-    /// The holder to record when the key is granted (see
-    /// [`SlotState::owner`]): the waiting thread's token for a borrowed
-    /// guard, 0 for an owned guard or a task.
-    owner: u64,
     /// Woken to take a free lock, and not yet back to try.
     woken: bool,
     /// How often it was woken and found the lock taken again.
@@ -88,41 +84,28 @@ struct Waiting<M> {
 /// A key's lock state and waiters. Only touched under the shard's write lock.
 struct SlotState<L: LockKind> {
     lock: L,
-    /// The [`sync::thread_token`] of the thread that holds the key in an
-    /// exclusive mode through a borrowed guard from a blocking call
-    /// ([`Guard::Borrowed`]), or 0. Owned guards and tasks are not recorded:
-    /// they are made to move, and a wait for a key they hold can end.
-    owner: u64,
     queue: Queue<L::Mode>,
 }
 
 impl<L: LockKind> SlotState<L> {
-    /// A new state, held in `mode` by `owner`.
-    fn held(mode: L::Mode, owner: u64) -> Self {
+    /// A new state, held in `mode`.
+    fn held(mode: L::Mode) -> Self {
         let mut state = Self {
             lock: L::default(),
-            owner: 0,
             queue: Queue::new(),
         };
-        state.grant(mode, owner);
+        state.grant(mode);
         state
     }
 
-    /// Records a new holder in `mode`, remembering its thread (`owner`) for
-    /// the reentrancy check if the mode is exclusive.
-    fn grant(&mut self, mode: L::Mode, owner: u64) {
+    /// Records a new holder in `mode`.
+    fn grant(&mut self, mode: L::Mode) {
         self.lock.acquire(mode);
-        if L::is_exclusive(mode) {
-            self.owner = owner;
-        }
     }
 
     /// Removes a holder in `mode`.
     fn revoke(&mut self, mode: L::Mode) {
         self.lock.release(mode);
-        if L::is_exclusive(mode) {
-            self.owner = 0;
-        }
     }
 }
 
@@ -346,7 +329,7 @@ fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
         let Some(waiter) = state.queue.pop_front() else {
             break;
         };
-        state.grant(waiter.data.mode, waiter.data.owner);
+        state.grant(waiter.data.mode);
         wakes.push(waiter.unpark);
     }
 }
@@ -374,18 +357,6 @@ where
     }
 }
 
-/// The guard a blocking acquisition returns, which decides what the
-/// reentrancy check records (see [`SlotState::owner`]).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Guard {
-    /// A guard that borrows the map (`lock`, `write`, `lock_many`): the
-    /// thread that takes it is recorded as the key's holder.
-    Borrowed,
-    /// A guard that owns an `Arc` of the map (`lock_owned`), made to move to
-    /// other threads: not recorded. Its waits are still checked.
-    Owned,
-}
-
 /// What [`Core::begin`] did.
 enum Begin<K, L: LockKind> {
     /// The caller holds the key.
@@ -410,9 +381,7 @@ pub(crate) struct Core<K, L: LockKind, S> {
     /// The largest total of live keys seen when some shard reached a new
     /// high; written only then, so it stays out of every hot path.
     peak: PerExecution<AtomicUsize>,
-    /// The public type's name, for panic messages.
-    name: &'static str,
-    /// Where the map was created (`#[track_caller]`), for panic messages.
+    /// Where the map was created (`#[track_caller]`), for `Debug`.
     created_at: &'static Location<'static>,
 }
 
@@ -434,9 +403,13 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         Self {
             table: Table::with_hasher(hasher, name),
             peak: sync::per_execution!(zero),
-            name,
             created_at,
         }
+    }
+
+    /// Where the map was created.
+    pub(crate) fn created_at(&self) -> &'static Location<'static> {
+        self.created_at
     }
 
     pub(crate) fn hasher(&self) -> &S {
@@ -580,21 +553,11 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     /// One acquisition attempt: the check and the act in one critical
     /// section. `enqueue`: how to wake the caller if it must wait; without
     /// it, a taken key returns [`Begin::Busy`] and nothing changes.
-    /// `owner`: the holder to record while the caller holds the key
-    /// exclusively (its thread token for a borrowed guard, else 0). `me`:
-    /// the caller's thread token if it is to be checked for reentrancy (a
-    /// blocking wait without deadline), else 0; a checked caller that finds
-    /// the key held by a borrowed guard of its own thread panics instead of
-    /// waiting, pointing at its caller's caller (`#[track_caller]` up to
-    /// the public method).
-    #[track_caller]
     fn begin<A: KeyArg<K>>(
         &self,
         hash: u64,
         key: &mut A,
         mode: L::Mode,
-        owner: u64,
-        me: u64,
         enqueue: Option<&dyn Fn() -> Unpark>,
     ) -> Begin<K, L>
     where
@@ -620,7 +583,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 let value = Slot {
                     key: key.take(),
                     hash,
-                    state: UnsafeCell::new(SlotState::held(mode, owner)),
+                    state: UnsafeCell::new(SlotState::held(mode)),
                 };
                 // The pointer owns the block; `remove_if_idle` (or the
                 // map's drop) takes it back.
@@ -641,13 +604,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         // not yet been offered it (then the front waiter is owed it).
         let may_take = state.queue.front().is_none_or(|front| front.data.woken);
         if may_take && state.lock.can_acquire(mode) {
-            state.grant(mode, owner);
+            state.grant(mode);
             counters.acquisitions += 1;
             return Begin::Held(slot);
-        }
-        if me != 0 && state.owner == me {
-            drop(shard);
-            self.reentrant();
         }
         let Some(make_unpark) = enqueue else {
             return Begin::Busy;
@@ -656,7 +615,6 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             make_unpark(),
             Waiting {
                 mode,
-                owner,
                 woken: false,
                 lost: 0,
                 since: WaitStart::now(),
@@ -664,24 +622,6 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         );
         counters.contended += 1;
         Begin::Queued(slot, id)
-    }
-
-    /// The reentrancy panic: this thread is about to wait, without a
-    /// deadline, for a key it holds through a borrowed guard. The wait could
-    /// only end if that guard had been moved to another thread, which the
-    /// check cannot see (see *Reentrancy* on `KeyedLocks`).
-    #[cold]
-    #[track_caller]
-    fn reentrant(&self) -> ! {
-        panic!(
-            "{}<{}> created at {}: this thread already holds the key that it is now \
-             waiting for (through a guard from a blocking call on this thread), \
-             which would deadlock; drop that guard first, or use the owned or async \
-             forms for a guard that another thread or task releases",
-            self.name,
-            std::any::type_name::<K>(),
-            self.created_at,
-        );
     }
 
     /// A queued waiter's look at its entry, after it was unparked or polled.
@@ -719,9 +659,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         if waiter.data.woken {
             waiter.data.woken = false;
             if !cancelled && state.lock.can_acquire(mode) {
-                let owner = waiter.data.owner;
                 state.queue.remove(at);
-                state.grant(mode, owner);
+                state.grant(mode);
                 // The waiters behind may be compatible (readers).
                 dispatch(state, &mut wakes);
                 shard.counters.acquisitions += 1;
@@ -757,31 +696,23 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     }
 
     /// Blocks the thread until it holds `key` in `mode`, or `deadline`
-    /// passes (then `None`). `guard`: what the caller returns, which decides
-    /// whether this thread is recorded as the holder. Without a deadline,
-    /// panic if this thread already holds the key through a borrowed guard.
-    #[track_caller]
+    /// passes (then `None`).
     fn acquire_blocking<A: KeyArg<K>>(
         &self,
         mut key: A,
         mode: L::Mode,
         deadline: Option<&Deadline>,
-        guard: Guard,
     ) -> Option<SlotRef<K, L>>
     where
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        let me = sync::thread_token();
-        let owner = if guard == Guard::Borrowed { me } else { 0 };
-        // A wait with a deadline is not checked: it only costs its timeout.
-        let check = if deadline.is_none() { me } else { 0 };
         let unpark = || Unpark::current_thread();
         let mut spin = SpinWait::default();
         let (slot, id) = loop {
             // Spin while the budget lasts, then queue.
             let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
-            match self.begin(hash, &mut key, mode, owner, check, enqueue) {
+            match self.begin(hash, &mut key, mode, enqueue) {
                 Begin::Held(slot) => return Some(slot),
                 Begin::Queued(slot, id) => break (slot, id),
                 Begin::Busy => spin.spin(),
@@ -805,21 +736,19 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         }
     }
 
-    /// Blocks the thread until it holds `key` in `mode`, for a `guard`;
-    /// panics if this thread already holds it through a borrowed guard (see
-    /// [`acquire_blocking`](Self::acquire_blocking)).
-    #[track_caller]
-    pub(crate) fn acquire<A: KeyArg<K>>(&self, key: A, mode: L::Mode, guard: Guard) -> SlotRef<K, L>
+    /// Blocks the thread until it holds `key` in `mode`. A thread that
+    /// waits for a key it holds itself waits forever (see *Reentrancy* on
+    /// `KeyedLocks`).
+    pub(crate) fn acquire<A: KeyArg<K>>(&self, key: A, mode: L::Mode) -> SlotRef<K, L>
     where
         K: Borrow<A::Q>,
     {
-        self.acquire_blocking(key, mode, None, guard)
+        self.acquire_blocking(key, mode, None)
             .expect("a wait without deadline ends holding the key")
     }
 
     /// Blocks the thread until it holds `key` in `mode`, for at most
-    /// `timeout`; `None` if the key stayed taken. Not checked for
-    /// reentrancy: such a wait only costs its timeout.
+    /// `timeout`; `None` if the key stayed taken.
     pub(crate) fn acquire_for<A: KeyArg<K>>(
         &self,
         key: A,
@@ -829,7 +758,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     where
         K: Borrow<A::Q>,
     {
-        self.acquire_blocking(key, mode, Some(&Deadline::after(timeout)), Guard::Borrowed)
+        self.acquire_blocking(key, mode, Some(&Deadline::after(timeout)))
     }
 
     /// One acquisition attempt that never waits.
@@ -842,8 +771,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        // A borrowed guard: recorded as this thread's, never waits.
-        match self.begin(hash, &mut key, mode, sync::thread_token(), 0, None) {
+        match self.begin(hash, &mut key, mode, None) {
             Begin::Held(slot) => Some(slot),
             Begin::Queued(..) | Begin::Busy => None,
         }
@@ -866,9 +794,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             None => {
                 let waker = cx.waker();
                 let unpark = || Unpark::Task(waker.clone());
-                // Owner 0: a task may move between threads, and another task
-                // on this thread may hold the key legitimately.
-                match self.begin(hash, &mut key, mode, 0, 0, Some(&unpark)) {
+                match self.begin(hash, &mut key, mode, Some(&unpark)) {
                     Begin::Held(slot) => Poll::Ready(slot),
                     Begin::Queued(slot, id) => {
                         queued = Some(Queued {

@@ -27,10 +27,6 @@ pub(crate) trait LockKind: Default {
 
     /// Whether nobody holds the key.
     fn is_free(&self) -> bool;
-
-    /// Whether a holder in `mode` is the only holder, so that the holding
-    /// thread can be remembered for the reentrancy check.
-    fn is_exclusive(mode: Self::Mode) -> bool;
 }
 
 /// A mutex: one holder at a time.
@@ -62,11 +58,6 @@ impl LockKind for Exclusive {
     #[inline]
     fn is_free(&self) -> bool {
         !self.held
-    }
-
-    #[inline]
-    fn is_exclusive((): ()) -> bool {
-        true
     }
 }
 
@@ -122,10 +113,5 @@ impl LockKind for ReadWrite {
     #[inline]
     fn is_free(&self) -> bool {
         !self.writer && self.readers == 0
-    }
-
-    #[inline]
-    fn is_exclusive(mode: Access) -> bool {
-        mode == Access::Write
     }
 }

@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::core::{Core, Guard, SlotRef};
+use super::core::{Core, SlotRef};
 use super::kind::Exclusive;
 use crate::LazyRandomState;
 
@@ -49,31 +49,21 @@ use crate::LazyRandomState;
 ///   handed to it, it is released to the next waiter.
 /// - **Panics.** Guards release on drop, also during unwinding. There is no
 ///   poisoning: the lock protects no data of its own.
-/// - **Reentrancy.** A thread that calls [`lock`](Self::lock),
-///   [`lock_owned`](Self::lock_owned) or [`lock_many`](Self::lock_many) on a
-///   key it holds through a *borrowed* guard ([`KeyGuard`] or
-///   [`MultiKeyGuard`], from `lock`, `try_lock`, `try_lock_for` or
-///   `lock_many` on this thread) panics instead of deadlocking. The panic
-///   points at the calling line and names the map, its key type and where
-///   it was created. The check costs nothing until the key is found taken.
-///   It is deliberately partial, so that it never fires on a wait that
-///   would end:
-///   - [`OwnedKeyGuard`]s are not counted as held by the thread that took
-///     them (they are made to move): waiting for a key that this thread
-///     holds through one, still in hand, deadlocks undetected, as with
-///     `std::sync::Mutex`.
-///   - Async acquisitions are neither recorded nor checked (another task on
-///     the same thread may hold the key legitimately), and nor are
-///     [`try_lock_for`](Self::try_lock_for) waits (they only cost their
-///     timeout).
-///   - A borrowed guard that was moved to another thread (a scoped thread,
-///     or any thread when the map is a `static`) still counts as held by
-///     the thread that took it: that thread's `lock` of the key panics
-///     although the other thread would release it. Use
-///     [`lock_owned`](Self::lock_owned) for a guard that another thread
-///     releases.
-///   - A cycle through other threads (this thread waits for B's key while B
-///     waits for this thread's) is not detected.
+/// - **Reentrancy is not detected.** A thread that waits without a timeout
+///   for a key it holds itself waits forever, as with `std::sync::Mutex`.
+///   Guards are `Send`, so a thread that took a guard may have moved it to
+///   another thread (a scoped thread, a worker of a `static` map, a
+///   channel), which will release it: such a wait ends, and nothing the map
+///   can see tells the two cases apart. A check that panicked on "this
+///   thread took the key" would fire on waits that succeed, so there is
+///   none. Code that may re-lock on one thread can use
+///   [`try_lock`](Self::try_lock) or [`try_lock_for`](Self::try_lock_for),
+///   which answer `None` instead. (Initialisers are different: a
+///   [`SingletonMap`](crate::SingletonMap) or [`Singleton`](crate::Singleton)
+///   initialiser runs on the calling thread and cannot move, so reentrant
+///   initialisation is detected and panics.) A cycle through other threads
+///   is not detected either; [`lock_many`](Self::lock_many) avoids the
+///   common one.
 /// - **Fairness.** Waiters queue in arrival order. A release wakes the
 ///   front waiter and leaves the key free, so a running thread may take it
 ///   first (barging, as with `parking_lot::Mutex`): a hot key stays busy
@@ -92,7 +82,7 @@ use crate::LazyRandomState;
 /// - `lockmap::LockMap`: also removes idle entries correctly, and locks
 ///   batches of keys in sorted order; it is a key-value map with per-entry
 ///   locking, blocking only. `KeyedLocks` adds async and owned guards,
-///   timeouts, reentrancy detection, statistics, and a reader-writer form
+///   timeouts, statistics, and a reader-writer form
 ///   ([`KeyedRwLocks`](crate::KeyedRwLocks)).
 pub struct KeyedLocks<K, S = LazyRandomState> {
     core: Core<K, Exclusive, S>,
@@ -105,11 +95,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     ///
     /// The key is cloned (`Q::to_owned`) only if this call creates its entry.
     ///
-    /// # Panics
-    ///
-    /// If this thread already holds `key` through a borrowed guard, which
-    /// would deadlock (see *Reentrancy* on [`KeyedLocks`] for what is and is
-    /// not detected). The panic points at the caller's line.
+    /// If this thread holds `key` itself, this waits forever (see
+    /// *Reentrancy* on [`KeyedLocks`]).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -130,13 +117,12 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 4);
     /// assert!(locks.is_empty());
     /// ```
-    #[track_caller]
     pub fn lock<Q>(&self, key: &Q) -> KeyGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, (), Guard::Borrowed);
+        let slot = self.core.acquire(key, ());
         KeyGuard::new(self, slot)
     }
 
@@ -162,9 +148,6 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// Locks `key`, waiting at most `timeout`. Returns `None` if the key
     /// stayed taken; the waiter then leaves the queue and, if it was the
     /// last party interested in the key, removes its entry.
-    ///
-    /// Not checked for reentrancy: waiting for a key this thread holds only
-    /// costs the timeout.
     ///
     /// ```
     /// use std::time::Duration;
@@ -222,12 +205,6 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// moved to another thread, this thread may wait for the key again and
     /// gets it when the other thread drops the guard.
     ///
-    /// # Panics
-    ///
-    /// As [`lock`](Self::lock), if this thread already holds `key` through a
-    /// borrowed guard. (Waiting for a key held by an owned guard that is
-    /// still on this thread deadlocks undetected.)
-    ///
     /// ```
     /// use std::sync::Arc;
     ///
@@ -244,13 +221,12 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// worker.join().unwrap();
     /// assert!(locks.is_empty());
     /// ```
-    #[track_caller]
     pub fn lock_owned<Q>(self: &Arc<Self>, key: &Q) -> OwnedKeyGuard<K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, (), Guard::Owned);
+        let slot = self.core.acquire(key, ());
         OwnedKeyGuard::new(self.clone(), slot)
     }
 
@@ -292,10 +268,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// holds one key through [`lock`](Self::lock) and then calls `lock_many`
     /// can still deadlock against another thread doing the opposite.
     ///
-    /// # Panics
-    ///
-    /// As [`lock`](Self::lock), if this thread already holds one of the
-    /// keys; the keys taken so far are released.
+    /// As with [`lock`](Self::lock), a thread that already holds one of the
+    /// keys itself waits forever.
     ///
     /// ```
     /// let locks = toctou::KeyedLocks::<String>::new();
@@ -310,7 +284,6 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
     /// let ids = toctou::KeyedLocks::<u32>::new();
     /// assert_eq!(ids.lock_many(&[9, 3, 9]).len(), 2);
     /// ```
-    #[track_caller]
     pub fn lock_many<'q, I, Q>(&self, keys: I) -> MultiKeyGuard<'_, K, S>
     where
         I: IntoIterator<Item = &'q Q>,
@@ -323,7 +296,7 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedLocks<K, S> {
             slots: Vec::with_capacity(keys.len()),
         };
         for key in keys {
-            let slot = self.core.acquire(key, (), Guard::Borrowed);
+            let slot = self.core.acquire(key, ());
             guard.slots.push(slot);
         }
         guard

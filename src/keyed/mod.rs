@@ -25,7 +25,7 @@ macro_rules! keyed_map_common {
             /// empty again in every execution of a model.
             ///
             /// The caller's location is recorded (`#[track_caller]`) and
-            /// named in the reentrancy panic.
+            /// shown by `Debug`, to tell maps apart.
             ///
             /// ```
             #[doc = concat!("static MAP: toctou::", stringify!($ty), "<String> = toctou::", stringify!($ty), "::new();")]
@@ -131,6 +131,7 @@ macro_rules! keyed_map_common {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.debug_struct(stringify!($ty))
                     .field("len", &self.len())
+                    .field("created_at", &format_args!("{}", self.core.created_at()))
                     .finish_non_exhaustive()
             }
         }

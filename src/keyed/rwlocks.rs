@@ -6,7 +6,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
 
-use super::core::{Core, Guard, SlotRef};
+use super::core::{Core, SlotRef};
 use super::kind::{Access, ReadWrite};
 use crate::LazyRandomState;
 
@@ -21,17 +21,11 @@ use crate::LazyRandomState;
 /// - **Writers do not starve.** A new reader queues behind a waiting writer
 ///   instead of joining the readers who hold the key. When the key is handed
 ///   over, consecutive readers at the front of the queue get it together.
-/// - **Reentrancy.** A thread that holds a key for writing through a
-///   [`KeyWriteGuard`] from [`write`](Self::write), `try_write` or
-///   `try_write_for` and calls [`read`](Self::read) or [`write`](Self::write)
-///   on it panics, at the calling line, naming the map and where it was
-///   created. A thread that holds a key for *reading* and asks again is not
-///   detected (readers are not tracked per thread): a second `read`
-///   succeeds unless a writer is queued, and then deadlocks, as with
-///   `std::sync::RwLock`; a `write` deadlocks. Async guards are not
-///   tracked, and a write guard moved to another thread still counts as
-///   held by the thread that took it (see *Reentrancy* on
-///   [`KeyedLocks`](crate::KeyedLocks)).
+/// - **Reentrancy is not detected**, as on
+///   [`KeyedLocks`](crate::KeyedLocks): a thread that holds a key for
+///   writing and asks for it again waits forever; one that holds it for
+///   reading gets a second read unless a writer is queued, and then waits
+///   forever, as with `std::sync::RwLock`.
 ///
 /// Per-file context, as in the race report's agents scenario: many readers
 /// of a file at once, one writer at a time, and no torn reads.
@@ -59,10 +53,8 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// Locks `key` for reading, parking the thread while a writer holds it
     /// or waits for it.
     ///
-    /// # Panics
-    ///
-    /// If this thread holds `key` for writing through a [`KeyWriteGuard`]
-    /// from a blocking call; the panic points at the caller's line.
+    /// A thread that holds `key` for writing itself waits forever (see
+    /// *Reentrancy* on [`KeyedLocks`](crate::KeyedLocks)).
     ///
     /// ```
     /// let files = toctou::KeyedRwLocks::<String>::new();
@@ -70,23 +62,20 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// let b = files.read("a.txt"); // readers share
     /// assert_eq!(a.key(), b.key());
     /// ```
-    #[track_caller]
     pub fn read<Q>(&self, key: &Q) -> KeyReadGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, Access::Read, Guard::Borrowed);
+        let slot = self.core.acquire(key, Access::Read);
         KeyReadGuard { locks: self, slot }
     }
 
     /// Locks `key` for writing, parking the thread while anybody else holds
     /// it.
     ///
-    /// # Panics
-    ///
-    /// If this thread holds `key` for writing through a [`KeyWriteGuard`]
-    /// from a blocking call; the panic points at the caller's line.
+    /// A thread that holds `key` for writing itself waits forever (see
+    /// *Reentrancy* on [`KeyedLocks`](crate::KeyedLocks)).
     ///
     /// ```
     /// let files = toctou::KeyedRwLocks::<String>::new();
@@ -94,13 +83,12 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
     /// assert!(files.try_read("a.txt").is_none());
     /// # drop(w);
     /// ```
-    #[track_caller]
     pub fn write<Q>(&self, key: &Q) -> KeyWriteGuard<'_, K, S>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let slot = self.core.acquire(key, Access::Write, Guard::Borrowed);
+        let slot = self.core.acquire(key, Access::Write);
         KeyWriteGuard { locks: self, slot }
     }
 
