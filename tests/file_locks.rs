@@ -102,6 +102,7 @@ fn child_process_entry() {
             let _ = std::io::stdin().read_line(&mut line);
         }
         "cancelled_futures" => child_cancelled_futures(&dir, &key),
+        "churn" => child_churn(&dir),
         other => panic!("unknown role {other}"),
     }
 }
@@ -763,4 +764,197 @@ fn try_lock_shared_joins_this_processs_readers_while_others_come_and_go() {
         "the last reader deleted the file"
     );
     std::fs::remove_dir(&dir).unwrap();
+}
+
+/// This thread's id, as `/proc/self/task/<tid>` names it.
+fn tid() -> String {
+    let link = std::fs::read_link("/proc/thread-self").unwrap();
+    link.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// Waits until thread `tid` of this process sleeps (state `S`): a thread
+/// whose only blocking point is the in-process queue is then queued.
+fn wait_until_sleeping(tid: &str) {
+    let stat = format!("/proc/self/task/{tid}/stat");
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&stat).unwrap();
+        let state = text.rsplit(')').next().unwrap().trim_start().chars().next();
+        if state == Some('S') {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "thread {tid} never slept"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn a_release_hands_the_os_lock_to_a_waiting_thread_without_deleting_the_file() {
+    // In the deleting mode a release to the OS unlinks the file. Handed over
+    // in-process, the file stays: a descriptor of our own sees it linked
+    // until the last holder, who has no waiter, deletes it. A hold longer
+    // than the chain's time bound (5 ms) goes to the OS by design, so an
+    // attempt whose hold took longer (a slow machine) is tried again.
+    use std::os::unix::fs::MetadataExt;
+    let dir = base("handover");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let mut handed_over = None;
+    for _attempt in 0..50 {
+        let first = locks.lock("k").unwrap();
+        let taken = Instant::now();
+        let file = std::fs::File::open(locks.path_of("k")).unwrap();
+        let linked = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (got_tx, got_rx) = std::sync::mpsc::channel();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let locks = &locks;
+            s.spawn(move || {
+                tx.send(tid()).unwrap();
+                let second = locks.lock("k").unwrap();
+                got_tx.send(()).unwrap();
+                let _ = done_rx.recv();
+                drop(second);
+            });
+            wait_until_sleeping(&rx.recv().unwrap());
+            let in_time = taken.elapsed() < Duration::from_millis(4);
+            drop(first);
+            got_rx.recv().unwrap();
+            let linked = file.metadata().unwrap().nlink();
+            drop(done_tx);
+            in_time.then_some(linked)
+        });
+        assert_eq!(
+            file.metadata().unwrap().nlink(),
+            0,
+            "the last holder deletes it"
+        );
+        if let Some(linked) = linked {
+            handed_over = Some(linked == 1);
+            break;
+        }
+    }
+    assert_eq!(
+        handed_over,
+        Some(true),
+        "handed over: the file was neither deleted nor re-created (None: no \
+         attempt held the key for less than 4 ms)"
+    );
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn a_chain_of_in_process_hand_overs_does_not_starve_another_process() {
+    // Two threads of this process take the key in turns, each always queued
+    // when the other releases: without the chain's bound the OS lock would
+    // never leave this process. A child process must still get the key.
+    let dir = base("chain");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rounds = AtomicUsize::new(0);
+    let waited = std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let _guard = locks.lock("hot").unwrap();
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            });
+        }
+        while rounds.load(Ordering::Relaxed) < 100 {
+            std::thread::yield_now();
+        }
+        let start = Instant::now();
+        let mut child = spawn_child("hold", &dir, "hot");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            let locked = lines.any(|l| l.is_ok_and(|l| l.ends_with("LOCKED")));
+            let _ = tx.send(locked);
+        });
+        let got = rx.recv_timeout(Duration::from_secs(20));
+        let waited = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        drop(child.stdin.take());
+        if got.is_err() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        assert_eq!(got, Ok(true), "the child never got the key");
+        waited
+    });
+    println!(
+        "the child got the key after {waited:?}, with {} in-process rounds",
+        rounds.load(Ordering::Relaxed)
+    );
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// In a child, so that no other test opens descriptors meanwhile: 4 threads
+/// lock, time out, cancel async waits and lock shared over two keys, so
+/// that hand-overs meet waiters that give up. Afterwards no descriptor is
+/// open, no file is left, and another `FileLocks` of the directory (which
+/// excludes this one as another process would) gets both keys at once.
+fn child_churn(dir: &Path) {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let before = open_fds();
+    std::thread::scope(|s| {
+        for t in 0..4usize {
+            let locks = &locks;
+            s.spawn(move || {
+                for i in 0..400usize {
+                    let key = ["a", "b"][(i / 3 + t) % 2];
+                    let held = match (i * 7 + t) % 5 {
+                        0 => Some(locks.lock(key).unwrap()),
+                        1 => locks
+                            .try_lock_for(key, Duration::from_micros((i % 4 * 40) as u64))
+                            .unwrap(),
+                        2 => locks
+                            .try_lock_shared_for(key, Duration::from_micros((i % 3 * 30) as u64))
+                            .unwrap(),
+                        3 => {
+                            let mut fut = std::pin::pin!(locks.lock_async(key));
+                            match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                                Poll::Ready(guard) => Some(guard.unwrap()),
+                                Poll::Pending => None, // cancelled
+                            }
+                        }
+                        _ => Some(locks.lock_shared(key).unwrap()),
+                    };
+                    if held.is_some() {
+                        std::thread::sleep(Duration::from_micros((i % 3 * 20) as u64));
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(open_fds(), before, "a descriptor was left open");
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    let other = FileLocks::open(dir.join("locks")).unwrap();
+    let a = other.try_lock("a").unwrap();
+    let b = other.try_lock("b").unwrap();
+    assert!(a.is_some() && b.is_some(), "a lock stayed parked");
+    println!("CHURN OK");
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run processes")]
+fn waiters_that_give_up_during_hand_overs_leave_nothing_behind() {
+    let dir = base("churn");
+    let mut child = spawn_child("churn", &dir, "");
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the churn child failed");
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

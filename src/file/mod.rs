@@ -5,14 +5,18 @@
 //!   before unlock; the shared holder's upgrade; prune), generic over a
 //!   small file-system trait so that loom runs it over a simulated one.
 //! - `sys.rs`: that trait over the real syscalls.
+//! - `layer.rs`: the in-process layer (queueing per key, the shared OS
+//!   lock per key, the exclusive hand-over without syscalls), generic over
+//!   the same trait.
 //! - `name.rs`: the stable key → file name mapping.
-//! - this file: the public front-end and its in-process layer.
+//! - this file: the public front-end: directory checks, blocking, polling
+//!   and async waits, errors with context.
 
+pub mod layer;
 mod name;
 pub mod protocol;
 mod sys;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -23,9 +27,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use self::layer::{Hold, Layer};
 use self::protocol::{Failed, Mode, Wait};
-use crate::sync::Mutex;
-use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
+use crate::{KeyReadGuard, KeyWriteGuard};
 
 /// Per-key reader-writer locks shared by every process on the machine that
 /// opens the same directory: the on-disk counterpart of
@@ -73,6 +77,15 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 ///   (exclusive) and [`lock_shared`](Self::lock_shared), each with `try_`,
 ///   `try_..._for` (timeout) and `..._async` forms. Any number of shared
 ///   holders, across processes, or one exclusive holder.
+/// - **Hand-over within a process.** An exclusive holder that releases
+///   while another caller of this process waits for the key passes the OS
+///   lock on without a system call: no unlock, close, open, lock or stat.
+///   The chain is bounded so that other processes are not starved: the OS
+///   lock is handed over at most 16 times in a row, and not at all once
+///   this process has held it for 5 ms; that release goes to the OS
+///   (unlock, and unlink in the deleting mode), where other processes'
+///   waiters compete for it. A shared waiter that is handed an exclusive
+///   lock gives it up and takes a shared one.
 /// - **Errors** are [`io::Error`]s that name the key, the path and the
 ///   failed step (open, lock, fstat, stat, unlink, ...), with the system's
 ///   error kind: a deleted directory, a read-only file system, `EMFILE`.
@@ -185,26 +198,9 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 ///
 /// Available on Linux (the crate's `libc` dependency is Linux-only).
 pub struct FileLocks {
-    dir: sys::Dir,
+    layer: Layer<sys::Dir>,
     path: PathBuf,
     keep_files: bool,
-    /// The in-process layer: exclusive callers take the key for writing,
-    /// shared callers for reading.
-    keyed: KeyedRwLocks<String>,
-    /// Serialises this process's shared callers of one key while they
-    /// create or give up the key's one shared OS lock (in `shared`).
-    gate: KeyedLocks<String>,
-    /// The keys this process holds shared: one descriptor and a count of
-    /// this process's shared holders each. Entries are created and removed
-    /// only under `gate`; joining an existing entry (a count going up) needs
-    /// only this mutex, under which the last holder's decrement and removal
-    /// happen too.
-    shared: Mutex<HashMap<String, SharedOs>>,
-}
-
-struct SharedOs {
-    fd: OwnedFd,
-    holders: usize,
 }
 
 /// Options for [`FileLocks`]: how strict the directory checks are and
@@ -410,12 +406,9 @@ impl FileLocksBuilder {
             ));
         }
         Ok(FileLocks {
-            dir,
+            layer: Layer::new(dir, !self.keep_files),
             path: path.to_path_buf(),
             keep_files: self.keep_files,
-            keyed: KeyedRwLocks::new(),
-            gate: KeyedLocks::new(),
-            shared: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -546,7 +539,8 @@ impl FileLocks {
         how: How,
     ) -> io::Result<Option<OwnedFd>> {
         let once = |wait| {
-            protocol::acquire(&self.dir, name, mode, wait).map_err(|f| self.error(key, name, f))
+            protocol::acquire(self.layer.fs(), name, mode, wait)
+                .map_err(|f| self.error(key, name, f))
         };
         match how {
             How::Block => once(Wait::Block),
@@ -584,64 +578,70 @@ impl FileLocks {
         }
     }
 
+    fn guard<'a>(&'a self, name: String, hold: Hold<'a, sys::Dir>) -> FileGuard<'a> {
+        FileGuard {
+            locks: self,
+            name,
+            hold: Some(hold),
+        }
+    }
+
+    /// The exclusive acquisition once the in-process key is held: the OS
+    /// lock handed over by this process's last holder, or a new one taken
+    /// as `how` says.
     fn exclusive<'a>(
         &'a self,
-        key: KeyWriteGuard<'a, String>,
-        fd: Option<OwnedFd>,
-    ) -> Option<FileGuard<'a>> {
-        let name = name::file_name(key.key());
-        Some(FileGuard {
-            locks: self,
-            name,
-            held: Held::Exclusive { fd: Some(fd?), key },
-        })
-    }
-
-    /// Joins the key's shared OS lock, taking it if this process holds it
-    /// shared nowhere else. Called with `gate` held for the key.
-    /// Joins this process's shared lock of the key if there is one; gives
-    /// the read guard back if there is none.
-    fn join_existing<'a>(
-        &'a self,
-        key: KeyReadGuard<'a, String>,
-    ) -> Result<FileGuard<'a>, KeyReadGuard<'a, String>> {
-        let joined = match self.shared.lock().get_mut(key.key()) {
-            Some(os) => {
-                os.holders += 1;
-                true
-            }
-            None => false,
-        };
-        if !joined {
-            return Err(key);
-        }
-        Ok(FileGuard {
-            locks: self,
-            name: name::file_name(key.key()),
-            held: Held::Shared { joined: true, key },
-        })
-    }
-
-    fn join_shared<'a>(
-        &'a self,
-        key: KeyReadGuard<'a, String>,
-        take: impl FnOnce(&str) -> io::Result<Option<OwnedFd>>,
+        key: &str,
+        name: String,
+        held: KeyWriteGuard<'a, String>,
+        how: How,
     ) -> io::Result<Option<FileGuard<'a>>> {
-        let key = match self.join_existing(key) {
-            Ok(joined) => return Ok(Some(joined)),
-            Err(key) => key,
+        let held = match self.layer.take_parked(held) {
+            Ok(hold) => return Ok(Some(self.guard(name, hold))),
+            Err(held) => held,
         };
-        let name = name::file_name(key.key());
-        let Some(fd) = take(&name)? else {
+        let Some(fd) = self.os_acquire(key, &name, Mode::Exclusive, how)? else {
             return Ok(None);
         };
-        let os = SharedOs { fd, holders: 1 };
-        self.shared.lock().insert(key.key().clone(), os);
-        Ok(Some(FileGuard {
-            locks: self,
-            name,
-            held: Held::Shared { joined: true, key },
-        }))
+        Ok(Some(self.guard(name, self.layer.exclusive(held, fd))))
+    }
+
+    /// The first step of every shared acquisition once the in-process key
+    /// is held for reading: releases an exclusive OS lock that this
+    /// process's last holder handed over (a reader cannot use it), then
+    /// joins the process's shared OS lock of the key if there is one.
+    fn shared_first<'a>(
+        &'a self,
+        key: &str,
+        name: String,
+        held: KeyReadGuard<'a, String>,
+    ) -> io::Result<Result<FileGuard<'a>, (String, KeyReadGuard<'a, String>)>> {
+        self.layer
+            .release_parked(&held, &name)
+            .map_err(|f| self.error(key, &name, f))?;
+        Ok(match self.layer.join_existing(held) {
+            Ok(hold) => Ok(self.guard(name, hold)),
+            Err(held) => Err((name, held)),
+        })
+    }
+
+    /// The rest of a shared acquisition, with the key's gate held: joins a
+    /// shared OS lock created meanwhile, or takes one as `how` says.
+    fn shared_rest<'a>(
+        &'a self,
+        key: &str,
+        name: String,
+        held: KeyReadGuard<'a, String>,
+        how: How,
+    ) -> io::Result<Option<FileGuard<'a>>> {
+        let held = match self.layer.join_existing(held) {
+            Ok(hold) => return Ok(Some(self.guard(name, hold))),
+            Err(held) => held,
+        };
+        let Some(fd) = self.os_acquire(key, &name, Mode::Shared, how)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.guard(name, self.layer.join_new(held, fd))))
     }
 
     /// Locks `key` exclusively, waiting as long as it takes: first for this
@@ -678,12 +678,9 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn lock(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let held = self.keyed.write(key);
-        let name = name::file_name(key);
-        let fd = self.os_acquire(key, &name, Mode::Exclusive, How::Block)?;
-        Ok(self
-            .exclusive(held, fd)
-            .expect("a blocking lock returns a descriptor"))
+        let held = self.layer.keyed().write(key);
+        let guard = self.exclusive(key, name::file_name(key), held, How::Block)?;
+        Ok(guard.expect("a blocking lock returns a descriptor"))
     }
 
     /// Locks `key` exclusively if nobody, in this process or another, holds
@@ -706,12 +703,10 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
-        let Some(held) = self.keyed.try_write(key) else {
+        let Some(held) = self.layer.keyed().try_write(key) else {
             return Ok(None);
         };
-        let name = name::file_name(key);
-        let fd = self.os_acquire(key, &name, Mode::Exclusive, How::Try)?;
-        Ok(self.exclusive(held, fd))
+        self.exclusive(key, name::file_name(key), held, How::Try)
     }
 
     /// Locks `key` exclusively, waiting at most about `timeout` (in-process
@@ -737,12 +732,11 @@ impl FileLocks {
     /// ```
     pub fn try_lock_for(&self, key: &str, timeout: Duration) -> io::Result<Option<FileGuard<'_>>> {
         let deadline = Instant::now().checked_add(timeout);
-        let Some(held) = self.keyed.try_write_for(key, timeout) else {
+        let name = name::file_name(key);
+        let Some(held) = self.layer.try_write_for(key, &name, timeout) else {
             return Ok(None);
         };
-        let name = name::file_name(key);
-        let fd = self.os_acquire(key, &name, Mode::Exclusive, How::Until(deadline))?;
-        Ok(self.exclusive(held, fd))
+        self.exclusive(key, name, held, How::Until(deadline))
     }
 
     /// Locks `key` exclusively without blocking the thread; runtime-agnostic.
@@ -771,10 +765,14 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn lock_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let held = self.keyed.write_async(key).await;
         let name = name::file_name(key);
+        let held = self.layer.write_async(key, &name).await;
+        let held = match self.layer.take_parked(held) {
+            Ok(hold) => return Ok(self.guard(name, hold)),
+            Err(held) => held,
+        };
         let fd = self.os_acquire_async(key, &name, Mode::Exclusive).await?;
-        Ok(self.exclusive(held, Some(fd)).expect("a descriptor"))
+        Ok(self.guard(name, self.layer.exclusive(held, fd)))
     }
 
     /// Locks `key` shared, waiting as long as it takes. Any number of
@@ -800,11 +798,13 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn lock_shared(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let held = self.keyed.read(key);
-        let _gate = self.gate.lock(key);
-        let guard = self.join_shared(held, |name| {
-            self.os_acquire(key, name, Mode::Shared, How::Block)
-        })?;
+        let held = self.layer.keyed().read(key);
+        let (name, held) = match self.shared_first(key, name::file_name(key), held)? {
+            Ok(joined) => return Ok(joined),
+            Err(rest) => rest,
+        };
+        let _gate = self.layer.gate().lock(key);
+        let guard = self.shared_rest(key, name, held, How::Block)?;
         Ok(guard.expect("a blocking lock returns a descriptor"))
     }
 
@@ -833,24 +833,22 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock_shared(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
-        let Some(held) = self.keyed.try_read(key) else {
+        let Some(held) = self.layer.keyed().try_read(key) else {
             return Ok(None);
         };
         // Joining a shared lock this process already holds needs no gate:
-        // the count goes up under the map's mutex, where the last holder's
-        // decrement and removal happen too. Only creating one takes the
-        // gate, which another caller holds while it creates or releases
-        // the process's shared lock (then this try gives up, as before).
-        let held = match self.join_existing(held) {
-            Ok(guard) => return Ok(Some(guard)),
-            Err(held) => held,
+        // the count goes up under the layer's mutex, where the last
+        // holder's decrement and removal happen too. Only creating one
+        // takes the gate, which another caller holds while it creates or
+        // releases the process's shared lock (then this try gives up).
+        let (name, held) = match self.shared_first(key, name::file_name(key), held)? {
+            Ok(joined) => return Ok(Some(joined)),
+            Err(rest) => rest,
         };
-        let Some(_gate) = self.gate.try_lock(key) else {
+        let Some(_gate) = self.layer.gate().try_lock(key) else {
             return Ok(None);
         };
-        self.join_shared(held, |name| {
-            self.os_acquire(key, name, Mode::Shared, How::Try)
-        })
+        self.shared_rest(key, name, held, How::Try)
     }
 
     /// Locks `key` shared, waiting at most about `timeout`; `Ok(None)` on
@@ -877,16 +875,19 @@ impl FileLocks {
         timeout: Duration,
     ) -> io::Result<Option<FileGuard<'_>>> {
         let deadline = Instant::now().checked_add(timeout);
-        let Some(held) = self.keyed.try_read_for(key, timeout) else {
+        let name = name::file_name(key);
+        let Some(held) = self.layer.try_read_for(key, &name, timeout) else {
             return Ok(None);
+        };
+        let (name, held) = match self.shared_first(key, name, held)? {
+            Ok(joined) => return Ok(Some(joined)),
+            Err(rest) => rest,
         };
         let left = deadline.map_or(timeout, |at| at.saturating_duration_since(Instant::now()));
-        let Some(_gate) = self.gate.try_lock_for(key, left) else {
+        let Some(_gate) = self.layer.gate().try_lock_for(key, left) else {
             return Ok(None);
         };
-        self.join_shared(held, |name| {
-            self.os_acquire(key, name, Mode::Shared, How::Until(deadline))
-        })
+        self.shared_rest(key, name, held, How::Until(deadline))
     }
 
     /// Locks `key` shared without blocking the thread; runtime-agnostic and
@@ -912,29 +913,19 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn lock_shared_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let held = self.keyed.read_async(key).await;
-        let _gate = self.gate.lock_async(key).await;
         let name = name::file_name(key);
-        let joined = match self.shared.lock().get_mut(key) {
-            Some(os) => {
-                os.holders += 1;
-                true
-            }
-            None => false,
+        let held = self.layer.read_async(key, &name).await;
+        let (name, held) = match self.shared_first(key, name, held)? {
+            Ok(joined) => return Ok(joined),
+            Err(rest) => rest,
         };
-        if !joined {
-            let fd = self.os_acquire_async(key, &name, Mode::Shared).await?;
-            let os = SharedOs { fd, holders: 1 };
-            self.shared.lock().insert(key.to_owned(), os);
-        }
-        Ok(FileGuard {
-            locks: self,
-            name,
-            held: Held::Shared {
-                joined: true,
-                key: held,
-            },
-        })
+        let _gate = self.layer.gate().lock_async(key).await;
+        let held = match self.layer.join_existing(held) {
+            Ok(hold) => return Ok(self.guard(name, hold)),
+            Err(held) => held,
+        };
+        let fd = self.os_acquire_async(key, &name, Mode::Shared).await?;
+        Ok(self.guard(name, self.layer.join_new(held, fd)))
     }
 
     /// Removes the lock files in the directory that nobody holds, and
@@ -968,7 +959,7 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn prune(&self) -> io::Result<usize> {
-        protocol::prune(&self.dir, name::is_lock_name).map_err(|f| {
+        protocol::prune(self.layer.fs(), name::is_lock_name).map_err(|f| {
             io::Error::new(
                 f.error.kind(),
                 format!(
@@ -1015,20 +1006,8 @@ impl fmt::Debug for FileLocks {
 pub struct FileGuard<'a> {
     locks: &'a FileLocks,
     name: String,
-    held: Held<'a>,
-}
-
-enum Held<'a> {
-    /// `fd` is `None` once released.
-    Exclusive {
-        fd: Option<OwnedFd>,
-        key: KeyWriteGuard<'a, String>,
-    },
-    /// `joined`: counted in `FileLocks::shared` (until released).
-    Shared {
-        joined: bool,
-        key: KeyReadGuard<'a, String>,
-    },
+    /// `None` once released.
+    hold: Option<Hold<'a, sys::Dir>>,
 }
 
 impl FileGuard<'_> {
@@ -1044,10 +1023,8 @@ impl FileGuard<'_> {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn key(&self) -> &str {
-        match &self.held {
-            Held::Exclusive { key, .. } => key.key(),
-            Held::Shared { key, .. } => key.key(),
-        }
+        // Released only by `unlock(self)` and `drop`: never seen empty.
+        self.hold.as_ref().map_or("", Hold::key)
     }
 
     /// Whether the key is held shared (not exclusively).
@@ -1062,7 +1039,7 @@ impl FileGuard<'_> {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn is_shared(&self) -> bool {
-        matches!(self.held, Held::Shared { .. })
+        self.hold.as_ref().is_some_and(Hold::is_shared)
     }
 
     /// Releases the key now and reports a failure to delete or unlock the
@@ -1087,43 +1064,16 @@ impl FileGuard<'_> {
         self.release()
     }
 
-    /// Gives up the OS lock (idempotent); the in-process key is released
-    /// after it, when the fields drop.
+    /// Releases the key (idempotent): hands the OS lock over to a waiter
+    /// of this process, or gives it up.
     fn release(&mut self) -> io::Result<()> {
-        let locks = self.locks;
-        let delete = !locks.keep_files;
-        match &mut self.held {
-            Held::Exclusive { fd, key } => match fd.take() {
-                None => Ok(()),
-                Some(fd) => protocol::release(&locks.dir, &self.name, fd, Mode::Exclusive, delete)
-                    .map_err(|f| locks.error(key.key(), &self.name, f)),
-            },
-            Held::Shared { joined, key } => {
-                if !std::mem::take(joined) {
-                    return Ok(());
-                }
-                let _gate = locks.gate.lock(key.key().as_str());
-                let last = {
-                    let mut shared = locks.shared.lock();
-                    let os = shared
-                        .get_mut(key.key())
-                        .expect("a shared holder is counted");
-                    os.holders -= 1;
-                    if os.holders == 0 {
-                        shared.remove(key.key())
-                    } else {
-                        None
-                    }
-                };
-                match last {
-                    None => Ok(()),
-                    Some(os) => {
-                        protocol::release(&locks.dir, &self.name, os.fd, Mode::Shared, delete)
-                            .map_err(|f| locks.error(key.key(), &self.name, f))
-                    }
-                }
-            }
-        }
+        let Some(hold) = self.hold.take() else {
+            return Ok(());
+        };
+        self.locks
+            .layer
+            .release(hold, &self.name)
+            .map_err(|(key, failed)| self.locks.error(&key, &self.name, failed))
     }
 }
 

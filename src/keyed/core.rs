@@ -510,6 +510,22 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         drop(freed);
     }
 
+    /// Whether anybody is queued for the key held through `slot`.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `slot`'s key.
+    pub(crate) unsafe fn has_waiters(&self, slot: SlotRef<K, L>) -> bool {
+        // SAFETY: we hold the key, so the slot is live.
+        let hash = unsafe { slot.get().hash };
+        let shard = self.table.read(hash);
+        // SAFETY: we hold the shard lock for reading, and the state is only
+        // written under its write lock; our hold keeps the slot live.
+        let queued = !unsafe { slot.get().state_ref() }.queue.is_empty();
+        drop(shard);
+        queued
+    }
+
     /// The rest of a release when waiters are queued, still under the shard
     /// lock: dispatch them, and wake them after unlocking.
     #[cold]
@@ -553,11 +569,16 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     /// One acquisition attempt: the check and the act in one critical
     /// section. `enqueue`: how to wake the caller if it must wait; without
     /// it, a taken key returns [`Begin::Busy`] and nothing changes.
+    /// `barge`: whether the caller may take a free key while waiters are
+    /// queued whose front one was woken (every caller but
+    /// [`try_acquire_unqueued`](Self::try_acquire_unqueued)).
+    #[inline]
     fn begin<A: KeyArg<K>>(
         &self,
         hash: u64,
         key: &mut A,
         mode: L::Mode,
+        barge: bool,
         enqueue: Option<&dyn Fn() -> Unpark>,
     ) -> Begin<K, L>
     where
@@ -602,7 +623,10 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let state = unsafe { slot.get().state() };
         // A newcomer may take a grantable lock unless somebody queued has
         // not yet been offered it (then the front waiter is owed it).
-        let may_take = state.queue.front().is_none_or(|front| front.data.woken);
+        let may_take = state
+            .queue
+            .front()
+            .is_none_or(|front| barge && front.data.woken);
         if may_take && state.lock.can_acquire(mode) {
             state.grant(mode);
             counters.acquisitions += 1;
@@ -712,7 +736,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let (slot, id) = loop {
             // Spin while the budget lasts, then queue.
             let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
-            match self.begin(hash, &mut key, mode, enqueue) {
+            match self.begin(hash, &mut key, mode, true, enqueue) {
                 Begin::Held(slot) => return Some(slot),
                 Begin::Queued(slot, id) => break (slot, id),
                 Begin::Busy => spin.spin(),
@@ -771,7 +795,25 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        match self.begin(hash, &mut key, mode, None) {
+        match self.begin(hash, &mut key, mode, true, None) {
+            Begin::Held(slot) => Some(slot),
+            Begin::Queued(..) | Begin::Busy => None,
+        }
+    }
+
+    /// One acquisition attempt that succeeds only if nobody holds the key
+    /// and nobody is queued for it, not even a woken waiter on its way back.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn try_acquire_unqueued<A: KeyArg<K>>(
+        &self,
+        mut key: A,
+        mode: L::Mode,
+    ) -> Option<SlotRef<K, L>>
+    where
+        K: Borrow<A::Q>,
+    {
+        let hash = self.hash(key.get());
+        match self.begin(hash, &mut key, mode, false, None) {
             Begin::Held(slot) => Some(slot),
             Begin::Queued(..) | Begin::Busy => None,
         }
@@ -794,7 +836,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             None => {
                 let waker = cx.waker();
                 let unpark = || Unpark::Task(waker.clone());
-                match self.begin(hash, &mut key, mode, Some(&unpark)) {
+                match self.begin(hash, &mut key, mode, true, Some(&unpark)) {
                     Begin::Held(slot) => Poll::Ready(slot),
                     Begin::Queued(slot, id) => {
                         queued = Some(Queued {

@@ -299,4 +299,28 @@ macro_rules! rw_guard {
 }
 
 rw_guard!(KeyReadGuard, Access::Read);
+
+impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
+    /// Locks `key` for writing only if nobody holds it and nobody is queued
+    /// for it, not even a waiter that was woken and is on its way: for
+    /// `FileLocks`' sweep, which must leave a parked lock to such a waiter.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn try_write_unqueued(&self, key: &str) -> Option<KeyWriteGuard<'_, K, S>>
+    where
+        K: Borrow<str>,
+        str: ToOwned<Owned = K>,
+    {
+        let slot = self.core.try_acquire_unqueued(key, Access::Write)?;
+        Some(KeyWriteGuard { locks: self, slot })
+    }
+}
+
+impl<K, S> KeyWriteGuard<'_, K, S> {
+    /// Whether anybody is queued for the key (for `FileLocks`' hand-over).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn has_waiters(&self) -> bool {
+        // SAFETY: the guard holds the key.
+        unsafe { self.locks.core.has_waiters(self.slot) }
+    }
+}
 rw_guard!(KeyWriteGuard, Access::Write);
