@@ -23,6 +23,13 @@
 //! whatever the memory ordering. A blocked waiter that nobody wakes is a
 //! deadlock, which loom reports (a lost wake-up).
 //!
+//! The last models run the in-process layer (src/file/layer.rs, through the
+//! hidden `toctou::__file_layer`) over the same file system: an exclusive
+//! holder hands its OS lock to a waiter of its process without syscalls,
+//! and no lock may stay parked when that waiter gives up, is a reader, or
+//! competes with another process. A lock left parked blocks the next
+//! process forever: a loom deadlock.
+//!
 //! The models are bounded to two or three preemptions (each says which), so
 //! that the whole file runs in seconds; every mutant in
 //! scripts/loom-mutants.py that names this file is caught within the bound.
@@ -35,7 +42,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use loom::sync::atomic::AtomicUsize;
 use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 use loom::thread;
+use toctou::__file_layer::{Hold, Layer};
 use toctou::__file_protocol::{self as protocol, FileId, Fs, Mode, Wait};
+use toctou::{KeyReadGuard, KeyWriteGuard};
 
 #[derive(Default)]
 struct Inode {
@@ -389,6 +398,174 @@ fn prune_races_a_locker() {
         locker.join().unwrap();
         assert_eq!(fs.files(), 1, "keeping mode keeps the file");
         assert_eq!(protocol::prune(&fs, |_| true).unwrap(), 1);
+        assert_eq!(fs.files(), 0);
+        det.no_failed_release();
+    });
+}
+
+/// The key of the layer models (their file is [`NAME`]).
+const KEY: &str = "k";
+
+/// The exclusive acquisition of `FileLocks` (src/file/mod.rs) once the
+/// in-process key is held: the lock handed over for it, or a new one.
+fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: KeyWriteGuard<'a, String>) -> Hold<'a, SimFs> {
+    match layer.take_parked(held) {
+        Ok(hold) => hold,
+        Err(held) => {
+            let fd = protocol::acquire(layer.fs(), NAME, Mode::Exclusive, Wait::Block)
+                .unwrap()
+                .expect("a blocking acquire returns a descriptor");
+            layer.exclusive(held, fd)
+        }
+    }
+}
+
+/// The shared acquisition of `FileLocks` once the in-process key is held
+/// for reading: give up a lock handed over for it, join the process's
+/// shared lock, or take one under the gate.
+fn shared_hold<'a>(layer: &'a Layer<SimFs>, held: KeyReadGuard<'a, String>) -> Hold<'a, SimFs> {
+    layer.release_parked(&held, NAME).unwrap();
+    let held = match layer.join_existing(held) {
+        Ok(hold) => return hold,
+        Err(held) => held,
+    };
+    let _gate = layer.gate().lock(KEY);
+    let held = match layer.join_existing(held) {
+        Ok(hold) => return hold,
+        Err(held) => held,
+    };
+    let fd = protocol::acquire(layer.fs(), NAME, Mode::Shared, Wait::Block)
+        .unwrap()
+        .expect("a blocking acquire returns a descriptor");
+    layer.join_new(held, fd)
+}
+
+/// Holds `hold` for a moment (recorded by the detector), then releases it.
+fn work(layer: &Layer<SimFs>, det: &Detector, hold: Hold<'_, SimFs>) {
+    let mode = if hold.is_shared() {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    };
+    det.enter(mode);
+    det.leave(mode);
+    det.released(layer.release(hold, NAME).map_err(|(_, failed)| failed));
+}
+
+/// Another process takes the key exclusively and releases it: a lock left
+/// parked by the first would block it forever (a loom deadlock).
+fn another_process_locks(fs: &SimFs, det: &Detector) {
+    let other = Layer::new(fs.clone(), true);
+    let held = other.keyed().write(KEY);
+    let hold = exclusive_hold(&other, held);
+    work(&other, det, hold);
+}
+
+/// A holder releases while a waiter of its process gives up: the waiter's
+/// `write_async` future is polled once and, if it must wait, dropped. The
+/// release may hand the OS lock over (the waiter was queued when it
+/// looked) just as the waiter leaves. Afterwards another process gets the
+/// key and the directory is empty. Bounded to three preemptions (the
+/// waiter queues, the holder looks, the waiter leaves, the holder parks).
+///
+/// Catches: a parker that does not sweep after parking (the waiter left,
+/// and swept, between the parker's look and its parking); a waiter that
+/// gives up without sweeping; an exclusive taker that ignores the parked
+/// lock (it blocks on its own process's lock); parking after releasing
+/// the key (a taker in between finds nothing parked and blocks).
+#[test]
+fn a_hand_over_meets_a_waiter_that_gives_up() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    bounded(3).check(|| {
+        let fs = SimFs::default();
+        let det = Detector::default();
+        let layer = Arc::new(Layer::new(fs.clone(), true));
+        let held = layer.keyed().write(KEY);
+        let hold = exclusive_hold(&layer, held);
+        let waiter = {
+            let (layer, det) = (layer.clone(), det.clone());
+            thread::spawn(move || {
+                let mut wait = std::pin::pin!(layer.write_async(KEY, NAME));
+                if let Poll::Ready(held) =
+                    wait.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                {
+                    let hold = exclusive_hold(&layer, held);
+                    work(&layer, &det, hold);
+                }
+                // Still waiting: dropped here, which cancels the wait.
+            })
+        };
+        work(&layer, &det, hold);
+        waiter.join().unwrap();
+        another_process_locks(&fs, &det);
+        assert_eq!(fs.files(), 0);
+        assert!(layer.keyed().is_empty());
+        det.no_failed_release();
+    });
+}
+
+/// A holder releases while a waiter of its process blocks for the key and
+/// another process blocks for it too: the key goes from one to the next
+/// (handed over in-process, or through the OS), never to two at once, and
+/// nobody waits forever. Bounded to two preemptions.
+///
+/// Catches: an exclusive taker that ignores the parked lock; parking after
+/// releasing the key.
+#[test]
+fn a_hand_over_and_another_process() {
+    bounded(2).check(|| {
+        let fs = SimFs::default();
+        let det = Detector::default();
+        let layer = Arc::new(Layer::new(fs.clone(), true));
+        let held = layer.keyed().write(KEY);
+        let hold = exclusive_hold(&layer, held);
+        let waiter = {
+            let (layer, det) = (layer.clone(), det.clone());
+            thread::spawn(move || {
+                let held = layer.keyed().write(KEY);
+                let hold = exclusive_hold(&layer, held);
+                work(&layer, &det, hold);
+            })
+        };
+        let other = {
+            let (fs, det) = (fs.clone(), det.clone());
+            thread::spawn(move || another_process_locks(&fs, &det))
+        };
+        work(&layer, &det, hold);
+        waiter.join().unwrap();
+        other.join().unwrap();
+        assert_eq!(fs.files(), 0);
+        det.no_failed_release();
+    });
+}
+
+/// A holder releases while a reader of its process waits: a lock handed
+/// over to the reader is given up (a reader cannot use an exclusive lock)
+/// before it takes a shared one. Another process then gets the key.
+/// Bounded to two preemptions.
+///
+/// Catches: a reader that ignores the parked lock (its shared lock blocks
+/// on its own process's exclusive one).
+#[test]
+fn a_reader_handed_an_exclusive_lock_gives_it_up() {
+    bounded(2).check(|| {
+        let fs = SimFs::default();
+        let det = Detector::default();
+        let layer = Arc::new(Layer::new(fs.clone(), true));
+        let held = layer.keyed().write(KEY);
+        let hold = exclusive_hold(&layer, held);
+        let reader = {
+            let (layer, det) = (layer.clone(), det.clone());
+            thread::spawn(move || {
+                let held = layer.keyed().read(KEY);
+                let hold = shared_hold(&layer, held);
+                work(&layer, &det, hold);
+            })
+        };
+        work(&layer, &det, hold);
+        reader.join().unwrap();
+        another_process_locks(&fs, &det);
         assert_eq!(fs.files(), 0);
         det.no_failed_release();
     });

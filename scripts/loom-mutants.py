@@ -491,6 +491,61 @@ MUTANTS = [
         "shared_holders_and_an_exclusive_one",
     ),
     (
+        "FileLocks hand-over: the parker does not sweep after parking",
+        "src/file/layer.rs",
+        "                    drop(key);\n"
+        "                    self.sweep(&owned, name);\n",
+        "                    drop(key);\n",
+        "loom_file_locks",
+        "a_hand_over_meets_a_waiter_that_gives_up",
+    ),
+    (
+        "FileLocks hand-over: a waiter that gives up does not sweep",
+        "src/file/layer.rs",
+        "            self.layer.sweep(self.key, self.name);\n",
+        "",
+        "loom_file_locks",
+        "a_hand_over_meets_a_waiter_that_gives_up",
+    ),
+    (
+        "FileLocks hand-over: an exclusive taker ignores the parked lock",
+        "src/file/layer.rs",
+        "        let parked = self.parked.lock().remove(key.key());\n"
+        "        match parked {\n"
+        "            Some(Parked { fd, chain }) => Ok(Hold {\n",
+        "        let parked: Option<Parked<F::Fd>> = None;\n"
+        "        match parked {\n"
+        "            Some(Parked { fd, chain }) => Ok(Hold {\n",
+        "loom_file_locks",
+        "a_hand_over_and_another_process",
+    ),
+    (
+        "FileLocks hand-over: parking after releasing the key",
+        "src/file/layer.rs",
+        "                    self.parked\n"
+        "                        .lock()\n"
+        "                        .insert(owned.clone(), Parked { fd, chain });\n"
+        "                    drop(key);\n",
+        "                    drop(key);\n"
+        "                    self.parked\n"
+        "                        .lock()\n"
+        "                        .insert(owned.clone(), Parked { fd, chain });\n",
+        "loom_file_locks",
+        "a_hand_over_and_another_process",
+    ),
+    (
+        "FileLocks hand-over: a reader ignores the parked exclusive lock",
+        "src/file/layer.rs",
+        "        let parked = self.parked.lock().remove(key.key());\n"
+        "        match parked {\n"
+        "            Some(Parked { fd, .. }) => {\n",
+        "        let parked: Option<Parked<F::Fd>> = None;\n"
+        "        match parked {\n"
+        "            Some(Parked { fd, .. }) => {\n",
+        "loom_file_locks",
+        "a_reader_handed_an_exclusive_lock_gives_it_up",
+    ),
+    (
         "keyed rw: a writer is granted while readers hold the key",
         "src/keyed/kind.rs",
         "            Access::Write => !self.writer && self.readers == 0,",

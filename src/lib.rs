@@ -223,6 +223,11 @@ mod sync;
 mod table;
 mod wait;
 
+/// The in-process layer of [`FileLocks`], exposed only under
+/// `--cfg toctou_loom` for the same models. Not a stable API.
+#[cfg(all(toctou_loom, target_os = "linux"))]
+#[doc(hidden)]
+pub use file::layer as __file_layer;
 /// The on-disk protocol of [`FileLocks`], exposed only under
 /// `--cfg toctou_loom` for the loom models in `loom-tests/file_locks.rs`,
 /// which run it over a simulated file system. Not a stable API.

@@ -78,6 +78,12 @@ impl Chain {
         }
     }
 
+    /// The chain after one more hand-over.
+    fn next(mut self) -> Self {
+        self.handovers += 1;
+        self
+    }
+
     /// Whether the lock may be handed over once more.
     fn may_continue(&self) -> bool {
         #[cfg(not(toctou_loom))]
@@ -299,10 +305,7 @@ impl<F: Fs> Layer<F> {
         match hold.inner {
             Inner::Exclusive { fd, chain, key } => {
                 if chain.may_continue() && key.has_waiters() {
-                    let chain = Chain {
-                        handovers: chain.handovers + 1,
-                        ..chain
-                    };
+                    let chain = chain.next();
                     let owned = key.key().clone();
                     // Parked while we hold the key: its next taker, or a
                     // sweep, finds it (see the module docs).
