@@ -37,10 +37,9 @@
 //!   there. The parker sweeps too, after releasing the key: the waiter it
 //!   parked for may have given up (and swept, finding nothing) between the
 //!   parker's "somebody waits" check and the parking.
-//! - **A bounded chain.** The OS lock stays in this process across at most
-//!   [`MAX_HANDOVERS`] hand-overs in a row, and is not handed over once this
-//!   process has held it for [`MAX_CHAIN`]; the next release then goes to
-//!   the OS (unlock, and in the deleting mode unlink), where other
+//! - **A bounded chain.** The OS lock is not handed over once this process
+//!   has held it for [`MAX_CHAIN`] (5 ms), nor after [`MAX_HANDOVERS`]
+//!   hand-overs in a row; the next release then goes to the OS (unlock, and in the deleting mode unlink), where other
 //!   processes' waiters can take it.
 
 use std::collections::HashMap;
@@ -52,8 +51,11 @@ use super::protocol::{self, Failed, Fs, Mode};
 use crate::sync::Mutex;
 use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 
-/// The most hand-overs in a row before a release goes to the OS.
-pub const MAX_HANDOVERS: u32 = 16;
+/// The most hand-overs in a row before a release goes to the OS. The time
+/// bound, [`MAX_CHAIN`], is normally the one that ends a chain (a hot key
+/// hands over in well under a microsecond); this one bounds it where time
+/// does not pass (loom) and against a clock that stands still.
+pub const MAX_HANDOVERS: u32 = 1000;
 
 /// How long this process may keep an OS lock across hand-overs; a release
 /// after that goes to the OS. (Not applied under loom, where time does not

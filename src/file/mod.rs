@@ -81,8 +81,8 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   while another caller of this process waits for the key passes the OS
 ///   lock on without a system call: no unlock, close, open, lock or stat.
 ///   The chain is bounded so that other processes are not starved: the OS
-///   lock is handed over at most 16 times in a row, and not at all once
-///   this process has held it for 5 ms; that release goes to the OS
+///   lock is not handed over once this process has held it for 5 ms (nor
+///   after 1,000 hand-overs in a row); that release goes to the OS
 ///   (unlock, and unlink in the deleting mode), where other processes'
 ///   waiters compete for it. A shared waiter that is handed an exclusive
 ///   lock gives it up and takes a shared one.
