@@ -9,6 +9,8 @@
 //!   lock per key, the exclusive hand-over without syscalls), generic over
 //!   the same trait.
 //! - `name.rs`: the stable key → file name mapping.
+//! - `timer.rs`: the one timer thread that wakes async waits between two
+//!   tries of an OS lock.
 //! - this file: the public front-end: directory checks, blocking, polling
 //!   and async waits, errors with context.
 
@@ -16,19 +18,18 @@ pub mod layer;
 mod name;
 pub mod protocol;
 mod sys;
+mod timer;
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use self::layer::{Hold, Layer};
 use self::protocol::{Failed, Mode, Wait};
+use self::timer::Sleep;
 use crate::{KeyReadGuard, KeyWriteGuard};
 
 /// Per-key reader-writer locks shared by every process on the machine that
@@ -1092,50 +1093,5 @@ impl fmt::Debug for FileGuard<'_> {
             .field("shared", &self.is_shared())
             .field("path", &self.locks.path.join(&self.name))
             .finish()
-    }
-}
-
-/// A runtime-agnostic sleep: a poll starts a short-lived thread that wakes
-/// the task after the pause, unless the thread started by an earlier poll
-/// wakes the same waker (if a thread cannot be started, the task is woken at
-/// once and polls again).
-struct Sleep {
-    until: Instant,
-    waker: Option<std::task::Waker>,
-}
-
-impl Sleep {
-    fn new(pause: Duration) -> Self {
-        Self {
-            until: Instant::now() + pause,
-            waker: None,
-        }
-    }
-}
-
-impl Future for Sleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let now = Instant::now();
-        if now >= self.until {
-            return Poll::Ready(());
-        }
-        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return Poll::Pending;
-        }
-        let waker = cx.waker().clone();
-        self.waker = Some(waker.clone());
-        let pause = self.until - now;
-        let timer = std::thread::Builder::new()
-            .name("toctou-filelocks-timer".into())
-            .spawn(move || {
-                std::thread::sleep(pause);
-                waker.wake();
-            });
-        if timer.is_err() {
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
     }
 }
