@@ -158,3 +158,63 @@ impl Drop for Sleep {
         }
     }
 }
+
+#[cfg(all(test, not(miri)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    /// Unparks the test thread.
+    struct Unpark(std::thread::Thread);
+
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    /// Polls every future until all are ready, parking in between.
+    fn block_on_all(mut sleeps: Vec<Pin<Box<Sleep>>>) {
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        while !sleeps.is_empty() {
+            sleeps.retain_mut(|sleep| sleep.as_mut().poll(&mut cx).is_pending());
+            if !sleeps.is_empty() {
+                std::thread::park_timeout(Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn registered(id: u64) -> bool {
+        Timer::get().unwrap().lock().wakers.contains_key(&id)
+    }
+
+    #[test]
+    fn sleeps_end_after_their_pause_and_leave_no_entry() {
+        let start = Instant::now();
+        let sleeps = (0..50u64)
+            .map(|i| Box::pin(Sleep::new(Duration::from_millis(i % 10 + 1))))
+            .collect();
+        block_on_all(sleeps);
+        assert!(start.elapsed() >= Duration::from_millis(10));
+        let entries = Timer::get().unwrap().lock();
+        assert!(entries.by_deadline.len() == entries.wakers.len());
+    }
+
+    #[test]
+    fn a_dropped_sleep_removes_its_entry() {
+        let mut sleep = Box::pin(Sleep::new(Duration::from_secs(3600)));
+        let waker = Waker::noop();
+        assert!(
+            sleep
+                .as_mut()
+                .poll(&mut Context::from_waker(waker))
+                .is_pending()
+        );
+        let id = sleep.id.unwrap();
+        assert!(registered(id));
+        drop(sleep);
+        assert!(!registered(id), "the cancelled sleep's entry is gone");
+    }
+}
