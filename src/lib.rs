@@ -235,7 +235,7 @@ pub use file::layer as __file_layer;
 #[doc(hidden)]
 pub use file::protocol as __file_protocol;
 #[cfg(target_os = "linux")]
-pub use file::{FileGuard, FileLocks, FileLocksBuilder};
+pub use file::{FileGuard, FileLocks, FileLocksBuilder, OwnedFileGuard};
 pub use hash::LazyRandomState;
 pub use keyed::{
     KeyGuard, KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LockStats, MultiKeyGuard,

@@ -662,6 +662,48 @@ fn async_locks_and_guards_are_send() {
 
 #[test]
 #[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn owned_guards_are_static_outlive_the_callers_arc_and_release_on_drop() {
+    fn assert_send_static<T: Send + 'static>(_: &T) {}
+    let dir = base("owned");
+    let locks = std::sync::Arc::new(FileLocks::open(dir.join("locks")).unwrap());
+    let guard = locks.lock_owned("k").unwrap();
+    assert_send_static(&guard);
+    let fut = locks.lock_owned_async("other");
+    assert_send(&fut);
+    drop(fut);
+    // The guard keeps the map alive after the caller's `Arc` is gone.
+    let weak = std::sync::Arc::downgrade(&locks);
+    let path = locks.path_of("k");
+    drop(locks);
+    assert!(weak.upgrade().is_some(), "the guard holds the map");
+    let worker = std::thread::spawn(move || {
+        assert_eq!(guard.key(), "k");
+        assert!(path.exists(), "held");
+        std::thread::sleep(Duration::from_millis(20));
+        drop(guard);
+        path
+    });
+    let path = worker.join().unwrap();
+    assert!(weak.upgrade().is_none(), "the last guard dropped the map");
+    assert!(!path.exists(), "released and deleted");
+    // Shared owned guards, sync and async, exclude a writer of another map.
+    let locks = std::sync::Arc::new(FileLocks::open(dir.join("locks")).unwrap());
+    let other = FileLocks::open(dir.join("locks")).unwrap();
+    let a = locks.lock_shared_owned("s").unwrap();
+    let b = common::block_on(locks.lock_shared_owned_async("s")).unwrap();
+    assert!(a.is_shared() && b.is_shared());
+    assert!(other.try_lock("s").unwrap().is_none());
+    drop(a);
+    b.unlock().unwrap();
+    assert!(other.try_lock("s").unwrap().is_some());
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn assert_send<T: Send>(_: &T) {}
+
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
 fn a_guard_moved_to_another_thread_is_waited_for() {
     // Issue 14: a guard this thread took and moved away counted as held by
     // this thread, whose next `lock` of the key panicked; the wait ends.

@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::layer::{Hold, Layer};
@@ -929,6 +930,134 @@ impl FileLocks {
         Ok(self.guard(name, self.layer.join_new(held, fd)))
     }
 
+    /// Locks `key` exclusively, as [`lock`](Self::lock), and returns a
+    /// guard that owns an `Arc` of the map instead of borrowing it: it is
+    /// `'static`, for a task spawned on a runtime or a thread of its own.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// use std::sync::Arc;
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-owned", std::process::id()));
+    /// let locks = Arc::new(toctou::FileLocks::open(&dir)?);
+    /// let guard = locks.lock_owned("job")?;
+    /// std::thread::spawn(move || {
+    ///     assert_eq!(guard.key(), "job");
+    ///     // ... work under the lock, released when the thread drops it ...
+    /// })
+    /// .join()
+    /// .unwrap();
+    /// assert!(locks.try_lock("job")?.is_some());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn lock_owned(self: &Arc<Self>, key: &str) -> io::Result<OwnedFileGuard> {
+        let guard = self.lock(key)?;
+        Ok(self.own(guard))
+    }
+
+    /// The async form of [`lock_owned`](Self::lock_owned); runtime-agnostic
+    /// and cancel-safe as [`lock_async`](Self::lock_async).
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// use std::sync::Arc;
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-ownedasync", std::process::id()));
+    /// let locks = Arc::new(toctou::FileLocks::open(&dir)?);
+    /// let guard = block_on(locks.lock_owned_async("job"))?;
+    /// assert!(!guard.is_shared());
+    /// # drop(guard); std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn lock_owned_async(self: &Arc<Self>, key: &str) -> io::Result<OwnedFileGuard> {
+        let guard = self.lock_async(key).await?;
+        Ok(self.own(guard))
+    }
+
+    /// Locks `key` shared, as [`lock_shared`](Self::lock_shared), with a
+    /// `'static` guard that owns an `Arc` of the map.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// use std::sync::Arc;
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-sharedowned", std::process::id()));
+    /// let locks = Arc::new(toctou::FileLocks::open(&dir)?);
+    /// let readers: Vec<_> = (0..2).map(|_| locks.lock_shared_owned("config")).collect::<Result<_, _>>()?;
+    /// assert!(locks.try_lock("config")?.is_none());
+    /// drop(readers);
+    /// # std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn lock_shared_owned(self: &Arc<Self>, key: &str) -> io::Result<OwnedFileGuard> {
+        let guard = self.lock_shared(key)?;
+        Ok(self.own(guard))
+    }
+
+    /// The async form of [`lock_shared_owned`](Self::lock_shared_owned);
+    /// runtime-agnostic and cancel-safe.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+    /// # }
+    /// use std::sync::Arc;
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-sharedownedasync", std::process::id()));
+    /// let locks = Arc::new(toctou::FileLocks::open(&dir)?);
+    /// let guard = block_on(locks.lock_shared_owned_async("config"))?;
+    /// assert!(guard.is_shared());
+    /// # drop(guard); std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn lock_shared_owned_async(
+        self: &Arc<Self>,
+        key: &str,
+    ) -> io::Result<OwnedFileGuard> {
+        let guard = self.lock_shared_async(key).await?;
+        Ok(self.own(guard))
+    }
+
+    /// Turns a guard of this map into one that owns an `Arc` of it.
+    fn own(self: &Arc<Self>, guard: FileGuard<'_>) -> OwnedFileGuard {
+        // SAFETY: `guard` borrows `**self`, the `FileLocks` inside the `Arc`,
+        // which stays at its address for as long as any clone of the `Arc`
+        // lives. The owned guard keeps a clone, declared after the guard so
+        // that the guard is dropped first, and it never hands out the
+        // `'static` guard or a reference with its lifetime: every borrow of
+        // it is bounded by a borrow of the owned guard.
+        let guard = unsafe { std::mem::transmute::<FileGuard<'_>, FileGuard<'static>>(guard) };
+        OwnedFileGuard {
+            guard,
+            locks: Arc::clone(self),
+        }
+    }
+
     /// Removes the lock files in the directory that nobody holds, and
     /// returns how many it removed: files kept in keeping mode, and files
     /// left by holders that crashed. Each file is locked exclusively without
@@ -1092,6 +1221,113 @@ impl fmt::Debug for FileGuard<'_> {
             .field("key", &self.key())
             .field("shared", &self.is_shared())
             .field("path", &self.locks.path.join(&self.name))
+            .finish()
+    }
+}
+
+/// A `'static` guard of a [`FileLocks`] key, from
+/// [`lock_owned`](FileLocks::lock_owned) and the other `_owned` forms: a
+/// [`FileGuard`] that owns an `Arc` of the map instead of borrowing it, as
+/// `KeyedLocks`' [`OwnedKeyGuard`](crate::OwnedKeyGuard) does. Released on
+/// drop; [`unlock`](Self::unlock) reports a failure.
+///
+/// ```
+/// # #[cfg(not(miri))] {
+/// use std::sync::Arc;
+/// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-ownedguard", std::process::id()));
+/// let locks = Arc::new(toctou::FileLocks::open(&dir)?);
+/// let guard: toctou::OwnedFileGuard = locks.lock_owned("job")?;
+/// assert!(Arc::ptr_eq(guard.locks(), &locks));
+/// guard.unlock()?;
+/// # std::fs::remove_dir(&dir)?;
+/// # }
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct OwnedFileGuard {
+    /// Borrows `*locks`: declared first, so dropped first.
+    guard: FileGuard<'static>,
+    locks: Arc<FileLocks>,
+}
+
+impl OwnedFileGuard {
+    /// The locked key.
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-ownedkey", std::process::id()));
+    /// let locks = std::sync::Arc::new(toctou::FileLocks::open(&dir)?);
+    /// assert_eq!(locks.lock_owned("k")?.key(), "k");
+    /// # std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn key(&self) -> &str {
+        self.guard.key()
+    }
+
+    /// Whether the key is held shared (not exclusively).
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-ownedshared", std::process::id()));
+    /// let locks = std::sync::Arc::new(toctou::FileLocks::open(&dir)?);
+    /// assert!(locks.lock_shared_owned("k")?.is_shared());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_shared(&self) -> bool {
+        self.guard.is_shared()
+    }
+
+    /// The map the key belongs to.
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-ownedlocks", std::process::id()));
+    /// let locks = std::sync::Arc::new(toctou::FileLocks::open(&dir)?);
+    /// let guard = locks.lock_owned("k")?;
+    /// assert_eq!(guard.locks().dir(), dir.as_path());
+    /// # drop(guard); std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn locks(&self) -> &Arc<FileLocks> {
+        &self.locks
+    }
+
+    /// Releases the key now and reports a failure, as
+    /// [`FileGuard::unlock`].
+    ///
+    /// # Errors
+    ///
+    /// The failed step, with the key and the path.
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-ownedunlock", std::process::id()));
+    /// let locks = std::sync::Arc::new(toctou::FileLocks::open(&dir)?);
+    /// locks.lock_owned("k")?.unlock()?;
+    /// assert!(!locks.path_of("k").exists());
+    /// # std::fs::remove_dir(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn unlock(self) -> io::Result<()> {
+        let Self { guard, locks } = self;
+        let released = guard.unlock();
+        drop(locks);
+        released
+    }
+}
+
+impl fmt::Debug for OwnedFileGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedFileGuard")
+            .field("key", &self.key())
+            .field("shared", &self.is_shared())
+            .field("path", &self.locks.path.join(&self.guard.name))
             .finish()
     }
 }
