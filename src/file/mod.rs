@@ -104,8 +104,8 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   and cancel-safe: a dropped future leaves no descriptor, no file (in
 ///   deleting mode) and no in-process entry behind. While another *process*
 ///   holds the key they poll the OS lock without blocking, backing off from
-///   0.2 ms to 10 ms between tries (a short-lived timer thread wakes the
-///   task), since a blocking `flock` would block the executor.
+///   0.2 ms to 10 ms between tries (one timer thread per process wakes the
+///   sleeping tasks), since a blocking `flock` would block the executor.
 /// - **Timeouts.** `try_lock_for` waits in the in-process queue, then tries
 ///   the OS lock with the same backoff, never past the deadline; `None` on
 ///   timeout, with nothing left behind.
@@ -116,9 +116,10 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   (whose release deletes it) or [`prune`](Self::prune).
 /// - **Fairness.** Within a process, the in-process queue's fairness.
 ///   Across processes, whatever the kernel gives `flock` waiters: no FIFO
-///   promise. Each in-process exclusive holder takes and releases the OS
-///   lock itself (there is no in-process hand-over of the OS lock yet).
-///   Shared holders of one process share one descriptor, so a process whose
+///   promise. An exclusive holder hands the OS lock to a waiting thread of
+///   its process without releasing it, for at most 5 ms in a row (see
+///   *Hand-over within a process*); then the release goes to the OS, and
+///   other processes' waiters compete for the lock. Shared holders of one process share one descriptor, so a process whose
 ///   readers overlap without a gap keeps its shared lock, and another
 ///   process's exclusive waiter waits until they stop. An async or timed
 ///   waiter polls the OS lock with a backoff (up to 10 ms), so under steady
@@ -126,7 +127,7 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   the lock to them.
 /// - **Descriptors.** One per key held exclusively, one per key held shared
 ///   by any number of this process's callers, and one for the directory.
-///   Waiters hold none. Descriptors are `O_CLOEXEC`.
+///   Waiters hold none; a lock being handed over keeps its one descriptor. Descriptors are `O_CLOEXEC`.
 ///
 /// # What `flock` does not promise
 ///
