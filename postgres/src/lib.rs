@@ -1,0 +1,108 @@
+//! Keyed locks across processes and machines on PostgreSQL advisory locks,
+//! with fencing tokens and lost-lock detection: the `toctou` answer to
+//! check-then-act races between replicas (two replicas running "the"
+//! cleanup job, starting the same model server, or emitting the same
+//! per-workflow sequence number).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), toctou_postgres::Error> {
+//! let locks = toctou_postgres::PgLocks::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+//! let guard = locks.lock("workflow-7").await?;
+//! tokio::select! {
+//!     _ = guard.lost() => { /* stop: another replica may hold the key now */ }
+//!     _ = async { /* work, passing guard.fence() with every write */ } => {}
+//! }
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # When to use it
+//!
+//! Use [`toctou::KeyedLocks`] within a process and [`toctou::FileLocks`]
+//! between processes of one machine. Use `toctou-postgres` when the parties
+//! run on several machines and already share a PostgreSQL server.
+//!
+//! # Semantics
+//!
+//! - **Keys** are any string. The server locks `hashtextextended(key, 0)`
+//!   (PostgreSQL's stable 64-bit hash of text), so a service in another
+//!   language takes the same lock with
+//!   `SELECT pg_advisory_lock(hashtextextended('my-key', 0))`. Two keys
+//!   whose hashes collide exclude each other (a collision only
+//!   over-excludes); fencing tokens are kept per full key string.
+//! - **Fencing tokens.** Each acquisition increments the key's counter in
+//!   the table `toctou_fence` (created on first use) in the same statement
+//!   that takes the lock, and returns it: [`PgGuard::fence`] is strictly
+//!   larger than every earlier token of the key, across processes,
+//!   machines and server restarts (the counter is a committed row). A
+//!   resource that must not accept a stale holder's late write keeps the
+//!   largest token it accepted and refuses smaller ones:
+//!
+//!   ```sql
+//!   UPDATE account SET balance = $1, fence = $2
+//!   WHERE id = $3 AND fence <= $2   -- 0 rows: refused, a newer holder wrote
+//!   ```
+//! - **Lost-lock detection.** A lock lives in its session on the server.
+//!   The holding session is heartbeated (every 0.5 s by default); a
+//!   heartbeat that fails or takes over 1.5 s, or a connection that
+//!   breaks, declares the session lost: [`PgGuard::lost`] resolves and
+//!   [`PgGuard::is_held`] turns false, within 2 s. The session is also set
+//!   up so that the *server* ends it, and frees its locks, when the client
+//!   has been unreachable for about 4 s (server-side TCP keepalives for an
+//!   idle link, `tcp_user_timeout` for unacknowledged data): the client
+//!   learns of a loss before anybody else can get the key. Both bounds are
+//!   options ([`PgLocksBuilder`]). Writes already in flight when the loss
+//!   is noticed are what the fencing token is for.
+//! - **What a frozen client looks like.** A process that is stopped (say,
+//!   by a debugger or `SIGSTOP`) while its machine's TCP stack stays up
+//!   keeps its locks: the server cannot tell it from a slow one, and its
+//!   kernel answers the keepalives. When it resumes it learns of nothing
+//!   until its next heartbeat; fence every write.
+//! - **Connections.** Two per [`PgLocks`] (and its clones), whatever the
+//!   number of keys held or tasks waiting: one session that holds every
+//!   lock of the process (tries and releases are pipelined on it and never
+//!   block it: waiting is `pg_try_advisory_lock`, not
+//!   `pg_advisory_lock`), and one that `LISTEN`s for releases. Tasks of
+//!   one process that wait for the same key queue in-process first (a
+//!   [`toctou::KeyedLocks`]); only the one at the front talks to the
+//!   server. It tries again when a release of its key is announced
+//!   (`NOTIFY` from the releasing client) and every 0.5 s (for holders
+//!   whose session ended without a release).
+//! - **Cancellation.** Dropping a `lock` future leaves no lock on the
+//!   server and no in-process waiter: a try in flight finishes in the
+//!   background and releases what it took. Dropping a [`PgGuard`] releases
+//!   in the background; [`PgGuard::release`] releases now and reports a
+//!   lock that had been lost.
+//! - **Errors**, never panics: [`Error`] tells an unreachable server, a
+//!   failed statement, a timeout and a lost lock apart. A statement of the
+//!   acquisition that fails after the server may have taken the lock ends
+//!   the holding session (so the server frees it): this process's other
+//!   locks are then reported lost too.
+//!
+//! # What is not promised
+//!
+//! - **Failover.** Advisory locks live only in the primary's memory. After
+//!   a failover to a replica every lock is gone, and a new primary knows
+//!   nothing of them; the sessions break, so every guard reports lost.
+//!   Fencing tokens survive only as far as the committed `toctou_fence`
+//!   rows were replicated: with asynchronous replication a failover can
+//!   lose the last increments, and a token can repeat. Use synchronous
+//!   replication if tokens must stay strictly increasing across failovers.
+//! - **PgBouncer in transaction pooling mode** (or any pooler that hands a
+//!   session to other clients between transactions) is not supported:
+//!   session-level advisory locks would be held by, and released through,
+//!   whichever client the pooler picked. Connect directly, or through
+//!   session pooling.
+//! - Fairness across processes: waiters retry on announcements and timers;
+//!   no FIFO order is promised between processes.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod locks;
+pub mod protocol;
+mod session;
+
+pub use error::Error;
+pub use locks::{PgGuard, PgLocks, PgLocksBuilder};

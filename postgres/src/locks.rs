@@ -1,0 +1,574 @@
+//! The public front-end: [`PgLocks`] and [`PgGuard`].
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use toctou::{KeyedLocks, OwnedKeyGuard};
+use tokio::runtime::Handle;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::Instant;
+use tokio_postgres::Config;
+
+use crate::Error;
+use crate::protocol;
+use crate::session::{self, Bounds, Session};
+
+/// Keyed locks across processes and machines, on PostgreSQL advisory
+/// locks, with fencing tokens and lost-lock detection.
+///
+/// Cheap to clone (an `Arc` inside); every clone shares the connections.
+/// See the [crate docs](crate) for the protocol, the bounds and what is
+/// not promised.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), toctou_postgres::Error> {
+/// let locks = toctou_postgres::PgLocks::connect("postgres://postgres@127.0.0.1/test").await?;
+/// let guard = locks.lock("invoice-42").await?;
+/// // ... write, passing guard.fence() along so that a stale holder's
+/// // late write is refused ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgLocks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    bounds: Bounds,
+    runtime: Handle,
+    /// The session that holds the locks; replaced when it is lost.
+    session: Mutex<Arc<Session>>,
+    /// Serialises reconnections.
+    reconnect: tokio::sync::Mutex<()>,
+    /// The in-process queue: one task per key and process talks to the
+    /// server.
+    keyed: Arc<KeyedLocks<String>>,
+    /// Releases announced by the server (advisory keys).
+    wakeups: broadcast::Sender<i64>,
+    /// Stops the listener when the last `PgLocks` clone is dropped.
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Options for [`PgLocks`]: the bounds of lost-lock detection and of
+/// waiting. Made by [`PgLocks::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), toctou_postgres::Error> {
+/// use std::time::Duration;
+/// let locks = toctou_postgres::PgLocks::builder()
+///     .heartbeat(Duration::from_millis(250), Duration::from_millis(750))
+///     .server_bound(Duration::from_secs(3))
+///     .connect("postgres://postgres@127.0.0.1/test")
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgLocksBuilder {
+    bounds: Bounds,
+}
+
+impl Default for PgLocksBuilder {
+    fn default() -> Self {
+        Self {
+            bounds: Bounds {
+                heartbeat: Duration::from_millis(500),
+                timeout: Duration::from_millis(1500),
+                server: Duration::from_secs(4),
+                poll: Duration::from_millis(500),
+            },
+        }
+    }
+}
+
+impl PgLocksBuilder {
+    /// How often the holding session is heartbeated (default 0.5 s), and
+    /// how long a heartbeat may take before the session is declared lost
+    /// (default 1.5 s). A client learns of a loss within their sum.
+    pub fn heartbeat(mut self, every: Duration, timeout: Duration) -> Self {
+        self.bounds.heartbeat = every;
+        self.bounds.timeout = timeout;
+        self
+    }
+
+    /// How long the server keeps the session of a client it cannot reach
+    /// (default 4 s, at least 2 s): the server-side TCP keepalive and
+    /// `tcp_user_timeout` of the holding session. Keep it above the
+    /// heartbeat's bound, so that a client learns of a loss before the
+    /// server frees its locks.
+    pub fn server_bound(mut self, bound: Duration) -> Self {
+        self.bounds.server = bound.max(Duration::from_secs(2));
+        self
+    }
+
+    /// How often a waiter tries a key again when no release is announced
+    /// (default 0.5 s): this catches holders whose session ended without a
+    /// release.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.bounds.poll = every;
+        self
+    }
+
+    /// Connects with these options; see [`PgLocks::connect`].
+    ///
+    /// # Errors
+    ///
+    /// As [`PgLocks::connect`].
+    pub async fn connect(self, url: &str) -> Result<PgLocks, Error> {
+        let config: Config = url.parse().map_err(Error::Connect)?;
+        self.connect_with(config).await
+    }
+
+    /// Connects with these options and a `tokio_postgres::Config`; see
+    /// [`PgLocks::connect`].
+    ///
+    /// # Errors
+    ///
+    /// As [`PgLocks::connect`].
+    pub async fn connect_with(self, mut config: Config) -> Result<PgLocks, Error> {
+        let runtime = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let bounds = self.bounds;
+        if config.get_application_name().is_none() {
+            config.application_name("toctou-postgres");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(bounds.timeout.max(Duration::from_secs(5)));
+        }
+        config.keepalives(true);
+        config.keepalives_idle(bounds.server / 2);
+        let session = Session::open(&config, bounds, &runtime).await?;
+        match tokio::time::timeout(
+            bounds.timeout * 4,
+            session.client.batch_execute(protocol::SETUP),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Query(e)),
+            Err(_) => return Err(Error::Timeout),
+        }
+        let (wakeups, _) = broadcast::channel(1024);
+        let (stop, stop_rx) = watch::channel(false);
+        runtime.spawn(session::listen(
+            config.clone(),
+            wakeups.clone(),
+            stop_rx,
+            bounds,
+        ));
+        Ok(PgLocks {
+            inner: Arc::new(Inner {
+                config,
+                bounds,
+                runtime,
+                session: Mutex::new(session),
+                reconnect: tokio::sync::Mutex::new(()),
+                keyed: Arc::new(KeyedLocks::new()),
+                wakeups,
+                stop,
+            }),
+        })
+    }
+}
+
+impl PgLocks {
+    /// Connects to the server at `url` (`postgres://user@host:port/db`)
+    /// with the default bounds: two connections, one that holds this
+    /// process's locks and one that listens for releases.
+    ///
+    /// Must be called on a tokio runtime, which runs the connections'
+    /// background tasks. Creates the fencing table `toctou_fence` if it is
+    /// missing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`] for an invalid URL, an unreachable server or
+    /// wrong credentials; [`Error::Query`] or [`Error::Timeout`] if the
+    /// session cannot be set up; [`Error::NoRuntime`] outside a tokio
+    /// runtime.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), toctou_postgres::Error> {
+    /// let locks = toctou_postgres::PgLocks::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<PgLocks, Error> {
+        PgLocksBuilder::default().connect(url).await
+    }
+
+    /// Options: the heartbeat, the server-side bound, the poll interval.
+    ///
+    /// ```
+    /// let builder = toctou_postgres::PgLocks::builder();
+    /// # drop(builder);
+    /// ```
+    pub fn builder() -> PgLocksBuilder {
+        PgLocksBuilder::default()
+    }
+
+    /// The holding session, reconnected if the last one was lost.
+    async fn session(&self) -> Result<Arc<Session>, Error> {
+        let current = self.current();
+        if !current.is_lost() {
+            return Ok(current);
+        }
+        let _one = self.inner.reconnect.lock().await;
+        let current = self.current();
+        if !current.is_lost() {
+            return Ok(current);
+        }
+        let fresh =
+            Session::open(&self.inner.config, self.inner.bounds, &self.inner.runtime).await?;
+        *self
+            .inner
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+        Ok(fresh)
+    }
+
+    fn current(&self) -> Arc<Session> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Locks `key`, waiting as long as it takes. Tasks of this process
+    /// queue in-process first; the one at the front tries the server, and
+    /// tries again when a release of the key is announced (or every poll
+    /// interval).
+    ///
+    /// Cancel-safe: dropping the future leaves no lock on the server and
+    /// no in-process waiter (a try in flight when it is dropped finishes in
+    /// the background and releases what it took).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Query`], [`Error::Timeout`] or [`Error::Connect`] if the
+    /// server cannot be reached; the wait ends with the error.
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: toctou_postgres::PgLocks) -> Result<(), toctou_postgres::Error> {
+    /// let guard = locks.lock("workflow-7").await?;
+    /// assert!(guard.is_held());
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock(&self, key: &str) -> Result<PgGuard, Error> {
+        let guard = self.acquire(key, Wait::Forever).await?;
+        Ok(guard.expect("a wait without deadline ends holding the key"))
+    }
+
+    /// Locks `key` if nobody holds it now (in this process or elsewhere);
+    /// never waits for a holder, only for the server's answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock); a held key is `Ok(None)`.
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: toctou_postgres::PgLocks) -> Result<(), toctou_postgres::Error> {
+    /// if let Some(guard) = locks.try_lock("cleanup-leader").await? {
+    ///     // this replica leads
+    /// #   drop(guard);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_lock(&self, key: &str) -> Result<Option<PgGuard>, Error> {
+        self.acquire(key, Wait::No).await
+    }
+
+    /// Locks `key`, waiting at most `timeout`; `Ok(None)` on timeout, with
+    /// nothing left behind.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: toctou_postgres::PgLocks) -> Result<(), toctou_postgres::Error> {
+    /// use std::time::Duration;
+    /// match locks.try_lock_for("model-server-llama", Duration::from_secs(2)).await? {
+    ///     Some(guard) => {
+    ///         // start the server, then release
+    ///         guard.release().await?;
+    ///     }
+    ///     None => { /* somebody else is starting it */ }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_lock_for(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<PgGuard>, Error> {
+        let deadline = Instant::now() + timeout;
+        self.acquire(key, Wait::Until(deadline)).await
+    }
+
+    async fn acquire(&self, key: &str, wait: Wait) -> Result<Option<PgGuard>, Error> {
+        let queued = self.inner.keyed.lock_owned_async(key);
+        let local = match wait {
+            Wait::Forever => queued.await,
+            // `timeout` polls the queue once before looking at the clock:
+            // a free key is taken even with a zero timeout.
+            Wait::No => match tokio::time::timeout(Duration::ZERO, queued).await {
+                Ok(local) => local,
+                Err(_) => return Ok(None),
+            },
+            Wait::Until(deadline) => match tokio::time::timeout_at(deadline, queued).await {
+                Ok(local) => local,
+                Err(_) => return Ok(None),
+            },
+        };
+        // Subscribed before the first try: a release announced after the
+        // try failed is not missed.
+        let mut wakeups = self.inner.wakeups.subscribe();
+        loop {
+            let session = self.session().await?;
+            let (advisory, token) = self.try_once(&session, key).await?;
+            if let Some(fence) = token {
+                return Ok(Some(PgGuard {
+                    key: local,
+                    advisory,
+                    fence,
+                    session,
+                    runtime: self.inner.runtime.clone(),
+                    released: false,
+                }));
+            }
+            let pause = self.inner.bounds.poll;
+            let until = match wait {
+                Wait::No => return Ok(None),
+                Wait::Forever => Instant::now() + pause,
+                Wait::Until(deadline) if Instant::now() >= deadline => return Ok(None),
+                Wait::Until(deadline) => deadline.min(Instant::now() + pause),
+            };
+            let announced = async {
+                loop {
+                    match wakeups.recv().await {
+                        Ok(k) if k == advisory || k == session::WAKE_ALL => return,
+                        Ok(_) => {}
+                        // Missed some: one of them may be ours.
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        // No listener: fall back to the timer.
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout_at(until, announced).await;
+        }
+    }
+
+    /// One try of `key` on `session`: its advisory key, and the fencing
+    /// token if the lock was taken. The statement runs in a task of its
+    /// own, so that a caller that goes away while it is in flight leaves
+    /// nothing behind: the task then releases what it took.
+    async fn try_once(
+        &self,
+        session: &Arc<Session>,
+        key: &str,
+    ) -> Result<(i64, Option<i64>), Error> {
+        let (tx, rx) = oneshot::channel();
+        let task_session = session.clone();
+        let task_key = protocol::server_key(key).into_owned();
+        let timeout = self.inner.bounds.timeout;
+        self.inner.runtime.spawn(async move {
+            let answer = tokio::time::timeout(
+                timeout,
+                task_session
+                    .client
+                    .query_one(protocol::TRY_LOCK, &[&task_key]),
+            )
+            .await;
+            let result = match answer {
+                Ok(Ok(row)) => Ok((row.get::<_, i64>(0), row.get::<_, Option<i64>>(2))),
+                Ok(Err(e)) => {
+                    // The statement may have taken the lock before failing
+                    // (a session-level lock outlives the failed
+                    // statement), and which of this session's locks it
+                    // took cannot be told apart from a colliding key's:
+                    // end the session, which frees them all on the server.
+                    task_session.mark_lost();
+                    Err(Error::Query(e))
+                }
+                Err(_) => {
+                    task_session.mark_lost();
+                    Err(Error::Timeout)
+                }
+            };
+            if let Err(Ok((advisory, Some(_)))) = tx.send(result) {
+                // The caller went away after we took the lock: release it.
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
+                let unlock = task_session.client.query_one(protocol::UNLOCK, &params);
+                if !matches!(tokio::time::timeout(timeout, unlock).await, Ok(Ok(_))) {
+                    task_session.mark_lost();
+                }
+            }
+        });
+        rx.await.unwrap_or(Err(Error::Lost))
+    }
+}
+
+impl fmt::Debug for PgLocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgLocks")
+            .field("bounds", &self.inner.bounds)
+            .field("waiting_or_held_here", &self.inner.keyed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Wait {
+    No,
+    Forever,
+    Until(Instant),
+}
+
+/// A held key of a [`PgLocks`], with its fencing token. Released by
+/// [`release`](Self::release), or in the background on drop.
+///
+/// The lock lives in this process's holding session on the server. If the
+/// session ends (a terminated backend, a restart, a broken or partitioned
+/// connection, missed heartbeats), the lock may be gone: [`lost`](Self::lost)
+/// resolves and [`is_held`](Self::is_held) turns false *before* the server
+/// can give the key to anybody else (the heartbeat's bound is below the
+/// server's). A holder must stop acting on the key then; the fencing token
+/// covers the writes already in flight.
+#[must_use = "the key is released as soon as the guard is dropped"]
+pub struct PgGuard {
+    key: OwnedKeyGuard<String>,
+    advisory: i64,
+    fence: i64,
+    session: Arc<Session>,
+    runtime: Handle,
+    released: bool,
+}
+
+impl PgGuard {
+    /// The locked key.
+    pub fn key(&self) -> &str {
+        self.key.key()
+    }
+
+    /// The fencing token: larger than every token issued for this key
+    /// before, in any process, on any machine, across server restarts.
+    /// Pass it with every write the lock protects, and have the resource
+    /// refuse a write whose token is below the last one it accepted (see
+    /// the crate docs for the SQL pattern).
+    pub fn fence(&self) -> i64 {
+        self.fence
+    }
+
+    /// The advisory key the server locks: `hashtextextended(key, 0)`.
+    pub fn advisory_key(&self) -> i64 {
+        self.advisory
+    }
+
+    /// Whether the lock is still held, as far as this client knows: false
+    /// once its session may have ended.
+    pub fn is_held(&self) -> bool {
+        !self.released && !self.session.is_lost()
+    }
+
+    /// Resolves when the lock may have been lost (its session ended, or
+    /// stopped answering heartbeats). Independent of the guard's lifetime:
+    /// select on it beside the work the lock protects.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut lost = self.session.lost_signal();
+        async move {
+            let _ = session::until_true(&mut lost).await;
+        }
+    }
+
+    /// Releases the lock now and announces the release to waiters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] if the lock had been lost (its session ended, or the
+    /// server no longer held it); [`Error::Query`] or [`Error::Timeout`]
+    /// if the server could not be reached (the session is then ended, which
+    /// frees the lock on the server).
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        if self.session.is_lost() {
+            return Err(Error::Lost);
+        }
+        // In a task of its own, as on drop: a release whose future is
+        // dropped still completes, exactly once.
+        let unlocked = self.spawn_unlock();
+        match unlocked.await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(Error::Lost),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Lost),
+        }
+    }
+
+    /// Sends the release in a task on the runtime: whether the server held
+    /// the lock, or the error (which ends the session, freeing the lock).
+    fn spawn_unlock(&self) -> oneshot::Receiver<Result<bool, Error>> {
+        let (tx, rx) = oneshot::channel();
+        let session = self.session.clone();
+        let advisory = self.advisory;
+        let timeout = UNLOCK_TIMEOUT;
+        // A runtime that has shut down drops the task: its connections are
+        // gone too, and the server frees the lock with the session.
+        self.runtime.spawn(async move {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
+            let unlock = session.client.query_one(protocol::UNLOCK, &params);
+            let result = match tokio::time::timeout(timeout, unlock).await {
+                Ok(Ok(row)) => Ok(row.get::<_, bool>(0)),
+                Ok(Err(e)) => {
+                    session.mark_lost();
+                    Err(if session.client.is_closed() {
+                        Error::Lost
+                    } else {
+                        Error::Query(e)
+                    })
+                }
+                Err(_) => {
+                    session.mark_lost();
+                    Err(Error::Timeout)
+                }
+            };
+            let _ = tx.send(result);
+        });
+        rx
+    }
+}
+
+/// How long a release may take before its session is ended instead.
+const UNLOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        if self.released || self.session.is_lost() {
+            return;
+        }
+        self.released = true;
+        drop(self.spawn_unlock());
+    }
+}
+
+impl fmt::Debug for PgGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgGuard")
+            .field("key", &self.key())
+            .field("fence", &self.fence)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
