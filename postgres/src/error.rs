@@ -31,6 +31,11 @@ pub enum Error {
     /// or stopped answering heartbeats), or the server no longer held it on
     /// release.
     Lost,
+    /// The connection goes through a pooler in transaction mode (such as
+    /// PgBouncer's `pool_mode = transaction`): consecutive statements ran in
+    /// different server sessions, and session-level advisory locks cannot
+    /// work there. Connect directly, or through session pooling.
+    Pooled,
     /// No tokio runtime is running: `PgLocks` spawns its connection and
     /// heartbeat tasks on the caller's runtime.
     NoRuntime,
@@ -51,8 +56,14 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Connect(e) => write!(f, "toctou-postgres: cannot connect to the server: {e}"),
-            Error::Query(e) => write!(f, "toctou-postgres: a statement failed: {e}"),
+            Error::Connect(e) => {
+                write!(f, "toctou-postgres: cannot connect to the server: {e}")?;
+                causes(f, e)
+            }
+            Error::Query(e) => {
+                write!(f, "toctou-postgres: a statement failed: {e}")?;
+                causes(f, e)
+            }
             Error::Timeout => write!(
                 f,
                 "toctou-postgres: the server did not answer within the heartbeat timeout"
@@ -62,6 +73,12 @@ impl fmt::Display for Error {
                 "toctou-postgres: the lock may have been lost (its session ended or the server \
                  no longer held it); stop acting on it"
             ),
+            Error::Pooled => write!(
+                f,
+                "toctou-postgres: consecutive statements ran in different server sessions (a \
+                 pooler in transaction mode?); session-level advisory locks need a direct \
+                 connection or session pooling"
+            ),
             Error::NoRuntime => write!(
                 f,
                 "toctou-postgres: no tokio runtime is running (PgLocks spawns its connection \
@@ -69,6 +86,17 @@ impl fmt::Display for Error {
             ),
         }
     }
+}
+
+/// Appends the error's causes (tokio-postgres's own message is terse:
+/// "error connecting to server", with the reason in its source).
+fn causes(f: &mut fmt::Formatter<'_>, e: &tokio_postgres::Error) -> fmt::Result {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        write!(f, ": {c}")?;
+        cause = c.source();
+    }
+    Ok(())
 }
 
 impl std::error::Error for Error {

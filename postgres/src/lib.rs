@@ -92,7 +92,10 @@
 //!   session to other clients between transactions) is not supported:
 //!   session-level advisory locks would be held by, and released through,
 //!   whichever client the pooler picked. Connect directly, or through
-//!   session pooling.
+//!   session pooling. Detected where it shows: connecting fails with
+//!   [`Error::Pooled`] if two statements of the setup ran in different
+//!   server sessions (an idle pool may hand out the same one twice, so
+//!   this catches a pooler often, not always).
 //! - Fairness across processes: waiters retry on announcements and timers;
 //!   no FIFO order is promised between processes.
 

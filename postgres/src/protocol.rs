@@ -84,6 +84,11 @@ pub const UNLOCK: &str =
 /// away (nobody can be waiting for a release that never was).
 pub const UNLOCK_QUIETLY: &str = "SELECT pg_advisory_unlock($1::bigint)";
 
+/// The server session's process id: the same in every statement of a
+/// direct connection, different between statements behind a pooler in
+/// transaction mode.
+pub const BACKEND: &str = "SELECT pg_backend_pid()";
+
 /// The heartbeat: an empty statement, one round trip.
 pub const HEARTBEAT: &str = "";
 

@@ -49,8 +49,21 @@ impl Session {
         runtime.spawn(drive(connection, lost.clone(), None));
         let session = Arc::new(Session { client, lost });
         let settings = protocol::session_settings(bounds.server);
-        match tokio::time::timeout(bounds.timeout, session.client.batch_execute(&settings)).await {
-            Ok(Ok(())) => {}
+        let setup = async {
+            let before = session.client.query_one(protocol::BACKEND, &[]).await?;
+            session.client.batch_execute(&settings).await?;
+            let after = session.client.query_one(protocol::BACKEND, &[]).await?;
+            Ok::<_, tokio_postgres::Error>((before.get::<_, i32>(0), after.get::<_, i32>(0)))
+        };
+        match tokio::time::timeout(bounds.timeout, setup).await {
+            Ok(Ok((before, after))) if before == after => {}
+            Ok(Ok(_)) => {
+                // Two statements ran on two server sessions: a pooler in
+                // transaction mode sits in between, and session-level
+                // locks would be held by whichever client it picked.
+                session.mark_lost();
+                return Err(Error::Pooled);
+            }
             Ok(Err(e)) => {
                 session.mark_lost();
                 return Err(Error::Query(e));
