@@ -79,6 +79,22 @@
 //!   the holding session (so the server frees it): this process's other
 //!   locks are then reported lost too.
 //!
+//! # Compared with
+//!
+//! Each anchor's cell is taken from its own documentation (or, where
+//! marked, its source).
+//!
+//! | | `toctou-postgres` | sqlx `PgAdvisoryLock` | `distributed-lock-postgres` 0.2 | Redlock (`rslock`) | etcd lock API |
+//! |---|---|---|---|---|---|
+//! | store | PostgreSQL advisory locks | PostgreSQL advisory locks | PostgreSQL advisory locks | Redis keys with a TTL, on a majority of N nodes | a key under a lease |
+//! | lost lock | detected: `lost()` / `is_held()` within the heartbeat bound (2 s), before the server frees it (4 s) | not detected | a `lost` signal in the handle, not driven by a connection monitor (source) | the TTL expires; the holder must finish or extend in time | lease expiry; the client learns when its keep-alive fails |
+//! | fencing token | yes, per key, durable | no | no | no | the lock key's revision can serve as one |
+//! | connections | 2 per process, whatever the keys and waiters | one per held lock; a waiter blocks its connection in `pg_advisory_lock` | one pooled connection per held lock | – | one client, a lease per lock |
+//! | waiting | in-process queue, then `pg_try_advisory_lock` + `NOTIFY` + a poll | `pg_advisory_lock` on the connection | blocking or polling, per its options | retries with a delay | server-side queue |
+//! | release on drop | in the background, at once | queued until the connection is next used (documented) | when the connection is dropped or released | on TTL expiry | on lease revoke or expiry |
+//! | cancellation | a dropped `lock` leaves no lock on the server | not documented | not documented | not documented | not documented |
+//! | failover | locks lost (reported); tokens as durable as the counter's replication | locks lost | locks lost | a failover can grant the lock twice | locks survive (Raft) |
+//!
 //! # What is not promised
 //!
 //! - **Failover.** Advisory locks live only in the primary's memory. After

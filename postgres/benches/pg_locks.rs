@@ -1,0 +1,185 @@
+//! `toctou-postgres` against the local server, side by side with the raw
+//! advisory-lock round trips (the floors) and sqlx's `PgAdvisoryLock` (the
+//! anchor), in one run. Without a server it prints why and measures
+//! nothing.
+//!
+//! Groups:
+//! - `pg_uncontended`: one acquire + release of a key nobody else wants.
+//!   Floors: `SELECT pg_advisory_lock($1)` + `SELECT pg_advisory_unlock($1)`
+//!   on one connection (two round trips), and the same with
+//!   `pg_try_advisory_lock`. Anchor: sqlx's `PgAdvisoryLock::acquire` +
+//!   `release_now` on one pooled connection. Ours: `lock` + `release`,
+//!   which also issues the fencing token (a committed row update) in the
+//!   lock's round trip. Target: at most 1.5x the lock+unlock floor.
+//! - `pg_throughput_8_tasks_100_keys`: 8 tasks, each locking and releasing
+//!   its own run through 100 keys (ours only; one iteration is 800
+//!   acquisitions).
+//! - Printed, not a criterion group: the hand-over latency between two
+//!   clients (two `PgLocks`, i.e. two server sessions, as two processes
+//!   would have): the waiter is woken by the holder's release `NOTIFY`;
+//!   p50 and p99 of 200 hand-overs. Target: p99 at most 5 ms.
+//!
+//! Run: `cargo bench -p toctou-postgres --bench pg_locks`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use toctou_postgres::PgLocks;
+use tokio_postgres::NoTls;
+
+fn url() -> String {
+    std::env::var("TOCTOU_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let raw = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_postgres::connect(&url(), NoTls),
+        )
+        .await
+    });
+    let raw = match raw {
+        Ok(Ok((client, connection))) => {
+            rt.spawn(async move {
+                let _ = connection.await;
+            });
+            client
+        }
+        _ => {
+            println!(
+                "pg_locks: no PostgreSQL at {} (set TOCTOU_PG_URL); nothing measured",
+                url()
+            );
+            return;
+        }
+    };
+    let ours = rt.block_on(PgLocks::connect(&url())).unwrap();
+    let pool = rt
+        .block_on(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url()),
+        )
+        .unwrap();
+    let mut c = Criterion::default().configure_from_args();
+    {
+        let mut g = c.benchmark_group("pg_uncontended");
+        g.sample_size(30);
+        g.measurement_time(Duration::from_secs(4));
+        let key = format!("bench-{}", std::process::id());
+        g.bench_function("toctou_postgres::PgLocks::lock+release (with fence)", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let guard = ours.lock(black_box(&key)).await.unwrap();
+                    guard.release().await.unwrap();
+                })
+            })
+        });
+        let advisory: i64 = 0x7463_7475;
+        g.bench_function("floor: pg_advisory_lock + pg_advisory_unlock", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    raw.query_one("SELECT pg_advisory_lock($1)", &[&advisory])
+                        .await
+                        .unwrap();
+                    raw.query_one("SELECT pg_advisory_unlock($1)", &[&advisory])
+                        .await
+                        .unwrap();
+                })
+            })
+        });
+        g.bench_function("floor: pg_try_advisory_lock + pg_advisory_unlock", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    raw.query_one("SELECT pg_try_advisory_lock($1)", &[&advisory])
+                        .await
+                        .unwrap();
+                    raw.query_one("SELECT pg_advisory_unlock($1)", &[&advisory])
+                        .await
+                        .unwrap();
+                })
+            })
+        });
+        let lock = sqlx::postgres::PgAdvisoryLock::new(format!("sqlx-{key}"));
+        g.bench_function("sqlx::postgres::PgAdvisoryLock::acquire+release_now", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let conn = pool.acquire().await.unwrap();
+                    let guard = lock.acquire(conn).await.unwrap();
+                    let _conn = guard.release_now().await.unwrap();
+                })
+            })
+        });
+        g.finish();
+    }
+    {
+        let mut g = c.benchmark_group("pg_throughput_8_tasks_100_keys");
+        g.sample_size(10);
+        g.measurement_time(Duration::from_secs(6));
+        g.throughput(Throughput::Elements(800));
+        g.bench_function("toctou_postgres::PgLocks::lock+release", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..8)
+                        .map(|t| {
+                            let ours = ours.clone();
+                            tokio::spawn(async move {
+                                for k in 0..100 {
+                                    let key = format!("bench-tp-{t}-{k}");
+                                    ours.lock(&key).await.unwrap().release().await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                })
+            })
+        });
+        g.finish();
+    }
+    rt.block_on(hand_over_latency());
+}
+
+/// p50 and p99 of 200 hand-overs between two clients.
+async fn hand_over_latency() {
+    let a = PgLocks::connect(&url()).await.unwrap();
+    let b = PgLocks::connect(&url()).await.unwrap();
+    let key = format!("bench-handover-{}", std::process::id());
+    let mut latencies = Vec::new();
+    for _ in 0..200 {
+        let held = a.lock(&key).await.unwrap();
+        let waiter = tokio::spawn({
+            let (b, key) = (b.clone(), key.clone());
+            async move {
+                let guard = b.lock(&key).await.unwrap();
+                let got = Instant::now();
+                guard.release().await.unwrap();
+                got
+            }
+        });
+        // Let the waiter try and start waiting.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released = Instant::now();
+        held.release().await.unwrap();
+        let got = waiter.await.unwrap();
+        latencies.push(got.saturating_duration_since(released));
+    }
+    latencies.sort();
+    let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    println!(
+        "pg_hand_over_2_clients: p50 {:?}, p99 {:?}, max {:?} (200 hand-overs; target p99 <= 5 ms)",
+        p(0.5),
+        p(0.99),
+        latencies.last().unwrap()
+    );
+}
