@@ -9,8 +9,9 @@
 //!   on one connection (two round trips), and the same with
 //!   `pg_try_advisory_lock`. Anchor: sqlx's `PgAdvisoryLock::acquire` +
 //!   `release_now` on one pooled connection. Ours: `lock` + `release`,
-//!   which also issues the fencing token (a committed row update) in the
-//!   lock's round trip. Target: at most 1.5x the lock+unlock floor.
+//!   which also issues the fencing token in the lock's round trip. Every
+//!   statement is prepared once, ours and the floors'. Target: at most 1.5x
+//!   the lock+unlock floor.
 //! - `pg_throughput_8_tasks_100_keys`: 8 tasks, each locking and releasing
 //!   its own run through 100 keys (ours only; one iteration is 800
 //!   acquisitions).

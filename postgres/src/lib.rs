@@ -30,12 +30,15 @@
 //!   `SELECT pg_advisory_lock(hashtextextended('my-key', 0))`. Two keys
 //!   whose hashes collide exclude each other (a collision only
 //!   over-excludes); fencing tokens are kept per full key string.
-//! - **Fencing tokens.** Each acquisition increments the key's counter in
-//!   the table `toctou_fence` (created on first use) in the same statement
-//!   that takes the lock, and returns it: [`PgGuard::fence`] is strictly
+//! - **Fencing tokens.** Each acquisition issues the key's next token in
+//!   the same statement that takes the lock: [`PgGuard::fence`] is strictly
 //!   larger than every earlier token of the key, across processes,
-//!   machines and server restarts (the counter is a committed row). A
-//!   resource that must not accept a stale holder's late write keeps the
+//!   machines and server restarts. It is `(epoch << 40) + counter`: the
+//!   per-key counter lives in an `UNLOGGED` table (so issuing a token adds
+//!   no `fsync` to the lock's round trip), and the epoch, a durable row,
+//!   moves up once at every start of the server, so the counters that a
+//!   crash empties start over above every earlier token. A resource that
+//!   must not accept a stale holder's late write keeps the
 //!   largest token it accepted and refuses smaller ones:
 //!
 //!   ```sql
@@ -100,10 +103,12 @@
 //! - **Failover.** Advisory locks live only in the primary's memory. After
 //!   a failover to a replica every lock is gone, and a new primary knows
 //!   nothing of them; the sessions break, so every guard reports lost.
-//!   Fencing tokens survive only as far as the committed `toctou_fence`
-//!   rows were replicated: with asynchronous replication a failover can
-//!   lose the last increments, and a token can repeat. Use synchronous
-//!   replication if tokens must stay strictly increasing across failovers.
+//!   Fencing tokens stay increasing across a failover only if the new
+//!   primary has the old one's last epoch: the new primary starts a new
+//!   epoch, but with asynchronous replication it may not have seen the
+//!   old primary's last epoch bump, and then a token can repeat. Use
+//!   synchronous replication if tokens must stay strictly increasing
+//!   across failovers.
 //! - **PgBouncer in transaction pooling mode** (or any pooler that hands a
 //!   session to other clients between transactions) is not supported:
 //!   session-level advisory locks would be held by, and released through,

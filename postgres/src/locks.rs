@@ -146,16 +146,6 @@ impl PgLocksBuilder {
         config.keepalives(true);
         config.keepalives_idle(bounds.server / 2);
         let session = Session::open(&config, bounds, &runtime).await?;
-        match tokio::time::timeout(
-            bounds.timeout * 4,
-            session.client.batch_execute(protocol::SETUP),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error::Query(e)),
-            Err(_) => return Err(Error::Timeout),
-        }
         let (wakeups, _) = broadcast::channel(1024);
         let (stop, stop_rx) = watch::channel(false);
         runtime.spawn(session::listen(
@@ -185,8 +175,8 @@ impl PgLocks {
     /// process's locks and one that listens for releases.
     ///
     /// Must be called on a tokio runtime, which runs the connections'
-    /// background tasks. Creates the fencing table `toctou_fence` if it is
-    /// missing.
+    /// background tasks. Creates the fencing tables (`toctou_fence_epoch`,
+    /// `toctou_fence_count`) if they are missing.
     ///
     /// # Errors
     ///
@@ -385,15 +375,9 @@ impl PgLocks {
         let task_key = protocol::server_key(key).into_owned();
         let timeout = self.inner.bounds.timeout;
         self.inner.runtime.spawn(async move {
-            let answer = tokio::time::timeout(
-                timeout,
-                task_session
-                    .client
-                    .query_one(protocol::TRY_LOCK, &[&task_key]),
-            )
-            .await;
+            let answer = tokio::time::timeout(timeout, try_lock(&task_session, &task_key)).await;
             let result = match answer {
-                Ok(Ok(row)) => Ok((row.get::<_, i64>(0), row.get::<_, Option<i64>>(2))),
+                Ok(Ok(answer)) => Ok(answer),
                 Ok(Err(e)) => {
                     // The statement may have taken the lock before failing
                     // (a session-level lock outlives the failed
@@ -411,7 +395,9 @@ impl PgLocks {
             if let Err(Ok((advisory, Some(_)))) = tx.send(result) {
                 // The caller went away after we took the lock: release it.
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
-                let unlock = task_session.client.query_one(protocol::UNLOCK, &params);
+                let unlock = task_session
+                    .client
+                    .query_one(&task_session.statements.unlock, &params);
                 if !matches!(tokio::time::timeout(timeout, unlock).await, Ok(Ok(_))) {
                     task_session.mark_lost();
                 }
@@ -419,6 +405,33 @@ impl PgLocks {
         });
         rx.await.unwrap_or(Err(Error::Lost))
     }
+}
+
+/// The try of `key` on `session` ([`protocol::TRY_LOCK`]): the advisory
+/// key, and the fencing token if the lock was taken. A lock taken while the
+/// fencing epoch was stale (the first acquisition after a server start)
+/// bumps the epoch and then issues the token, still under the lock.
+async fn try_lock(
+    session: &Session,
+    key: &str,
+) -> Result<(i64, Option<i64>), tokio_postgres::Error> {
+    let row = session
+        .client
+        .query_one(&session.statements.try_lock, &[&key])
+        .await?;
+    let (advisory, taken, token): (i64, bool, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+    if !taken || token.is_some() {
+        return Ok((advisory, token));
+    }
+    session
+        .client
+        .execute(&session.statements.bump_epoch, &[])
+        .await?;
+    let row = session
+        .client
+        .query_one(&session.statements.fence, &[&key])
+        .await?;
+    Ok((advisory, Some(row.get(0))))
 }
 
 impl fmt::Debug for PgLocks {
@@ -528,7 +541,9 @@ impl PgGuard {
         // gone too, and the server frees the lock with the session.
         self.runtime.spawn(async move {
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
-            let unlock = session.client.query_one(protocol::UNLOCK, &params);
+            let unlock = session
+                .client
+                .query_one(&session.statements.unlock, &params);
             let result = match tokio::time::timeout(timeout, unlock).await {
                 Ok(Ok(row)) => Ok(row.get::<_, bool>(0)),
                 Ok(Err(e)) => {

@@ -13,10 +13,15 @@
 //!   spelled that way, which only over-excludes.
 //! - **Acquire** ([`TRY_LOCK`]): one statement, one round trip. It tries
 //!   the session-level advisory lock without waiting and, only if it got
-//!   it, increments the key's durable fencing counter in `toctou_fence`
-//!   (created on first use), returning the new token. The counter's row is
-//!   found by the SHA-256 digest of the full key (a B-tree cannot index
-//!   text over about 2.7 kB), and keeps the key beside it. A session-level
+//!   it, issues the key's next fencing token: `(epoch << 40) + counter`,
+//!   where the counter is the key's row in the `UNLOGGED` table
+//!   `toctou_fence_count` (no WAL flush, so no `fsync` per acquisition) and
+//!   the epoch is a durable row of `toctou_fence_epoch`, bumped once at
+//!   every start of the server ([`BUMP_EPOCH`]). A crash empties the
+//!   counters, but the new epoch puts every later token above every earlier
+//!   one. The counter's row is found by the SHA-256 digest of the full key
+//!   (a B-tree cannot index text over about 2.7 kB), and keeps the key
+//!   beside it. A session-level
 //!   lock survives the statement's transaction, so a statement that takes
 //!   the lock and then fails leaves it held: the client unlocks it.
 //! - **Release** ([`UNLOCK`]): unlocks and sends `NOTIFY toctou_release`
@@ -47,32 +52,75 @@ pub fn server_key(key: &str) -> Cow<'_, str> {
 /// The `LISTEN`/`NOTIFY` channel on which releases are announced.
 pub const CHANNEL: &str = "toctou_release";
 
-/// Creates the fencing table if it is missing. Serialised by a
+/// How many bits of a fencing token the per-key counter takes; the epoch
+/// takes the bits above (so up to 2^23 server starts, and 2^40
+/// acquisitions of one key between two starts).
+pub const COUNTER_BITS: u32 = 40;
+
+/// Creates the fencing tables if they are missing. Serialised by a
 /// transaction-level advisory lock: concurrent `CREATE TABLE IF NOT
 /// EXISTS` statements can otherwise fail on the catalog's unique index.
+///
+/// - `toctou_fence_epoch` (logged: durable): one row, the epoch and the
+///   start time of the server process it belongs to.
+/// - `toctou_fence_count` (`UNLOGGED`): the per-key counters. Writing it
+///   does not wait for a WAL flush, so issuing a token costs no `fsync`.
+///   A crash empties it; the epoch, bumped once at every server start,
+///   keeps the tokens increasing across that.
 pub const SETUP: &str = "BEGIN; \
-     SELECT pg_advisory_xact_lock(hashtextextended('toctou_fence table', 0)); \
-     CREATE TABLE IF NOT EXISTS toctou_fence ( \
+     SELECT pg_advisory_xact_lock(hashtextextended('toctou_fence tables', 0)); \
+     CREATE TABLE IF NOT EXISTS toctou_fence_epoch ( \
+         id int PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL, started timestamptz NOT NULL); \
+     INSERT INTO toctou_fence_epoch VALUES (1, 1, pg_postmaster_start_time()) \
+         ON CONFLICT (id) DO NOTHING; \
+     CREATE UNLOGGED TABLE IF NOT EXISTS toctou_fence_count ( \
          digest bytea PRIMARY KEY, key text NOT NULL, token bigint NOT NULL); \
      COMMIT";
 
 /// Tries the lock of `$1` (a key) and, if taken, issues its next fencing
 /// token. Returns one row: the advisory key (`bigint`), whether the lock
-/// was taken (`bool`), and the token (`bigint`, `NULL` if not taken).
+/// was taken (`bool`), and the token (`bigint`; `NULL` if not taken, or if
+/// the epoch belongs to an earlier start of the server: then
+/// [`BUMP_EPOCH`] and [`FENCE`] follow, under the lock).
 ///
-/// The data-modifying CTE runs exactly once and only inserts when `l.ok`;
-/// `l` is referenced twice and calls a volatile function, so the server
+/// The token is `(epoch << 40) + counter`. The data-modifying CTE runs
+/// exactly once and only inserts when `l.ok` and the epoch is current; `l`
+/// is referenced twice and calls a volatile function, so the server
 /// evaluates it once.
 pub const TRY_LOCK: &str = "WITH l AS ( \
          SELECT h.k, pg_try_advisory_lock(h.k) AS ok \
          FROM (SELECT hashtextextended($1, 0) AS k) AS h \
+     ), e AS ( \
+         SELECT epoch FROM toctou_fence_epoch \
+         WHERE id = 1 AND started = pg_postmaster_start_time() \
      ), f AS ( \
-         INSERT INTO toctou_fence AS t (digest, key, token) \
-         SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM l WHERE l.ok \
+         INSERT INTO toctou_fence_count AS t (digest, key, token) \
+         SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM l, e WHERE l.ok \
          ON CONFLICT (digest) DO UPDATE SET token = t.token + 1 \
          RETURNING t.token \
      ) \
-     SELECT l.k, l.ok, (SELECT token FROM f) FROM l";
+     SELECT l.k, l.ok, (SELECT (e.epoch << 40) + f.token FROM e, f) FROM l";
+
+/// Starts a new epoch if the current one belongs to an earlier start of
+/// the server (a restart, a crash, a failover): a durable write, once per
+/// server start (concurrent bumpers serialise on the row; the second finds
+/// it current and changes nothing).
+pub const BUMP_EPOCH: &str = "UPDATE toctou_fence_epoch \
+     SET epoch = epoch + 1, started = pg_postmaster_start_time() \
+     WHERE id = 1 AND started <> pg_postmaster_start_time()";
+
+/// The next fencing token of `$1`, for a holder whose [`TRY_LOCK`] found
+/// the epoch stale (run after [`BUMP_EPOCH`]).
+pub const FENCE: &str = "WITH e AS ( \
+         SELECT epoch FROM toctou_fence_epoch \
+         WHERE id = 1 AND started = pg_postmaster_start_time() \
+     ), f AS ( \
+         INSERT INTO toctou_fence_count AS t (digest, key, token) \
+         SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM e \
+         ON CONFLICT (digest) DO UPDATE SET token = t.token + 1 \
+         RETURNING t.token \
+     ) \
+     SELECT (e.epoch << 40) + f.token FROM e, f";
 
 /// Releases the lock of the advisory key `$1` (`bigint`) and announces it.
 /// Returns whether the session held it.

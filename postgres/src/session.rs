@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, watch};
 use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket, Statement};
 
 use crate::Error;
 use crate::protocol;
@@ -32,8 +32,18 @@ pub(crate) struct Bounds {
 /// die with it.
 pub(crate) struct Session {
     pub(crate) client: Client,
+    /// The protocol's statements, prepared on this session.
+    pub(crate) statements: Statements,
     /// `true` once the session may have ended: its locks may be gone.
     lost: Arc<watch::Sender<bool>>,
+}
+
+/// The protocol's statements (see [`protocol`]), prepared on a session.
+pub(crate) struct Statements {
+    pub(crate) try_lock: Statement,
+    pub(crate) unlock: Statement,
+    pub(crate) bump_epoch: Statement,
+    pub(crate) fence: Statement,
 }
 
 impl Session {
@@ -47,32 +57,46 @@ impl Session {
         let (client, connection) = config.connect(NoTls).await.map_err(Error::Connect)?;
         let lost = Arc::new(watch::Sender::new(false));
         runtime.spawn(drive(connection, lost.clone(), None));
-        let session = Arc::new(Session { client, lost });
         let settings = protocol::session_settings(bounds.server);
         let setup = async {
-            let before = session.client.query_one(protocol::BACKEND, &[]).await?;
-            session.client.batch_execute(&settings).await?;
-            let after = session.client.query_one(protocol::BACKEND, &[]).await?;
-            Ok::<_, tokio_postgres::Error>((before.get::<_, i32>(0), after.get::<_, i32>(0)))
+            let before: i32 = client.query_one(protocol::BACKEND, &[]).await?.get(0);
+            client.batch_execute(&settings).await?;
+            client.batch_execute(protocol::SETUP).await?;
+            // Prepared once per session: each try and release is then one
+            // round trip (an unprepared statement takes two).
+            let statements = Statements {
+                try_lock: client.prepare(protocol::TRY_LOCK).await?,
+                unlock: client.prepare(protocol::UNLOCK).await?,
+                bump_epoch: client.prepare(protocol::BUMP_EPOCH).await?,
+                fence: client.prepare(protocol::FENCE).await?,
+            };
+            let after: i32 = client.query_one(protocol::BACKEND, &[]).await?.get(0);
+            Ok::<_, tokio_postgres::Error>((before == after, statements))
         };
-        match tokio::time::timeout(bounds.timeout, setup).await {
-            Ok(Ok((before, after))) if before == after => {}
-            Ok(Ok(_)) => {
-                // Two statements ran on two server sessions: a pooler in
-                // transaction mode sits in between, and session-level
-                // locks would be held by whichever client it picked.
-                session.mark_lost();
-                return Err(Error::Pooled);
+        // The setup may create the fencing tables and wait for a concurrent
+        // creator: a few heartbeat timeouts.
+        let set_up = match tokio::time::timeout(bounds.timeout * 4, setup).await {
+            Ok(Ok((true, statements))) => Ok(statements),
+            // Two statements ran on two server sessions: a pooler in
+            // transaction mode sits in between, and session-level locks
+            // would be held by whichever client it picked.
+            Ok(Ok((false, _))) => Err(Error::Pooled),
+            Ok(Err(e)) => Err(Error::Query(e)),
+            Err(_) => Err(Error::Timeout),
+        };
+        let statements = match set_up {
+            Ok(statements) => statements,
+            Err(e) => {
+                // Closes the connection.
+                lost.send_replace(true);
+                return Err(e);
             }
-            Ok(Err(e)) => {
-                session.mark_lost();
-                return Err(Error::Query(e));
-            }
-            Err(_) => {
-                session.mark_lost();
-                return Err(Error::Timeout);
-            }
-        }
+        };
+        let session = Arc::new(Session {
+            client,
+            statements,
+            lost,
+        });
         runtime.spawn(heartbeat(Arc::downgrade(&session), bounds));
         Ok(session)
     }
