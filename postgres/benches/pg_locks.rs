@@ -85,30 +85,79 @@ fn main() {
             })
         });
         let advisory: i64 = 0x7463_7475;
+        // Prepared once, as ours are: each statement is one round trip.
+        let (lock, try_lock, unlock) = rt.block_on(async {
+            (
+                raw.prepare("SELECT pg_advisory_lock($1)").await.unwrap(),
+                raw.prepare("SELECT pg_try_advisory_lock($1)")
+                    .await
+                    .unwrap(),
+                raw.prepare("SELECT pg_advisory_unlock($1)").await.unwrap(),
+            )
+        });
         g.bench_function("floor: pg_advisory_lock + pg_advisory_unlock", |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    raw.query_one("SELECT pg_advisory_lock($1)", &[&advisory])
-                        .await
-                        .unwrap();
-                    raw.query_one("SELECT pg_advisory_unlock($1)", &[&advisory])
-                        .await
-                        .unwrap();
+                    raw.query_one(&lock, &[&advisory]).await.unwrap();
+                    raw.query_one(&unlock, &[&advisory]).await.unwrap();
                 })
             })
         });
         g.bench_function("floor: pg_try_advisory_lock + pg_advisory_unlock", |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    raw.query_one("SELECT pg_try_advisory_lock($1)", &[&advisory])
-                        .await
-                        .unwrap();
-                    raw.query_one("SELECT pg_advisory_unlock($1)", &[&advisory])
-                        .await
-                        .unwrap();
+                    raw.query_one(&try_lock, &[&advisory]).await.unwrap();
+                    raw.query_one(&unlock, &[&advisory]).await.unwrap();
                 })
             })
         });
+        // Our own two statements, prepared, with nothing around them: what
+        // the protocol costs on the wire and in the server.
+        let (ours_try, ours_unlock) = rt.block_on(async {
+            (
+                raw.prepare(toctou_postgres::protocol::TRY_LOCK)
+                    .await
+                    .unwrap(),
+                raw.prepare(toctou_postgres::protocol::UNLOCK)
+                    .await
+                    .unwrap(),
+            )
+        });
+        let protocol_key = format!("bench-protocol-{}", std::process::id());
+        g.bench_function(
+            "floor: our two statements (try+fence, unlock+notify)",
+            |b| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        let row = raw.query_one(&ours_try, &[&protocol_key]).await.unwrap();
+                        let advisory: i64 = row.get(0);
+                        raw.query_one(&ours_unlock, &[&advisory]).await.unwrap();
+                    })
+                })
+            },
+        );
+        // A durable (logged) counter instead, for comparison: its commit
+        // waits for a WAL flush.
+        rt.block_on(raw.batch_execute(
+            "CREATE TABLE IF NOT EXISTS toctou_bench_logged_counter \
+             (digest bytea PRIMARY KEY, token bigint NOT NULL)",
+        ))
+        .unwrap();
+        let logged = rt
+            .block_on(raw.prepare(
+                "INSERT INTO toctou_bench_logged_counter AS t (digest, token) \
+                 VALUES (sha256(convert_to($1, 'UTF8')), 1) \
+                 ON CONFLICT (digest) DO UPDATE SET token = t.token + 1 RETURNING t.token",
+            ))
+            .unwrap();
+        g.bench_function(
+            "a logged counter's upsert alone (waits for an fsync)",
+            |b| {
+                b.iter(|| {
+                    rt.block_on(async { raw.query_one(&logged, &[&protocol_key]).await.unwrap() })
+                })
+            },
+        );
         let lock = sqlx::postgres::PgAdvisoryLock::new(format!("sqlx-{key}"));
         g.bench_function("sqlx::postgres::PgAdvisoryLock::acquire+release_now", |b| {
             b.iter(|| {
