@@ -588,12 +588,15 @@ async fn processes_emit_each_workflows_sequence_numbers_exactly_once() {
 }
 
 /// A TCP proxy between a client and the server that can be frozen: while
-/// frozen it forwards nothing in either direction and closes nothing.
+/// frozen it forwards nothing in either direction and closes nothing. It
+/// can also close every connection (`cut_all`), and refuse new ones
+/// (`down`: accepted and closed at once, as a restarting server does).
 struct Proxy {
     port: u16,
     frozen: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Closes the server side of every connection.
-    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Bumped to close every connection open at that moment.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Proxy {
@@ -601,29 +604,69 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let frozen = Arc::new(tokio::sync::watch::Sender::new(false));
-        let cut = Arc::new(tokio::sync::watch::Sender::new(false));
+        let generation = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let down = Arc::new(tokio::sync::watch::Sender::new(false));
         let server = server.to_owned();
-        let (f, c) = (frozen.clone(), cut.clone());
+        let (f, g, d) = (frozen.clone(), generation.clone(), down.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let upstream = TcpStream::connect(&server).await.unwrap();
+                if *d.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect(&server).await else {
+                    continue;
+                };
                 let (cr, cw) = client.into_split();
                 let (ur, uw) = upstream.into_split();
-                tokio::spawn(pump(cr, uw, f.subscribe(), c.subscribe()));
-                tokio::spawn(pump(ur, cw, f.subscribe(), c.subscribe()));
+                let born = *g.borrow();
+                tokio::spawn(pump(cr, uw, f.subscribe(), g.subscribe(), born));
+                tokio::spawn(pump(ur, cw, f.subscribe(), g.subscribe(), born));
             }
         });
-        Proxy { port, frozen, cut }
+        Proxy {
+            port,
+            frozen,
+            generation,
+            down,
+        }
+    }
+
+    /// Closes every connection open now (both sides).
+    fn cut_all(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A config for the server behind this proxy: `base`'s user, database
+    /// and password, this proxy's address. (A fresh `Config`: `host` and
+    /// `port` add to a parsed one's lists.)
+    fn config(&self, base: &Config, app: &str) -> Config {
+        let mut through = Config::new();
+        through
+            .host("127.0.0.1")
+            .port(self.port)
+            .application_name(app);
+        if let Some(user) = base.get_user() {
+            through.user(user);
+        }
+        if let Some(db) = base.get_dbname() {
+            through.dbname(db);
+        }
+        if let Some(password) = base.get_password() {
+            through.password(password);
+        }
+        through
     }
 }
 
 /// Copies `from` to `to`, holding bytes back while frozen; stops (dropping
-/// both halves) when cut.
+/// both halves) once the generation moves past `born`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: tokio::sync::watch::Receiver<bool>,
-    mut cut: tokio::sync::watch::Receiver<bool>,
+    mut generation: tokio::sync::watch::Receiver<u64>,
+    born: u64,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -631,21 +674,76 @@ async fn pump(
         // beyond what the kernel buffers.
         tokio::select! {
             _ = frozen.wait_for(|f| !*f) => {}
-            _ = cut.wait_for(|c| *c) => return,
+            _ = generation.wait_for(|g| *g != born) => return,
         }
         let n = tokio::select! {
             n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
-            _ = cut.wait_for(|c| *c) => return,
+            _ = generation.wait_for(|g| *g != born) => return,
             _ = frozen.wait_for(|f| *f) => continue,
         };
         tokio::select! {
             _ = frozen.wait_for(|f| !*f) => {}
-            _ = cut.wait_for(|c| *c) => return,
+            _ = generation.wait_for(|g| *g != born) => return,
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
+}
+
+/// The server's address, from `TOCTOU_PG_URL`.
+fn server_address(config: &Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_during_a_hold_reports_lost_and_errors_until_it_is_back() {
+    let Some(_admin) =
+        admin("a_server_restart_during_a_hold_reports_lost_and_errors_until_it_is_back").await
+    else {
+        return;
+    };
+    let config: Config = url().parse().unwrap();
+    let proxy = Proxy::start(&server_address(&config)).await;
+    let locks = PgLocks::builder()
+        .connect_with(proxy.config(&config, "toctou-test-restart"))
+        .await
+        .unwrap();
+    let key = unique("restart");
+    let held = locks.lock(&key).await.unwrap();
+    let fence = held.fence();
+    let lost = held.lost();
+    // The server goes away: every connection closes, new ones are refused.
+    proxy.down.send_replace(true);
+    proxy.cut_all();
+    tokio::time::timeout(Duration::from_secs(3), lost)
+        .await
+        .expect("the holder learns of the loss");
+    assert!(!held.is_held());
+    let while_down = tokio::time::timeout(Duration::from_secs(30), locks.lock(&unique("other")))
+        .await
+        .expect("an error, not a hang");
+    assert!(
+        matches!(
+            while_down,
+            Err(Error::Connect(_) | Error::Query(_) | Error::Timeout)
+        ),
+        "{while_down:?}"
+    );
+    assert!(matches!(held.release().await, Err(Error::Lost)));
+    // The server is back: the next lock reconnects.
+    proxy.down.send_replace(false);
+    let again = tokio::time::timeout(Duration::from_secs(30), locks.lock(&key))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert!(again.fence() > fence);
+    again.release().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,28 +754,8 @@ async fn a_partitioned_holder_learns_of_the_loss_before_the_server_frees_the_key
         return;
     };
     let config: Config = url().parse().unwrap();
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let proxy = Proxy::start(&format!("{host}:{port}")).await;
-    // The same server, reached through the proxy (a fresh `Config`: `host`
-    // and `port` add to a parsed one's lists).
-    let mut through = Config::new();
-    through
-        .host("127.0.0.1")
-        .port(proxy.port)
-        .application_name("toctou-test-partition-a");
-    if let Some(user) = config.get_user() {
-        through.user(user);
-    }
-    if let Some(db) = config.get_dbname() {
-        through.dbname(db);
-    }
-    if let Some(password) = config.get_password() {
-        through.password(password);
-    }
+    let proxy = Proxy::start(&server_address(&config)).await;
+    let through = proxy.config(&config, "toctou-test-partition-a");
     let server_bound = Duration::from_secs(4);
     let a = PgLocks::builder()
         .server_bound(server_bound)
@@ -703,7 +781,7 @@ async fn a_partitioned_holder_learns_of_the_loss_before_the_server_frees_the_key
     // Stand in for the server's keepalive expiry at its bound: close the
     // proxy's server side. Only then can the second client get the key.
     tokio::time::sleep(server_bound.saturating_sub(frozen_at.elapsed())).await;
-    proxy.cut.send_replace(true);
+    proxy.cut_all();
     let next = tokio::time::timeout(Duration::from_secs(10), b.lock(&key))
         .await
         .expect("the key is freed with the session")
