@@ -546,6 +546,46 @@ MUTANTS = [
         "a_reader_handed_an_exclusive_lock_gives_it_up",
     ),
     (
+        "toctou-postgres: subscribing to announcements after the failed try",
+        "postgres/src/protocol.rs",
+        "    let mut subscription = contact.subscribe();\n"
+        "    loop {\n"
+        "        let attempt = contact.try_lock(key).await?;\n"
+        "        if let Some((token, taken)) = attempt.taken {\n"
+        "            return Ok(Some((attempt.advisory, token, taken)));\n"
+        "        }\n"
+        "        if !patient {\n"
+        "            return Ok(None);\n"
+        "        }\n",
+        "    loop {\n"
+        "        let attempt = contact.try_lock(key).await?;\n"
+        "        if let Some((token, taken)) = attempt.taken {\n"
+        "            return Ok(Some((attempt.advisory, token, taken)));\n"
+        "        }\n"
+        "        if !patient {\n"
+        "            return Ok(None);\n"
+        "        }\n"
+        "        let mut subscription = contact.subscribe();\n",
+        "toctou-postgres:loom_pg_protocol",
+        "a_release_wakes_a_waiter_that_just_failed_its_try",
+    ),
+    (
+        "toctou-postgres: a wait skips its own key's announcement",
+        "postgres/src/protocol.rs",
+        "                Event::Announced(other) if other != attempt.advisory => continue,\n",
+        "                Event::Announced(other) if other == attempt.advisory => continue,\n",
+        "toctou-postgres:loom_pg_protocol",
+        "a_release_wakes_a_waiter_that_just_failed_its_try",
+    ),
+    (
+        "toctou-postgres: a wait gives up on another key's announcement",
+        "postgres/src/protocol.rs",
+        "                Event::Announced(other) if other != attempt.advisory => continue,\n",
+        "                Event::Announced(other) if other != attempt.advisory => return Ok(None),\n",
+        "toctou-postgres:loom_pg_protocol",
+        "waiters_skip_other_keys_announcements",
+    ),
+    (
         "keyed rw: a writer is granted while readers hold the key",
         "src/keyed/kind.rs",
         "            Access::Write => !self.writer && self.readers == 0,",
@@ -564,7 +604,7 @@ def run_mutant(scratch, target_dir, mutant):
     # Cargo.toml names the workspace members (benches, proptests): each must
     # exist in the copy, or cargo cannot load the workspace.
     for entry in ("Cargo.toml", "Cargo.lock", "README.md", "src", "loom-tests", "benches",
-                  "proptests", "tests", "examples"):
+                  "proptests", "tests", "examples", "postgres"):
         src = os.path.join(ROOT, entry)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(scratch, entry))
@@ -577,7 +617,10 @@ def run_mutant(scratch, target_dir, mutant):
         return False
     open(file, "w").write(text.replace(old, new))
     env = dict(os.environ, RUSTFLAGS="--cfg toctou_loom", CARGO_TARGET_DIR=target_dir)
-    cmd = ["cargo", "test", "--release", "--test", test, "--", "--exact", filt]
+    # `package:test` names a test of another workspace member.
+    package, _, test = test.rpartition(":")
+    cmd = ["cargo", "test", "--release"] + (["-p", package] if package else []) + \
+        ["--test", test, "--", "--exact", filt]
     proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     if "error[E" in out or "could not compile" in out:

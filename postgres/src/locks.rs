@@ -320,45 +320,20 @@ impl PgLocks {
                 Err(_) => return Ok(None),
             },
         };
-        // Subscribed before the first try: a release announced after the
-        // try failed is not missed.
-        let mut wakeups = self.inner.wakeups.subscribe();
-        loop {
-            let session = self.session().await?;
-            let (advisory, token) = self.try_once(&session, key).await?;
-            if let Some(fence) = token {
-                return Ok(Some(PgGuard {
-                    key: local,
-                    advisory,
-                    fence,
-                    session,
-                    runtime: self.inner.runtime.clone(),
-                    released: false,
-                }));
-            }
-            let pause = self.inner.bounds.poll;
-            let until = match wait {
-                Wait::No => return Ok(None),
-                Wait::Forever => Instant::now() + pause,
-                Wait::Until(deadline) if Instant::now() >= deadline => return Ok(None),
-                Wait::Until(deadline) => deadline.min(Instant::now() + pause),
-            };
-            let announced = async {
-                loop {
-                    match wakeups.recv().await {
-                        Ok(k) if k == advisory || k == session::WAKE_ALL => return,
-                        Ok(_) => {}
-                        // Missed some: one of them may be ours.
-                        Err(broadcast::error::RecvError::Lagged(_)) => return,
-                        // No listener: fall back to the timer.
-                        Err(broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await
-                        }
-                    }
-                }
-            };
-            let _ = tokio::time::timeout_at(until, announced).await;
-        }
+        let contact = Live { locks: self, wait };
+        let patient = !matches!(wait, Wait::No);
+        let Some((advisory, fence, session)) = protocol::acquire(&contact, key, patient).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(PgGuard {
+            key: local,
+            advisory,
+            fence,
+            session,
+            runtime: self.inner.runtime.clone(),
+            released: false,
+        }))
     }
 
     /// One try of `key` on `session`: its advisory key, and the fencing
@@ -440,6 +415,58 @@ impl fmt::Debug for PgLocks {
             .field("bounds", &self.inner.bounds)
             .field("waiting_or_held_here", &self.inner.keyed.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// The waiting protocol's contact with the real server: the holding
+/// session, the listener's announcements, the poll timer and the caller's
+/// deadline.
+struct Live<'a> {
+    locks: &'a PgLocks,
+    wait: Wait,
+}
+
+impl protocol::Contact for Live<'_> {
+    type Error = Error;
+    type Taken = Arc<Session>;
+    type Subscription = broadcast::Receiver<i64>;
+
+    fn subscribe(&self) -> broadcast::Receiver<i64> {
+        self.locks.inner.wakeups.subscribe()
+    }
+
+    async fn try_lock(&self, key: &str) -> Result<protocol::Attempt<Arc<Session>>, Error> {
+        let session = self.locks.session().await?;
+        let (advisory, token) = self.locks.try_once(&session, key).await?;
+        Ok(protocol::Attempt {
+            advisory,
+            taken: token.map(|token| (token, session)),
+        })
+    }
+
+    async fn wait(&self, subscription: &mut broadcast::Receiver<i64>) -> protocol::Event {
+        let now = Instant::now();
+        let timer = now + self.locks.inner.bounds.poll;
+        let (until, at_deadline) = match self.wait {
+            Wait::Until(deadline) if deadline <= now => return protocol::Event::Deadline,
+            Wait::Until(deadline) if deadline <= timer => (deadline, true),
+            _ => (timer, false),
+        };
+        let announced = async {
+            match subscription.recv().await {
+                Ok(session::WAKE_ALL) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    protocol::Event::Missed
+                }
+                Ok(advisory) => protocol::Event::Announced(advisory),
+                // No listener: only the timer is left.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        };
+        match tokio::time::timeout_at(until, announced).await {
+            Ok(event) => event,
+            Err(_) if at_deadline => protocol::Event::Deadline,
+            Err(_) => protocol::Event::Timer,
+        }
     }
 }
 

@@ -158,6 +158,88 @@ pub fn session_settings(bound: Duration) -> String {
     )
 }
 
+/// What the waiting protocol needs from the server side: the real
+/// connections implement it (`locks.rs`), and so does the loom models'
+/// simulated server (`postgres/loom-tests/protocol.rs`).
+pub trait Contact {
+    /// A failure to talk to the server.
+    type Error;
+    /// What the caller keeps of a successful try (the real session).
+    type Taken;
+    /// A subscription to release announcements.
+    type Subscription;
+    /// Starts receiving release announcements.
+    fn subscribe(&self) -> Self::Subscription;
+    /// One try of `key` ([`TRY_LOCK`]).
+    fn try_lock(
+        &self,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<Attempt<Self::Taken>, Self::Error>>;
+    /// Waits for the next event: an announcement, a lost stretch of them,
+    /// the retry timer, or the caller's deadline.
+    fn wait(
+        &self,
+        subscription: &mut Self::Subscription,
+    ) -> impl std::future::Future<Output = Event>;
+}
+
+/// The outcome of one try.
+pub struct Attempt<T> {
+    /// The key's advisory key.
+    pub advisory: i64,
+    /// The fencing token and what the caller keeps, if the lock was taken.
+    pub taken: Option<(i64, T)>,
+}
+
+/// What ended a wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A release of this advisory key was announced.
+    Announced(i64),
+    /// Announcements may have been missed (the listener reconnected, or
+    /// the subscription lagged): any key may have been released.
+    Missed,
+    /// The retry timer: for holders whose session ended without a release.
+    Timer,
+    /// The caller's deadline passed.
+    Deadline,
+}
+
+/// The server half of an acquisition, once the in-process key is held:
+/// tries `key` until the lock is taken (the advisory key, the fencing token
+/// and what [`Contact::Taken`] keeps), or, without `patient`, after one try,
+/// or when the deadline passes (`None`).
+///
+/// The waiter subscribes to announcements *before* its first try: a
+/// release is announced after its unlock, so a release that the failed try
+/// did not see is announced to this subscription. A wait ends only on an
+/// announcement of this key (others are skipped), a possible loss of
+/// announcements, the timer or the deadline; every end but the deadline
+/// leads to another try.
+pub async fn acquire<C: Contact>(
+    contact: &C,
+    key: &str,
+    patient: bool,
+) -> Result<Option<(i64, i64, C::Taken)>, C::Error> {
+    let mut subscription = contact.subscribe();
+    loop {
+        let attempt = contact.try_lock(key).await?;
+        if let Some((token, taken)) = attempt.taken {
+            return Ok(Some((attempt.advisory, token, taken)));
+        }
+        if !patient {
+            return Ok(None);
+        }
+        loop {
+            match contact.wait(&mut subscription).await {
+                Event::Announced(other) if other != attempt.advisory => continue,
+                Event::Announced(_) | Event::Missed | Event::Timer => break,
+                Event::Deadline => return Ok(None),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
