@@ -16,14 +16,14 @@
 //!   its own run through 100 keys (ours only; one iteration is 800
 //!   acquisitions).
 //! - Printed, not a criterion group: the hand-over latency between two
-//!   clients (two `PgLocks`, i.e. two server sessions, as two processes
-//!   would have): the waiter is woken by the holder's release `NOTIFY`;
-//!   p50 and p99 of 200 hand-overs. Target: p99 at most 5 ms.
+//!   processes (the bench binary re-executes itself as the waiter): the
+//!   waiter is woken by the holder's release `NOTIFY`; p50 and p99 of 200
+//!   hand-overs, timed on the system-wide clock. Target: p99 at most 5 ms.
 //!
 //! Run: `cargo bench -p toctou-postgres --bench pg_locks`.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
 use toctou_postgres::PgLocks;
@@ -40,6 +40,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var(ROLE).is_ok() {
+        rt.block_on(waiter_process());
+        return;
+    }
     let raw = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(5),
@@ -200,34 +204,77 @@ fn main() {
     rt.block_on(hand_over_latency());
 }
 
-/// p50 and p99 of 200 hand-overs between two clients.
-async fn hand_over_latency() {
-    let a = PgLocks::connect(&url()).await.unwrap();
-    let b = PgLocks::connect(&url()).await.unwrap();
-    let key = format!("bench-handover-{}", std::process::id());
-    let mut latencies = Vec::new();
-    for _ in 0..200 {
-        let held = a.lock(&key).await.unwrap();
-        let waiter = tokio::spawn({
-            let (b, key) = (b.clone(), key.clone());
-            async move {
-                let guard = b.lock(&key).await.unwrap();
-                let got = Instant::now();
-                guard.release().await.unwrap();
-                got
-            }
-        });
-        // Let the waiter try and start waiting.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let released = Instant::now();
-        held.release().await.unwrap();
-        let got = waiter.await.unwrap();
-        latencies.push(got.saturating_duration_since(released));
+/// The environment variable that makes the bench binary the second process
+/// of the hand-over measurement.
+const ROLE: &str = "TOCTOU_PG_BENCH_ROLE";
+
+/// Now on the system-wide clock (both processes of the hand-over read it),
+/// in nanoseconds.
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The second process: for each line on stdin (a key), locks it, prints
+/// the time it got it, and releases.
+async fn waiter_process() {
+    use tokio::io::AsyncBufReadExt;
+    let locks = PgLocks::connect(&url()).await.unwrap();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(key)) = lines.next_line().await {
+        let guard = locks.lock(&key).await.unwrap();
+        let got = now_ns();
+        guard.release().await.unwrap();
+        println!("{got}");
     }
+}
+
+/// p50 and p99 of 200 hand-overs from this process to a second one (the
+/// bench binary re-executed): this process holds a key, the other starts
+/// waiting for it, this one releases; the hand-over lasts from just before
+/// the release until the other holds the key.
+async fn hand_over_latency() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "waiter")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let mut from_child = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let holder = PgLocks::connect(&url()).await.unwrap();
+    let mut latencies = Vec::new();
+    for i in 0..200 {
+        let key = format!("bench-handover-{}-{i}", std::process::id());
+        let held = holder.lock(&key).await.unwrap();
+        to_child
+            .write_all(format!("{key}\n").as_bytes())
+            .await
+            .unwrap();
+        to_child.flush().await.unwrap();
+        // Let the other process try, fail and start waiting.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let released = now_ns();
+        held.release().await.unwrap();
+        let got: u128 = from_child
+            .next_line()
+            .await
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        latencies.push(Duration::from_nanos(got.saturating_sub(released) as u64));
+    }
+    drop(to_child);
+    let _ = child.wait().await;
     latencies.sort();
     let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     println!(
-        "pg_hand_over_2_clients: p50 {:?}, p99 {:?}, max {:?} (200 hand-overs; target p99 <= 5 ms)",
+        "pg_hand_over_2_processes: p50 {:?}, p99 {:?}, max {:?} (200 hand-overs; target p99 <= 5 ms)",
         p(0.5),
         p(0.99),
         latencies.last().unwrap()
