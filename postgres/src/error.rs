@@ -36,8 +36,9 @@ pub enum Error {
     /// different server sessions, and session-level advisory locks cannot
     /// work there. Connect directly, or through session pooling.
     Pooled,
-    /// No tokio runtime is running: `PgLocks` spawns its connection and
-    /// heartbeat tasks on the caller's runtime.
+    /// No tokio runtime is running, or it was built without its timer:
+    /// `PgLocks` spawns its connection and heartbeat tasks on the caller's
+    /// runtime, which needs IO and time enabled (`enable_all`).
     NoRuntime,
 }
 
@@ -81,8 +82,8 @@ impl fmt::Display for Error {
             ),
             Error::NoRuntime => write!(
                 f,
-                "toctou-postgres: no tokio runtime is running (PgLocks spawns its connection \
-                 tasks on the caller's runtime)"
+                "toctou-postgres: no tokio runtime with IO and time enabled is running (PgLocks \
+                 spawns its connection tasks on the caller's runtime)"
             ),
         }
     }

@@ -28,8 +28,10 @@
 //!   (PostgreSQL's stable 64-bit hash of text), so a service in another
 //!   language takes the same lock with
 //!   `SELECT pg_advisory_lock(hashtextextended('my-key', 0))`. Two keys
-//!   whose hashes collide exclude each other (a collision only
-//!   over-excludes); fencing tokens are kept per full key string.
+//!   whose hashes collide exclude each other across processes (a collision
+//!   only over-excludes); within one process the in-process queue tells
+//!   them apart (its one session holds the advisory key once per holder).
+//!   Fencing tokens are kept per full key string.
 //! - **Fencing tokens.** Each acquisition issues the key's next token in
 //!   the same statement that takes the lock: [`PgGuard::fence`] is strictly
 //!   larger than every earlier token of the key, across processes,
@@ -52,10 +54,14 @@
 //!   [`PgGuard::is_held`] turns false, within 2 s. The session is also set
 //!   up so that the *server* ends it, and frees its locks, when the client
 //!   has been unreachable for about 4 s (server-side TCP keepalives for an
-//!   idle link, `tcp_user_timeout` for unacknowledged data): the client
-//!   learns of a loss before anybody else can get the key. Both bounds are
-//!   options ([`PgLocksBuilder`]). Writes already in flight when the loss
-//!   is noticed are what the fencing token is for.
+//!   idle link, `tcp_user_timeout` for unacknowledged data): a
+//!   *partitioned* client learns of the loss before anybody else can get
+//!   the key. Where the server ends the session itself (an administrator's
+//!   `pg_terminate_backend`, a crash or restart, `idle_session_timeout`),
+//!   it frees the locks first, and the client learns within the same 2 s:
+//!   in that window, and for writes already in flight, the fencing token
+//!   is what refuses a stale holder. Both bounds are options
+//!   ([`PgLocksBuilder`]).
 //! - **What a frozen client looks like.** A process that is stopped (say,
 //!   by a debugger or `SIGSTOP`) while its machine's TCP stack stays up
 //!   keeps its locks: the server cannot tell it from a slow one, and its
@@ -90,7 +96,7 @@
 //! | | `toctou-postgres` | sqlx `PgAdvisoryLock` | `distributed-lock-postgres` 0.2 | Redlock (`rslock`) | etcd lock API |
 //! |---|---|---|---|---|---|
 //! | store | PostgreSQL advisory locks | PostgreSQL advisory locks | PostgreSQL advisory locks | Redis keys with a TTL, on a majority of N nodes | a key under a lease |
-//! | lost lock | detected: `lost()` / `is_held()` within the heartbeat bound (2 s), before the server frees it (4 s) | not detected | a `lost` signal in the handle, not driven by a connection monitor (source) | the TTL expires; the holder must finish or extend in time | lease expiry; the client learns when its keep-alive fails |
+//! | lost lock | detected: `lost()` / `is_held()` within the heartbeat bound (2 s); a partitioned client learns before the server frees it (4 s) | not detected | a `lost` signal in the handle, not driven by a connection monitor (source) | the TTL expires; the holder must finish or extend in time | lease expiry; the client learns when its keep-alive fails |
 //! | fencing token | yes, per key, durable | no | no | no | the lock key's revision can serve as one |
 //! | connections | 2 per process, whatever the keys and waiters | one per held lock; a waiter blocks its connection in `pg_advisory_lock` | one pooled connection per held lock | – | one client, a lease per lock |
 //! | waiting | in-process queue, then `pg_try_advisory_lock` + `NOTIFY` + a poll | `pg_advisory_lock` on the connection | blocking or polling, per its options | retries with a delay | server-side queue |

@@ -102,9 +102,10 @@ impl PgLocksBuilder {
 
     /// How long the server keeps the session of a client it cannot reach
     /// (default 4 s, at least 2 s): the server-side TCP keepalive and
-    /// `tcp_user_timeout` of the holding session. Keep it above the
-    /// heartbeat's bound, so that a client learns of a loss before the
-    /// server frees its locks.
+    /// `tcp_user_timeout` of the holding session. It is raised, if needed,
+    /// to a second above the heartbeat's bound (every + timeout), so that a
+    /// partitioned client learns of the loss before the server frees its
+    /// locks.
     pub fn server_bound(mut self, bound: Duration) -> Self {
         self.bounds.server = bound.max(Duration::from_secs(2));
         self
@@ -136,7 +137,18 @@ impl PgLocksBuilder {
     /// As [`PgLocks::connect`].
     pub async fn connect_with(self, mut config: Config) -> Result<PgLocks, Error> {
         let runtime = Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let bounds = self.bounds;
+        // The heartbeats, polls and timeouts need the runtime's timer; a
+        // runtime built without it would panic at the first one.
+        let timer = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO)));
+        if timer.is_err() {
+            return Err(Error::NoRuntime);
+        }
+        let mut bounds = self.bounds;
+        // The client must learn of a loss before the server frees the
+        // locks: keep the server's bound a second above the heartbeat's.
+        bounds.server = bounds
+            .server
+            .max(bounds.heartbeat + bounds.timeout + Duration::from_secs(1));
         if config.get_application_name().is_none() {
             config.application_name("toctou-postgres");
         }
@@ -322,37 +334,59 @@ impl PgLocks {
         };
         let contact = Live { locks: self, wait };
         let patient = !matches!(wait, Wait::No);
-        let Some((advisory, fence, session)) = protocol::acquire(&contact, key, patient).await?
-        else {
+        let server = protocol::acquire(&contact, key, patient);
+        let taken = match wait {
+            // The deadline bounds the server's part too (a slow try or a
+            // reconnect): a try cut short there releases what it took.
+            Wait::Until(deadline) => match tokio::time::timeout_at(deadline, server).await {
+                Ok(taken) => taken?,
+                Err(_) => return Ok(None),
+            },
+            Wait::No | Wait::Forever => server.await?,
+        };
+        let Some((advisory, fence, claim)) = taken else {
             return Ok(None);
         };
         Ok(Some(PgGuard {
             key: local,
             advisory,
             fence,
-            session,
+            session: claim.keep(),
             runtime: self.inner.runtime.clone(),
             released: false,
         }))
     }
 
     /// One try of `key` on `session`: its advisory key, and the fencing
-    /// token if the lock was taken. The statement runs in a task of its
-    /// own, so that a caller that goes away while it is in flight leaves
-    /// nothing behind: the task then releases what it took.
+    /// token with a [`Claim`] on the lock if it was taken. The statement
+    /// runs in a task of its own, and a taken lock travels as a `Claim`,
+    /// which releases it when dropped: a caller that goes away while the
+    /// try is in flight, or before it looks at the answer, leaves nothing
+    /// behind.
     async fn try_once(
         &self,
         session: &Arc<Session>,
         key: &str,
-    ) -> Result<(i64, Option<i64>), Error> {
+    ) -> Result<(i64, Option<(i64, Claim)>), Error> {
         let (tx, rx) = oneshot::channel();
         let task_session = session.clone();
         let task_key = protocol::server_key(key).into_owned();
         let timeout = self.inner.bounds.timeout;
+        let runtime = self.inner.runtime.clone();
         self.inner.runtime.spawn(async move {
             let answer = tokio::time::timeout(timeout, try_lock(&task_session, &task_key)).await;
             let result = match answer {
-                Ok(Ok(answer)) => Ok(answer),
+                Ok(Ok((advisory, token))) => Ok((
+                    advisory,
+                    token.map(|token| {
+                        let claim = Claim {
+                            session: Some(task_session.clone()),
+                            advisory,
+                            runtime,
+                        };
+                        (token, claim)
+                    }),
+                )),
                 Ok(Err(e)) => {
                     // The statement may have taken the lock before failing
                     // (a session-level lock outlives the failed
@@ -367,25 +401,43 @@ impl PgLocks {
                     Err(Error::Timeout)
                 }
             };
-            if let Err(Ok((advisory, Some(_)))) = tx.send(result) {
-                // The caller went away after we took the lock: release it.
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
-                let unlock = task_session
-                    .client
-                    .query_one(&task_session.statements.unlock, &params);
-                if !matches!(tokio::time::timeout(timeout, unlock).await, Ok(Ok(_))) {
-                    task_session.mark_lost();
-                }
-            }
+            // If the caller is gone, the answer comes back and drops here:
+            // a claim in it releases the lock.
+            drop(tx.send(result));
         });
         rx.await.unwrap_or(Err(Error::Lost))
     }
 }
 
+/// A lock taken on the server that no guard owns yet: released (in the
+/// background) when dropped, unless [`Claim::keep`] hands it to a guard.
+struct Claim {
+    /// `None` once kept.
+    session: Option<Arc<Session>>,
+    advisory: i64,
+    runtime: Handle,
+}
+
+impl Claim {
+    /// The guard's share: the session that holds the lock.
+    fn keep(mut self) -> Arc<Session> {
+        self.session.take().expect("a claim is kept once")
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            drop(spawn_unlock(&self.runtime, session, self.advisory));
+        }
+    }
+}
+
 /// The try of `key` on `session` ([`protocol::TRY_LOCK`]): the advisory
 /// key, and the fencing token if the lock was taken. A lock taken while the
-/// fencing epoch was stale (the first acquisition after a server start)
-/// bumps the epoch and then issues the token, still under the lock.
+/// counters did not belong to the current epoch (the first acquisition
+/// after a crash, or ever) starts a new epoch and then issues the token,
+/// still under the lock.
 async fn try_lock(
     session: &Session,
     key: &str,
@@ -398,15 +450,47 @@ async fn try_lock(
     if !taken || token.is_some() {
         return Ok((advisory, token));
     }
-    session
-        .client
-        .execute(&session.statements.bump_epoch, &[])
-        .await?;
+    session.client.batch_execute(protocol::NEW_EPOCH).await?;
     let row = session
         .client
         .query_one(&session.statements.fence, &[&key])
         .await?;
     Ok((advisory, Some(row.get(0))))
+}
+
+/// Sends the release of `advisory` on `session` in a task on `runtime`:
+/// whether the server held the lock, or the error (which ends the session,
+/// freeing the lock). A runtime that has shut down drops the task: its
+/// connections are gone too, and the server frees the lock with them.
+fn spawn_unlock(
+    runtime: &Handle,
+    session: Arc<Session>,
+    advisory: i64,
+) -> oneshot::Receiver<Result<bool, Error>> {
+    let (tx, rx) = oneshot::channel();
+    runtime.spawn(async move {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
+        let unlock = session
+            .client
+            .query_one(&session.statements.unlock, &params);
+        let result = match tokio::time::timeout(UNLOCK_TIMEOUT, unlock).await {
+            Ok(Ok(row)) => Ok(row.get::<_, bool>(0)),
+            Ok(Err(e)) => {
+                session.mark_lost();
+                Err(if session.client.is_closed() {
+                    Error::Lost
+                } else {
+                    Error::Query(e)
+                })
+            }
+            Err(_) => {
+                session.mark_lost();
+                Err(Error::Timeout)
+            }
+        };
+        let _ = tx.send(result);
+    });
+    rx
 }
 
 impl fmt::Debug for PgLocks {
@@ -426,34 +510,48 @@ struct Live<'a> {
     wait: Wait,
 }
 
+/// A waiter's subscription to release announcements, and the time of its
+/// next retry (set at the first wait after a failed try).
+struct Listening {
+    announcements: broadcast::Receiver<i64>,
+    retry_at: Option<Instant>,
+}
+
 impl protocol::Contact for Live<'_> {
     type Error = Error;
-    type Taken = Arc<Session>;
-    type Subscription = broadcast::Receiver<i64>;
+    type Taken = Claim;
+    type Subscription = Listening;
 
-    fn subscribe(&self) -> broadcast::Receiver<i64> {
-        self.locks.inner.wakeups.subscribe()
+    fn subscribe(&self) -> Listening {
+        Listening {
+            announcements: self.locks.inner.wakeups.subscribe(),
+            retry_at: None,
+        }
     }
 
-    async fn try_lock(&self, key: &str) -> Result<protocol::Attempt<Arc<Session>>, Error> {
+    async fn try_lock(&self, key: &str) -> Result<protocol::Attempt<Claim>, Error> {
         let session = self.locks.session().await?;
-        let (advisory, token) = self.locks.try_once(&session, key).await?;
-        Ok(protocol::Attempt {
-            advisory,
-            taken: token.map(|token| (token, session)),
-        })
+        let (advisory, taken) = self.locks.try_once(&session, key).await?;
+        Ok(protocol::Attempt { advisory, taken })
     }
 
-    async fn wait(&self, subscription: &mut broadcast::Receiver<i64>) -> protocol::Event {
+    fn tried(&self, subscription: &mut Listening) {
+        subscription.retry_at = None;
+    }
+
+    async fn wait(&self, subscription: &mut Listening) -> protocol::Event {
         let now = Instant::now();
-        let timer = now + self.locks.inner.bounds.poll;
+        let timer = *subscription
+            .retry_at
+            .get_or_insert(now + self.locks.inner.bounds.poll);
         let (until, at_deadline) = match self.wait {
             Wait::Until(deadline) if deadline <= now => return protocol::Event::Deadline,
             Wait::Until(deadline) if deadline <= timer => (deadline, true),
             _ => (timer, false),
         };
+        let announcements = &mut subscription.announcements;
         let announced = async {
-            match subscription.recv().await {
+            match announcements.recv().await {
                 Ok(session::WAKE_ALL) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     protocol::Event::Missed
                 }
@@ -483,10 +581,13 @@ enum Wait {
 /// The lock lives in this process's holding session on the server. If the
 /// session ends (a terminated backend, a restart, a broken or partitioned
 /// connection, missed heartbeats), the lock may be gone: [`lost`](Self::lost)
-/// resolves and [`is_held`](Self::is_held) turns false *before* the server
-/// can give the key to anybody else (the heartbeat's bound is below the
-/// server's). A holder must stop acting on the key then; the fencing token
-/// covers the writes already in flight.
+/// resolves and [`is_held`](Self::is_held) turns false within the
+/// heartbeat's bound (2 s by default). For a partitioned client that is
+/// before the server can give the key to anybody else (the server's bound
+/// is longer); where the server ended the session itself (a terminated
+/// backend, a restart) it freed the lock first. A holder must stop acting
+/// on the key then; the fencing token refuses its writes that arrive after
+/// a new holder's.
 #[must_use = "the key is released as soon as the guard is dropped"]
 pub struct PgGuard {
     key: OwnedKeyGuard<String>,
@@ -557,38 +658,9 @@ impl PgGuard {
         }
     }
 
-    /// Sends the release in a task on the runtime: whether the server held
-    /// the lock, or the error (which ends the session, freeing the lock).
+    /// Sends the release in a task on the runtime (see [`spawn_unlock`]).
     fn spawn_unlock(&self) -> oneshot::Receiver<Result<bool, Error>> {
-        let (tx, rx) = oneshot::channel();
-        let session = self.session.clone();
-        let advisory = self.advisory;
-        let timeout = UNLOCK_TIMEOUT;
-        // A runtime that has shut down drops the task: its connections are
-        // gone too, and the server frees the lock with the session.
-        self.runtime.spawn(async move {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
-            let unlock = session
-                .client
-                .query_one(&session.statements.unlock, &params);
-            let result = match tokio::time::timeout(timeout, unlock).await {
-                Ok(Ok(row)) => Ok(row.get::<_, bool>(0)),
-                Ok(Err(e)) => {
-                    session.mark_lost();
-                    Err(if session.client.is_closed() {
-                        Error::Lost
-                    } else {
-                        Error::Query(e)
-                    })
-                }
-                Err(_) => {
-                    session.mark_lost();
-                    Err(Error::Timeout)
-                }
-            };
-            let _ = tx.send(result);
-        });
-        rx
+        spawn_unlock(&self.runtime, self.session.clone(), self.advisory)
     }
 }
 

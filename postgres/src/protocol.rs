@@ -16,10 +16,11 @@
 //!   it, issues the key's next fencing token: `(epoch << 40) + counter`,
 //!   where the counter is the key's row in the `UNLOGGED` table
 //!   `toctou_fence_count` (no WAL flush, so no `fsync` per acquisition) and
-//!   the epoch is a durable row of `toctou_fence_epoch`, bumped once at
-//!   every start of the server ([`BUMP_EPOCH`]). A crash empties the
-//!   counters, but the new epoch puts every later token above every earlier
-//!   one. The counter's row is found by the SHA-256 digest of the full key
+//!   the epoch is the durable row of `toctou_epoch`. A marker row in the
+//!   counters' table names the epoch they belong to; crash recovery empties
+//!   the table, marker included, and the next acquisition then starts a new
+//!   epoch ([`NEW_EPOCH`]), which puts every later token above every
+//!   earlier one. The counter's row is found by the SHA-256 digest of the full key
 //!   (a B-tree cannot index text over about 2.7 kB), and keeps the key
 //!   beside it. A session-level
 //!   lock survives the statement's transaction, so a statement that takes
@@ -57,22 +58,28 @@ pub const CHANNEL: &str = "toctou_release";
 /// acquisitions of one key between two starts).
 pub const COUNTER_BITS: u32 = 40;
 
+/// Whether the fencing tables exist (then [`SETUP`], which needs the
+/// `CREATE` privilege on the schema, is skipped).
+pub const HAS_TABLES: &str = "SELECT to_regclass('toctou_epoch') IS NOT NULL \
+     AND to_regclass('toctou_fence_count') IS NOT NULL";
+
 /// Creates the fencing tables if they are missing. Serialised by a
 /// transaction-level advisory lock: concurrent `CREATE TABLE IF NOT
 /// EXISTS` statements can otherwise fail on the catalog's unique index.
 ///
-/// - `toctou_fence_epoch` (logged: durable): one row, the epoch and the
-///   start time of the server process it belongs to.
-/// - `toctou_fence_count` (`UNLOGGED`): the per-key counters. Writing it
-///   does not wait for a WAL flush, so issuing a token costs no `fsync`.
-///   A crash empties it; the epoch, bumped once at every server start,
-///   keeps the tokens increasing across that.
+/// - `toctou_epoch` (logged: durable): one row, the current epoch.
+/// - `toctou_fence_count` (`UNLOGGED`): the per-key counters, and a
+///   *marker* row (the empty digest) holding the epoch they belong to.
+///   Writing a counter does not wait for a WAL flush, so issuing a token
+///   costs no `fsync`. Crash recovery empties the table (whether the whole
+///   server restarted or only its backends were reset after one crashed),
+///   and a promoted standby starts with it empty: the marker is then gone,
+///   which is how the next acquisition knows to start a new epoch.
 pub const SETUP: &str = "BEGIN; \
-     SELECT pg_advisory_xact_lock(hashtextextended('toctou_fence tables', 0)); \
-     CREATE TABLE IF NOT EXISTS toctou_fence_epoch ( \
-         id int PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL, started timestamptz NOT NULL); \
-     INSERT INTO toctou_fence_epoch VALUES (1, 1, pg_postmaster_start_time()) \
-         ON CONFLICT (id) DO NOTHING; \
+     SELECT pg_advisory_xact_lock(hashtextextended('toctou fencing tables', 0)); \
+     CREATE TABLE IF NOT EXISTS toctou_epoch ( \
+         id int PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL); \
+     INSERT INTO toctou_epoch VALUES (1, 0) ON CONFLICT (id) DO NOTHING; \
      CREATE UNLOGGED TABLE IF NOT EXISTS toctou_fence_count ( \
          digest bytea PRIMARY KEY, key text NOT NULL, token bigint NOT NULL); \
      COMMIT";
@@ -80,57 +87,66 @@ pub const SETUP: &str = "BEGIN; \
 /// Tries the lock of `$1` (a key) and, if taken, issues its next fencing
 /// token. Returns one row: the advisory key (`bigint`), whether the lock
 /// was taken (`bool`), and the token (`bigint`; `NULL` if not taken, or if
-/// the epoch belongs to an earlier start of the server: then
-/// [`BUMP_EPOCH`] and [`FENCE`] follow, under the lock).
+/// the counters do not belong to the current epoch: then [`NEW_EPOCH`] and
+/// [`FENCE`] follow, under the lock).
 ///
 /// The token is `(epoch << 40) + counter`. The data-modifying CTE runs
 /// exactly once and only inserts when `l.ok` and the epoch is current; `l`
 /// is referenced twice and calls a volatile function, so the server
 /// evaluates it once.
-pub const TRY_LOCK: &str = "WITH l AS ( \
+pub const TRY_LOCK: &str = concat!(
+    "WITH l AS ( \
          SELECT h.k, pg_try_advisory_lock(h.k) AS ok \
          FROM (SELECT hashtextextended($1, 0) AS k) AS h \
-     ), e AS ( \
-         SELECT epoch FROM toctou_fence_epoch \
-         WHERE id = 1 AND started = pg_postmaster_start_time() \
-     ), f AS ( \
+     ), e AS (",
+    "SELECT ep.epoch FROM toctou_epoch ep \
+     JOIN toctou_fence_count m ON m.digest = '\\x'::bytea AND m.token = ep.epoch \
+     WHERE ep.id = 1",
+    "), f AS ( \
          INSERT INTO toctou_fence_count AS t (digest, key, token) \
          SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM l, e WHERE l.ok \
          ON CONFLICT (digest) DO UPDATE SET token = t.token + 1 \
          RETURNING t.token \
      ) \
-     SELECT l.k, l.ok, (SELECT (e.epoch << 40) + f.token FROM e, f) FROM l";
+     SELECT l.k, l.ok, (SELECT (e.epoch << 40) + f.token FROM e, f) FROM l"
+);
 
-/// Starts a new epoch if the current one belongs to an earlier start of
-/// the server (a restart, a crash, a failover): a durable write, once per
-/// server start (concurrent bumpers serialise on the row; the second finds
-/// it current and changes nothing).
-pub const BUMP_EPOCH: &str = "UPDATE toctou_fence_epoch \
-     SET epoch = epoch + 1, started = pg_postmaster_start_time() \
-     WHERE id = 1 AND started <> pg_postmaster_start_time()";
+/// Starts a new epoch if the counters do not belong to the current one: in
+/// one transaction, under the epoch row's lock, moves the durable epoch up
+/// and writes the marker of the new one. The epoch's commit is durable
+/// (the session runs with `synchronous_commit = on`) before any token of
+/// it is issued. A concurrent starter waits for the row lock, then finds
+/// the marker current and changes nothing.
+pub const NEW_EPOCH: &str = "BEGIN; \
+     SELECT epoch FROM toctou_epoch WHERE id = 1 FOR UPDATE; \
+     UPDATE toctou_epoch SET epoch = epoch + 1 WHERE id = 1 AND NOT EXISTS ( \
+         SELECT 1 FROM toctou_fence_count m \
+         WHERE m.digest = '\\x'::bytea AND m.token = toctou_epoch.epoch); \
+     INSERT INTO toctou_fence_count (digest, key, token) \
+         SELECT '\\x'::bytea, '', epoch FROM toctou_epoch WHERE id = 1 \
+         ON CONFLICT (digest) DO UPDATE SET token = EXCLUDED.token; \
+     COMMIT";
 
 /// The next fencing token of `$1`, for a holder whose [`TRY_LOCK`] found
-/// the epoch stale (run after [`BUMP_EPOCH`]).
-pub const FENCE: &str = "WITH e AS ( \
-         SELECT epoch FROM toctou_fence_epoch \
-         WHERE id = 1 AND started = pg_postmaster_start_time() \
-     ), f AS ( \
+/// the counters stale (run after [`NEW_EPOCH`]).
+pub const FENCE: &str = concat!(
+    "WITH e AS (",
+    "SELECT ep.epoch FROM toctou_epoch ep \
+     JOIN toctou_fence_count m ON m.digest = '\\x'::bytea AND m.token = ep.epoch \
+     WHERE ep.id = 1",
+    "), f AS ( \
          INSERT INTO toctou_fence_count AS t (digest, key, token) \
          SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM e \
          ON CONFLICT (digest) DO UPDATE SET token = t.token + 1 \
          RETURNING t.token \
      ) \
-     SELECT (e.epoch << 40) + f.token FROM e, f";
+     SELECT (e.epoch << 40) + f.token FROM e, f"
+);
 
 /// Releases the lock of the advisory key `$1` (`bigint`) and announces it.
 /// Returns whether the session held it.
 pub const UNLOCK: &str =
     "SELECT pg_advisory_unlock($1::bigint), pg_notify('toctou_release', $1::bigint::text)";
-
-/// Releases the lock of the advisory key `$1` without announcing it: after
-/// a [`TRY_LOCK`] that took the lock and then failed, or whose caller went
-/// away (nobody can be waiting for a release that never was).
-pub const UNLOCK_QUIETLY: &str = "SELECT pg_advisory_unlock($1::bigint)";
 
 /// The server session's process id: the same in every statement of a
 /// direct connection, different between statements behind a pooler in
@@ -153,8 +169,10 @@ pub fn session_settings(bound: Duration) -> String {
         "SET tcp_keepalives_idle = {idle}; \
          SET tcp_keepalives_interval = {interval}; \
          SET tcp_keepalives_count = 2; \
-         SET tcp_user_timeout = {}",
-        secs * 1000
+         SET tcp_user_timeout = {}; \
+         SET synchronous_commit = on; \
+         SET default_transaction_isolation = 'read committed'",
+        bound.as_millis().max(2000)
     )
 }
 
@@ -175,6 +193,11 @@ pub trait Contact {
         &self,
         key: &str,
     ) -> impl std::future::Future<Output = Result<Attempt<Self::Taken>, Self::Error>>;
+    /// A try failed: the waits that follow, until the next try, share one
+    /// retry timer (announcements of other keys must not push it back).
+    fn tried(&self, subscription: &mut Self::Subscription) {
+        let _ = subscription;
+    }
     /// Waits for the next event: an announcement, a lost stretch of them,
     /// the retry timer, or the caller's deadline.
     fn wait(
@@ -230,6 +253,7 @@ pub async fn acquire<C: Contact>(
         if !patient {
             return Ok(None);
         }
+        contact.tried(&mut subscription);
         loop {
             match contact.wait(&mut subscription).await {
                 Event::Announced(other) if other != attempt.advisory => continue,

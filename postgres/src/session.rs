@@ -42,7 +42,6 @@ pub(crate) struct Session {
 pub(crate) struct Statements {
     pub(crate) try_lock: Statement,
     pub(crate) unlock: Statement,
-    pub(crate) bump_epoch: Statement,
     pub(crate) fence: Statement,
 }
 
@@ -61,13 +60,17 @@ impl Session {
         let setup = async {
             let before: i32 = client.query_one(protocol::BACKEND, &[]).await?.get(0);
             client.batch_execute(&settings).await?;
-            client.batch_execute(protocol::SETUP).await?;
+            // `CREATE TABLE IF NOT EXISTS` needs the `CREATE` privilege
+            // even when the table exists: only run it when one is missing.
+            let ready: bool = client.query_one(protocol::HAS_TABLES, &[]).await?.get(0);
+            if !ready {
+                client.batch_execute(protocol::SETUP).await?;
+            }
             // Prepared once per session: each try and release is then one
             // round trip (an unprepared statement takes two).
             let statements = Statements {
                 try_lock: client.prepare(protocol::TRY_LOCK).await?,
                 unlock: client.prepare(protocol::UNLOCK).await?,
-                bump_epoch: client.prepare(protocol::BUMP_EPOCH).await?,
                 fence: client.prepare(protocol::FENCE).await?,
             };
             let after: i32 = client.query_one(protocol::BACKEND, &[]).await?.get(0);

@@ -146,11 +146,11 @@ async fn a_lock_excludes_another_client_and_fences_increase() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fences_keep_increasing_across_a_server_start_and_a_crash_that_empties_the_counters() {
-    let Some(admin) =
-        admin("fences_keep_increasing_across_a_server_start_and_a_crash_that_empties_the_counters")
-            .await
-    else {
+async fn fences_keep_increasing_when_the_counters_are_emptied() {
+    // Crash recovery empties the unlogged counters (the marker of their
+    // epoch included), whether or not the postmaster restarts. What it
+    // leaves is emulated here; `tests/crash.rs` does it for real.
+    let Some(admin) = admin("fences_keep_increasing_when_the_counters_are_emptied").await else {
         return;
     };
     let key = unique("epoch");
@@ -158,17 +158,8 @@ async fn fences_keep_increasing_across_a_server_start_and_a_crash_that_empties_t
     let guard = locks.lock(&key).await.unwrap();
     let before = guard.fence();
     guard.release().await.unwrap();
-    // What a crash and restart leave behind: an epoch row written under
-    // an earlier start of the server, and (the counters' table being
-    // unlogged) no counters at all. In one transaction, so that other
-    // tests see either state, never half of it.
     admin
-        .batch_execute(
-            "BEGIN; \
-             UPDATE toctou_fence_epoch SET started = '2000-01-01' WHERE id = 1; \
-             TRUNCATE toctou_fence_count; \
-             COMMIT",
-        )
+        .batch_execute("TRUNCATE toctou_fence_count")
         .await
         .unwrap();
     let guard = locks.lock(&key).await.unwrap();
@@ -184,6 +175,80 @@ async fn fences_keep_increasing_across_a_server_start_and_a_crash_that_empties_t
     let guard = locks.lock(&key).await.unwrap();
     assert_eq!(guard.fence(), after + 1);
     guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_future_dropped_after_its_try_took_the_lock_leaves_nothing() {
+    let Some(admin) =
+        admin("a_lock_future_dropped_after_its_try_took_the_lock_leaves_nothing").await
+    else {
+        return;
+    };
+    let app = unique("toctou-test-dropped");
+    let locks = connect_as(&app).await;
+    for _ in 0..20 {
+        let key = unique("dropped");
+        let future = locks.lock(&key);
+        tokio::pin!(future);
+        // One poll: the try is sent, in a task of its own.
+        tokio::select! {
+            biased;
+            _ = &mut future => panic!("a server round trip cannot be ready at once"),
+            _ = std::future::ready(()) => {}
+        }
+        // The try completes and its answer waits in the channel; the
+        // future is dropped without looking at it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        advisory_locks_of(&admin, &app).await,
+        0,
+        "a taken lock was left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_retries_on_its_timer_while_other_keys_are_announced() {
+    // The holder's session ends without a release (terminated): nobody
+    // announces the key, and the waiter must find it on its retry timer,
+    // even while releases of other keys are announced more often than the
+    // timer's period.
+    let Some(admin) = admin("a_waiter_retries_on_its_timer_while_other_keys_are_announced").await
+    else {
+        return;
+    };
+    let key = unique("unannounced");
+    let holder = connect_as("toctou-test-unannounced-holder").await;
+    let waiter = connect_as("toctou-test-unannounced-waiter").await;
+    let noisy = connect_as("toctou-test-unannounced-noise").await;
+    let held = holder.lock(&key).await.unwrap();
+    let pid = holder_pid(&admin, held.advisory_key()).await.unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, key) = (waiter.clone(), key.clone());
+        async move { waiter.lock(&key).await.unwrap() }
+    });
+    let noise = tokio::spawn({
+        let other = unique("noise");
+        async move {
+            for _ in 0..60 {
+                noisy.lock(&other).await.unwrap().release().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the waiter retried on its timer (0.5 s)")
+        .unwrap();
+    got.release().await.unwrap();
+    noise.abort();
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
