@@ -187,7 +187,7 @@ impl PgLocks {
     /// process's locks and one that listens for releases.
     ///
     /// Must be called on a tokio runtime, which runs the connections'
-    /// background tasks. Creates the fencing tables (`toctou_fence_epoch`,
+    /// background tasks. Creates the fencing tables (`toctou_epoch`,
     /// `toctou_fence_count`) if they are missing.
     ///
     /// # Errors
