@@ -118,6 +118,39 @@ async fn advisory_locks_of(admin: &Client, app: &str) -> i64 {
         .get(0)
 }
 
+/// A new row of the fenced resource that the documented pattern guards.
+async fn fenced_resource(admin: &Client) -> String {
+    let resource = unique("resource");
+    admin
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS toctou_test_fenced \
+             (id text PRIMARY KEY, value text, fence bigint NOT NULL)",
+        )
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "INSERT INTO toctou_test_fenced VALUES ($1, NULL, 0)",
+            &[&resource],
+        )
+        .await
+        .unwrap();
+    resource
+}
+
+/// The documented pattern: a write carries its token, and the resource
+/// refuses one below the last it accepted. Whether it was accepted.
+async fn fenced_write(admin: &Client, resource: &str, value: &str, fence: i64) -> bool {
+    admin
+        .execute(
+            "UPDATE toctou_test_fenced SET value = $1, fence = $2 WHERE id = $3 AND fence <= $2",
+            &[&value, &fence, &resource],
+        )
+        .await
+        .unwrap()
+        == 1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_excludes_another_client_and_fences_increase() {
     let Some(_admin) = admin("a_lock_excludes_another_client_and_fences_increase").await else {
@@ -291,41 +324,12 @@ async fn a_terminated_session_is_lost_and_the_key_moves_on_with_a_larger_fence()
         return;
     };
     let key = unique("terminate");
-    let resource = unique("resource");
-    admin
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS toctou_test_fenced \
-             (id text PRIMARY KEY, value text, fence bigint NOT NULL)",
-        )
-        .await
-        .unwrap();
-    admin
-        .execute(
-            "INSERT INTO toctou_test_fenced VALUES ($1, NULL, 0)",
-            &[&resource],
-        )
-        .await
-        .unwrap();
-    // The documented pattern: a write carries its token, and the resource
-    // refuses one below the last it accepted.
-    let fenced_write = |value: &'static str, fence: i64| {
-        let (admin, resource) = (&admin, resource.clone());
-        async move {
-            admin
-                .execute(
-                    "UPDATE toctou_test_fenced SET value = $1, fence = $2 \
-                     WHERE id = $3 AND fence <= $2",
-                    &[&value, &fence, &resource],
-                )
-                .await
-                .unwrap()
-        }
-    };
+    let resource = fenced_resource(&admin).await;
     let a = connect_as("toctou-test-terminate-a").await;
     let b = connect_as("toctou-test-terminate-b").await;
     let held = a.lock(&key).await.unwrap();
     let old_fence = held.fence();
-    assert_eq!(fenced_write("a", old_fence).await, 1);
+    assert!(fenced_write(&admin, &resource, "a", old_fence).await);
     let pid = holder_pid(&admin, held.advisory_key())
         .await
         .expect("a holder");
@@ -342,10 +346,9 @@ async fn a_terminated_session_is_lost_and_the_key_moves_on_with_a_larger_fence()
     assert!(!held.is_held());
     let next = b.lock(&key).await.unwrap();
     assert!(next.fence() > old_fence);
-    assert_eq!(fenced_write("b", next.fence()).await, 1);
-    assert_eq!(
-        fenced_write("a, late", old_fence).await,
-        0,
+    assert!(fenced_write(&admin, &resource, "b", next.fence()).await);
+    assert!(
+        !fenced_write(&admin, &resource, "a, late", old_fence).await,
         "a stale token is refused"
     );
     assert!(matches!(held.release().await, Err(Error::Lost)));
@@ -854,34 +857,13 @@ async fn a_partitioned_holder_learns_of_the_loss_before_the_server_frees_the_key
     assert!(next.fence() > old_fence);
     // The resource takes the new holder's write; the frozen holder's write
     // with its old token, arriving late, is refused.
-    let resource = unique("partitioned-resource");
-    admin
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS toctou_test_fenced \
-             (id text PRIMARY KEY, value text, fence bigint NOT NULL)",
-        )
-        .await
-        .unwrap();
-    admin
-        .execute(
-            "INSERT INTO toctou_test_fenced VALUES ($1, NULL, 0)",
-            &[&resource],
-        )
-        .await
-        .unwrap();
-    let write =
-        "UPDATE toctou_test_fenced SET value = $1, fence = $2 WHERE id = $3 AND fence <= $2";
-    let accepted = admin
-        .execute(write, &[&"b", &next.fence(), &resource])
-        .await
-        .unwrap();
-    assert_eq!(accepted, 1);
+    let resource = fenced_resource(&admin).await;
+    assert!(fenced_write(&admin, &resource, "b", next.fence()).await);
     proxy.frozen.send_replace(false);
-    let refused = admin
-        .execute(write, &[&"a, late", &old_fence, &resource])
-        .await
-        .unwrap();
-    assert_eq!(refused, 0, "the stale holder's write is refused");
+    assert!(
+        !fenced_write(&admin, &resource, "a, late", old_fence).await,
+        "the stale holder's write is refused"
+    );
     next.release().await.unwrap();
     assert!(matches!(held.release().await, Err(Error::Lost)));
 }

@@ -786,16 +786,26 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     }
 
     /// One acquisition attempt that never waits.
-    pub(crate) fn try_acquire<A: KeyArg<K>>(
+    pub(crate) fn try_acquire<A: KeyArg<K>>(&self, key: A, mode: L::Mode) -> Option<SlotRef<K, L>>
+    where
+        K: Borrow<A::Q>,
+    {
+        self.try_begin(key, mode, true)
+    }
+
+    /// One acquisition attempt that never waits; `barge` as in
+    /// [`begin`](Self::begin).
+    fn try_begin<A: KeyArg<K>>(
         &self,
         mut key: A,
         mode: L::Mode,
+        barge: bool,
     ) -> Option<SlotRef<K, L>>
     where
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        match self.begin(hash, &mut key, mode, true, None) {
+        match self.begin(hash, &mut key, mode, barge, None) {
             Begin::Held(slot) => Some(slot),
             Begin::Queued(..) | Begin::Busy => None,
         }
@@ -806,17 +816,13 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     #[cfg(target_os = "linux")]
     pub(crate) fn try_acquire_unqueued<A: KeyArg<K>>(
         &self,
-        mut key: A,
+        key: A,
         mode: L::Mode,
     ) -> Option<SlotRef<K, L>>
     where
         K: Borrow<A::Q>,
     {
-        let hash = self.hash(key.get());
-        match self.begin(hash, &mut key, mode, false, None) {
-            Begin::Held(slot) => Some(slot),
-            Begin::Queued(..) | Begin::Busy => None,
-        }
+        self.try_begin(key, mode, false)
     }
 
     /// Waits, without blocking the thread, until the task holds `key` in
