@@ -70,6 +70,10 @@ pub const HAS_TABLES: &str = "SELECT to_regclass('toctou_epoch') IS NOT NULL \
 /// - `toctou_epoch` (logged: durable): one row, the current epoch.
 /// - `toctou_fence_count` (`UNLOGGED`): the per-key counters, and a
 ///   *marker* row (the empty digest) holding the epoch they belong to.
+///   Only [`NEW_EPOCH`] writes the marker, in the transaction that moves
+///   the durable epoch to the same value: a marker that exists names an
+///   epoch that is durably the current one, so an acquisition reads the
+///   marker alone (one look-up in the table it writes anyway).
 ///   Writing a counter does not wait for a WAL flush, so issuing a token
 ///   costs no `fsync`. Crash recovery empties the table (whether the whole
 ///   server restarted or only its backends were reset after one crashed),
@@ -99,9 +103,7 @@ pub const TRY_LOCK: &str = concat!(
          SELECT h.k, pg_try_advisory_lock(h.k) AS ok \
          FROM (SELECT hashtextextended($1, 0) AS k) AS h \
      ), e AS (",
-    "SELECT ep.epoch FROM toctou_epoch ep \
-     JOIN toctou_fence_count m ON m.digest = '\\x'::bytea AND m.token = ep.epoch \
-     WHERE ep.id = 1",
+    "SELECT m.token AS epoch FROM toctou_fence_count m WHERE m.digest = '\\x'::bytea",
     "), f AS ( \
          INSERT INTO toctou_fence_count AS t (digest, key, token) \
          SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM l, e WHERE l.ok \
@@ -131,9 +133,7 @@ pub const NEW_EPOCH: &str = "BEGIN; \
 /// the counters stale (run after [`NEW_EPOCH`]).
 pub const FENCE: &str = concat!(
     "WITH e AS (",
-    "SELECT ep.epoch FROM toctou_epoch ep \
-     JOIN toctou_fence_count m ON m.digest = '\\x'::bytea AND m.token = ep.epoch \
-     WHERE ep.id = 1",
+    "SELECT m.token AS epoch FROM toctou_fence_count m WHERE m.digest = '\\x'::bytea",
     "), f AS ( \
          INSERT INTO toctou_fence_count AS t (digest, key, token) \
          SELECT sha256(convert_to($1, 'UTF8')), $1, 1 FROM e \
