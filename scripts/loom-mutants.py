@@ -546,9 +546,11 @@ MUTANTS = [
         "a_reader_handed_an_exclusive_lock_gives_it_up",
     ),
     (
-        "toctou-postgres: subscribing to announcements after the failed try",
+        "toctou-postgres: subscribing to announcements after the failed tries",
         "postgres/src/protocol.rs",
         "    let mut subscription = contact.subscribe();\n"
+        "    // Dropped on every way out, cancellation included.\n"
+        "    let mut registration = None;\n"
         "    loop {\n"
         "        let attempt = contact.try_lock(key).await?;\n"
         "        if let Some((token, taken)) = attempt.taken {\n"
@@ -556,7 +558,17 @@ MUTANTS = [
         "        }\n"
         "        if !patient {\n"
         "            return Ok(None);\n"
-        "        }\n",
+        "        }\n"
+        "        if registration.is_none() {\n"
+        "            // Releases are announced only to registered waiters: one that\n"
+        "            // came between the failed try and the registration was not,\n"
+        "            // so try again before waiting.\n"
+        "            registration = contact.register(key).await?;\n"
+        "            continue;\n"
+        "        }\n"
+        "        contact.tried(&mut subscription);\n",
+        "    // Dropped on every way out, cancellation included.\n"
+        "    let mut registration = None;\n"
         "    loop {\n"
         "        let attempt = contact.try_lock(key).await?;\n"
         "        if let Some((token, taken)) = attempt.taken {\n"
@@ -565,7 +577,24 @@ MUTANTS = [
         "        if !patient {\n"
         "            return Ok(None);\n"
         "        }\n"
-        "        let mut subscription = contact.subscribe();\n",
+        "        if registration.is_none() {\n"
+        "            // Releases are announced only to registered waiters: one that\n"
+        "            // came between the failed try and the registration was not,\n"
+        "            // so try again before waiting.\n"
+        "            registration = contact.register(key).await?;\n"
+        "            continue;\n"
+        "        }\n"
+        "        let mut subscription = contact.subscribe();\n"
+        "        contact.tried(&mut subscription);\n",
+        "toctou-postgres:loom_pg_protocol",
+        "a_release_wakes_a_waiter_that_just_failed_its_try",
+    ),
+    (
+        "toctou-postgres: no second try between registering and waiting",
+        "postgres/src/protocol.rs",
+        "            registration = contact.register(key).await?;\n"
+        "            continue;\n",
+        "            registration = contact.register(key).await?;\n",
         "toctou-postgres:loom_pg_protocol",
         "a_release_wakes_a_waiter_that_just_failed_its_try",
     ),

@@ -134,8 +134,10 @@ fn main() {
                 b.iter(|| {
                     rt.block_on(async {
                         let row = raw.query_one(&ours_try, &[&protocol_key]).await.unwrap();
-                        let advisory: i64 = row.get(0);
-                        raw.query_one(&ours_unlock, &[&advisory]).await.unwrap();
+                        let (advisory, waiting): (i64, i64) = (row.get(0), row.get(3));
+                        raw.query_one(&ours_unlock, &[&advisory, &waiting])
+                            .await
+                            .unwrap();
                     })
                 })
             },

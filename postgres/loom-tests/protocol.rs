@@ -9,9 +9,10 @@
 //! ```
 //!
 //! The simulated server keeps the advisory locks (a holder per advisory
-//! key) and the `LISTEN` subscriptions; a release unlocks and then
-//! announces to every subscription, as the real release statement does
-//! (`pg_advisory_unlock` and then `pg_notify`, delivered at commit). Waits
+//! key), the registered waiters per key and the `LISTEN` subscriptions; a
+//! release unlocks and then, if a waiter is registered, announces to every
+//! subscription, as the real release statement does (`pg_advisory_unlock`,
+//! the check of the waiting key, then `pg_notify`, delivered at commit). Waits
 //! have no timer here: the real protocol's poll would hide a lost
 //! wake-up, which loom then reports as a deadlock.
 #![cfg(toctou_loom)]
@@ -43,6 +44,8 @@ struct Subscription {
 struct State {
     /// The session holding each advisory key.
     holders: HashMap<i64, usize>,
+    /// Registered waiters per key (the real waiting key's shared holders).
+    waiting: HashMap<i64, usize>,
     subscriptions: Vec<Arc<Subscription>>,
     tokens: HashMap<i64, i64>,
 }
@@ -51,7 +54,8 @@ struct State {
 struct Server(Arc<Mutex<State>>);
 
 impl Server {
-    /// The release statement: unlock, then announce.
+    /// The release statement: unlock, then announce if a waiter is
+    /// registered (the unlock and the check are one step on the server).
     fn release(&self, session: usize, key: &str) {
         let advisory = advisory(key);
         let subscriptions = {
@@ -61,6 +65,9 @@ impl Server {
                 Some(session),
                 "released by its holder"
             );
+            if state.waiting.get(&advisory).copied().unwrap_or(0) == 0 {
+                return; // nobody waits: no NOTIFY
+            }
             state.subscriptions.clone()
         };
         for subscription in subscriptions {
@@ -76,10 +83,40 @@ struct Client {
     session: usize,
 }
 
+/// A waiter's registration: counted while it lives.
+struct Registered {
+    server: Server,
+    advisory: i64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut state = self.server.0.lock().unwrap();
+        *state.waiting.get_mut(&self.advisory).unwrap() -= 1;
+    }
+}
+
 impl Contact for Client {
     type Error = ();
     type Taken = ();
     type Subscription = Arc<Subscription>;
+    type Registration = Registered;
+
+    async fn register(&self, key: &str) -> Result<Option<Registered>, ()> {
+        let advisory = advisory(key);
+        *self
+            .server
+            .0
+            .lock()
+            .unwrap()
+            .waiting
+            .entry(advisory)
+            .or_insert(0) += 1;
+        Ok(Some(Registered {
+            server: self.server.clone(),
+            advisory,
+        }))
+    }
 
     fn subscribe(&self) -> Arc<Subscription> {
         let subscription = Arc::new(Subscription::default());
@@ -217,6 +254,11 @@ fn waiters_skip_other_keys_announcements() {
         loom::future::block_on(protocol::acquire(&holder, "other", true))
             .unwrap()
             .unwrap();
+        // Somebody waits for "other" too, so its release is announced (a
+        // release nobody waits for is not).
+        let other_waiter = loom::future::block_on(holder.register("other"))
+            .unwrap()
+            .unwrap();
         let waiters: Vec<_> = (2..4)
             .map(|session| {
                 let (server, det) = (server.clone(), det.clone());
@@ -228,6 +270,7 @@ fn waiters_skip_other_keys_announcements() {
         for waiter in waiters {
             waiter.join().unwrap();
         }
+        drop(other_waiter);
     });
 }
 

@@ -347,9 +347,11 @@ impl PgLocks {
         let Some((advisory, fence, claim)) = taken else {
             return Ok(None);
         };
+        let waiting = claim.waiting;
         Ok(Some(PgGuard {
             key: local,
             advisory,
+            waiting,
             fence,
             session: claim.keep(),
             runtime: self.inner.runtime.clone(),
@@ -376,12 +378,13 @@ impl PgLocks {
         self.inner.runtime.spawn(async move {
             let answer = tokio::time::timeout(timeout, try_lock(&task_session, &task_key)).await;
             let result = match answer {
-                Ok(Ok((advisory, token))) => Ok((
+                Ok(Ok((advisory, waiting, token))) => Ok((
                     advisory,
                     token.map(|token| {
                         let claim = Claim {
                             session: Some(task_session.clone()),
                             advisory,
+                            waiting,
                             runtime,
                         };
                         (token, claim)
@@ -415,6 +418,8 @@ struct Claim {
     /// `None` once kept.
     session: Option<Arc<Session>>,
     advisory: i64,
+    /// The key's waiting key ([`protocol::REGISTER`]).
+    waiting: i64,
     runtime: Handle,
 }
 
@@ -428,7 +433,12 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            drop(spawn_unlock(&self.runtime, session, self.advisory));
+            drop(spawn_unlock(
+                &self.runtime,
+                session,
+                self.advisory,
+                self.waiting,
+            ));
         }
     }
 }
@@ -441,24 +451,26 @@ impl Drop for Claim {
 async fn try_lock(
     session: &Session,
     key: &str,
-) -> Result<(i64, Option<i64>), tokio_postgres::Error> {
+) -> Result<(i64, i64, Option<i64>), tokio_postgres::Error> {
     let row = session
         .client
         .query_one(&session.statements.try_lock, &[&key])
         .await?;
-    let (advisory, taken, token): (i64, bool, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+    let (advisory, taken, token, waiting): (i64, bool, Option<i64>, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     if !taken || token.is_some() {
-        return Ok((advisory, token));
+        return Ok((advisory, waiting, token));
     }
     session.client.batch_execute(protocol::NEW_EPOCH).await?;
     let row = session
         .client
         .query_one(&session.statements.fence, &[&key])
         .await?;
-    Ok((advisory, Some(row.get(0))))
+    Ok((advisory, waiting, Some(row.get(0))))
 }
 
-/// Sends the release of `advisory` on `session` in a task on `runtime`:
+/// Sends the release of `advisory` (announced if somebody registered on
+/// `waiting`) on `session` in a task on `runtime`:
 /// whether the server held the lock, or the error (which ends the session,
 /// freeing the lock). A runtime that has shut down drops the task: its
 /// connections are gone too, and the server frees the lock with them.
@@ -466,10 +478,11 @@ fn spawn_unlock(
     runtime: &Handle,
     session: Arc<Session>,
     advisory: i64,
+    waiting: i64,
 ) -> oneshot::Receiver<Result<bool, Error>> {
     let (tx, rx) = oneshot::channel();
     runtime.spawn(async move {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&advisory];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&advisory, &waiting];
         let unlock = session
             .client
             .query_one(&session.statements.unlock, &params);
@@ -517,10 +530,72 @@ struct Listening {
     retry_at: Option<Instant>,
 }
 
+/// A registration as a waiter of a key ([`protocol::REGISTER`]) on a
+/// session; ended (in the background) when dropped.
+struct Registration {
+    session: Arc<Session>,
+    waiting: i64,
+    runtime: Handle,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.session.is_lost() {
+            return; // the server ended it with the session
+        }
+        let (session, waiting) = (self.session.clone(), self.waiting);
+        self.runtime.spawn(async move {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&waiting];
+            let end = session
+                .client
+                .query_one(&session.statements.unregister, &params);
+            if !matches!(tokio::time::timeout(UNLOCK_TIMEOUT, end).await, Ok(Ok(_))) {
+                session.mark_lost();
+            }
+        });
+    }
+}
+
 impl protocol::Contact for Live<'_> {
     type Error = Error;
     type Taken = Claim;
     type Subscription = Listening;
+    type Registration = Registration;
+
+    /// In a task of its own, as a try: a caller that goes away leaves no
+    /// registration behind (the answer's `Registration` ends it on drop).
+    async fn register(&self, key: &str) -> Result<Option<Registration>, Error> {
+        let session = self.locks.session().await?;
+        let (tx, rx) = oneshot::channel();
+        let key = protocol::server_key(key).into_owned();
+        let timeout = self.locks.inner.bounds.timeout;
+        let runtime = self.locks.inner.runtime.clone();
+        self.locks.inner.runtime.spawn(async move {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+            let register = session
+                .client
+                .query_one(&session.statements.register, &params);
+            let result = match tokio::time::timeout(timeout, register).await {
+                Ok(Ok(row)) => Ok(row.get::<_, bool>(0).then(|| Registration {
+                    session: session.clone(),
+                    waiting: row.get(1),
+                    runtime,
+                })),
+                Ok(Err(e)) => {
+                    // It may have registered: end the session, as a failed
+                    // try does.
+                    session.mark_lost();
+                    Err(Error::Query(e))
+                }
+                Err(_) => {
+                    session.mark_lost();
+                    Err(Error::Timeout)
+                }
+            };
+            drop(tx.send(result));
+        });
+        rx.await.unwrap_or(Err(Error::Lost))
+    }
 
     fn subscribe(&self) -> Listening {
         Listening {
@@ -592,6 +667,8 @@ enum Wait {
 pub struct PgGuard {
     key: OwnedKeyGuard<String>,
     advisory: i64,
+    /// The key's waiting key ([`protocol::REGISTER`]).
+    waiting: i64,
     fence: i64,
     session: Arc<Session>,
     runtime: Handle,
@@ -660,7 +737,12 @@ impl PgGuard {
 
     /// Sends the release in a task on the runtime (see [`spawn_unlock`]).
     fn spawn_unlock(&self) -> oneshot::Receiver<Result<bool, Error>> {
-        spawn_unlock(&self.runtime, self.session.clone(), self.advisory)
+        spawn_unlock(
+            &self.runtime,
+            self.session.clone(),
+            self.advisory,
+            self.waiting,
+        )
     }
 }
 

@@ -90,9 +90,10 @@ pub const SETUP: &str = "BEGIN; \
 
 /// Tries the lock of `$1` (a key) and, if taken, issues its next fencing
 /// token. Returns one row: the advisory key (`bigint`), whether the lock
-/// was taken (`bool`), and the token (`bigint`; `NULL` if not taken, or if
+/// was taken (`bool`), the token (`bigint`; `NULL` if not taken, or if
 /// the counters do not belong to the current epoch: then [`NEW_EPOCH`] and
-/// [`FENCE`] follow, under the lock).
+/// [`FENCE`] follow, under the lock), and the key's *waiting* key
+/// (`hashtextextended($1, 1)`, see [`REGISTER`]).
 ///
 /// The token is `(epoch << 40) + counter`. The data-modifying CTE runs
 /// exactly once and only inserts when `l.ok` and the epoch is current; `l`
@@ -110,7 +111,8 @@ pub const TRY_LOCK: &str = concat!(
          ON CONFLICT (digest) DO UPDATE SET token = t.token + 1 \
          RETURNING t.token \
      ) \
-     SELECT l.k, l.ok, (SELECT (e.epoch << 40) + f.token FROM e, f) FROM l"
+     SELECT l.k, l.ok, (SELECT (e.epoch << 40) + f.token FROM e, f), \
+         hashtextextended($1, 1) FROM l"
 );
 
 /// Starts a new epoch if the counters do not belong to the current one: in
@@ -143,10 +145,29 @@ pub const FENCE: &str = concat!(
      SELECT (e.epoch << 40) + f.token FROM e, f"
 );
 
-/// Releases the lock of the advisory key `$1` (`bigint`) and announces it.
-/// Returns whether the session held it.
-pub const UNLOCK: &str =
-    "SELECT pg_advisory_unlock($1::bigint), pg_notify('toctou_release', $1::bigint::text)";
+/// Releases the lock of the advisory key `$1` (`bigint`) and, if some
+/// process waits for it (holds its waiting key `$2` shared, see
+/// [`REGISTER`]), announces the release. Returns whether the session held
+/// the lock.
+///
+/// The check comes after the unlock, in the same statement: a waiter that
+/// registers after the check tries again after registering, and finds the
+/// key free. `pg_try_advisory_xact_lock` fails while anybody holds the
+/// waiting key shared, and is released with the statement.
+pub const UNLOCK: &str = "SELECT pg_advisory_unlock($1::bigint), \
+     CASE WHEN pg_try_advisory_xact_lock($2::bigint) THEN false \
+     ELSE (SELECT true FROM (SELECT pg_notify('toctou_release', $1::bigint::text)) AS n) END";
+
+/// Registers the session as waiting for the key `$1`: takes its waiting
+/// key (`hashtextextended($1, 1)`) shared, without waiting. Returns whether
+/// it did (not while a release is checking it, for the length of one
+/// statement) and the waiting key. Releases announce only keys somebody
+/// waits for, which saves a release nobody waits for the `NOTIFY`.
+pub const REGISTER: &str =
+    "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 1)), hashtextextended($1, 1)";
+
+/// Ends a [`REGISTER`]: `$1` is the waiting key.
+pub const UNREGISTER: &str = "SELECT pg_advisory_unlock_shared($1::bigint)";
 
 /// The server session's process id: the same in every statement of a
 /// direct connection, different between statements behind a pooler in
@@ -186,6 +207,8 @@ pub trait Contact {
     type Taken;
     /// A subscription to release announcements.
     type Subscription;
+    /// A registration as a waiter of a key, ended when dropped.
+    type Registration;
     /// Starts receiving release announcements.
     fn subscribe(&self) -> Self::Subscription;
     /// One try of `key` ([`TRY_LOCK`]).
@@ -193,6 +216,14 @@ pub trait Contact {
         &self,
         key: &str,
     ) -> impl std::future::Future<Output = Result<Attempt<Self::Taken>, Self::Error>>;
+    /// Registers as a waiter of `key` ([`REGISTER`]): releases of a key
+    /// are announced only while somebody is registered. `None` if a release
+    /// of the key was checking for waiters at that moment (it has unlocked:
+    /// try again).
+    fn register(
+        &self,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<Option<Self::Registration>, Self::Error>>;
     /// A try failed: the waits that follow, until the next try, share one
     /// retry timer (announcements of other keys must not push it back).
     fn tried(&self, subscription: &mut Self::Subscription) {
@@ -233,9 +264,11 @@ pub enum Event {
 /// and what [`Contact::Taken`] keeps), or, without `patient`, after one try,
 /// or when the deadline passes (`None`).
 ///
-/// The waiter subscribes to announcements *before* its first try: a
-/// release is announced after its unlock, so a release that the failed try
-/// did not see is announced to this subscription. A wait ends only on an
+/// The waiter subscribes to announcements *before* its first try, and
+/// after a failed try registers as a waiter of the key and tries once
+/// more before it waits: a release announces (after its unlock) only while
+/// a waiter is registered, so a release that the last try did not see is
+/// announced to this subscription. A wait ends only on an
 /// announcement of this key (others are skipped), a possible loss of
 /// announcements, the timer or the deadline; every end but the deadline
 /// leads to another try.
@@ -245,6 +278,8 @@ pub async fn acquire<C: Contact>(
     patient: bool,
 ) -> Result<Option<(i64, i64, C::Taken)>, C::Error> {
     let mut subscription = contact.subscribe();
+    // Dropped on every way out, cancellation included.
+    let mut registration = None;
     loop {
         let attempt = contact.try_lock(key).await?;
         if let Some((token, taken)) = attempt.taken {
@@ -252,6 +287,13 @@ pub async fn acquire<C: Contact>(
         }
         if !patient {
             return Ok(None);
+        }
+        if registration.is_none() {
+            // Releases are announced only to registered waiters: one that
+            // came between the failed try and the registration was not,
+            // so try again before waiting.
+            registration = contact.register(key).await?;
+            continue;
         }
         contact.tried(&mut subscription);
         loop {

@@ -43,6 +43,8 @@ pub(crate) struct Statements {
     pub(crate) try_lock: Statement,
     pub(crate) unlock: Statement,
     pub(crate) fence: Statement,
+    pub(crate) register: Statement,
+    pub(crate) unregister: Statement,
 }
 
 impl Session {
@@ -72,6 +74,8 @@ impl Session {
                 try_lock: client.prepare(protocol::TRY_LOCK).await?,
                 unlock: client.prepare(protocol::UNLOCK).await?,
                 fence: client.prepare(protocol::FENCE).await?,
+                register: client.prepare(protocol::REGISTER).await?,
+                unregister: client.prepare(protocol::UNREGISTER).await?,
             };
             let after: i32 = client.query_one(protocol::BACKEND, &[]).await?.get(0);
             Ok::<_, tokio_postgres::Error>((before == after, statements))
