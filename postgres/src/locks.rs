@@ -2,12 +2,14 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use toctou::{KeyedLocks, OwnedKeyGuard};
 use tokio::runtime::Handle;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_postgres::Config;
 
@@ -360,24 +362,22 @@ impl PgLocks {
     }
 
     /// One try of `key` on `session`: its advisory key, and the fencing
-    /// token with a [`Claim`] on the lock if it was taken. The statement
-    /// runs in a task of its own, and a taken lock travels as a `Claim`,
-    /// which releases it when dropped: a caller that goes away while the
-    /// try is in flight, or before it looks at the answer, leaves nothing
-    /// behind.
+    /// token with a [`Claim`] on the lock if it was taken. A taken lock
+    /// travels as a `Claim`, which releases it when dropped, and the try
+    /// finishes in a task of its own if the caller goes away while it is
+    /// in flight ([`Finish`]): either way nothing is left behind.
     async fn try_once(
         &self,
         session: &Arc<Session>,
         key: &str,
     ) -> Result<(i64, Option<(i64, Claim)>), Error> {
-        let (tx, rx) = oneshot::channel();
         let task_session = session.clone();
         let task_key = protocol::server_key(key).into_owned();
         let timeout = self.inner.bounds.timeout;
         let runtime = self.inner.runtime.clone();
-        self.inner.runtime.spawn(async move {
+        let attempt = async move {
             let answer = tokio::time::timeout(timeout, try_lock(&task_session, &task_key)).await;
-            let result = match answer {
+            match answer {
                 Ok(Ok((advisory, waiting, token))) => Ok((
                     advisory,
                     token.map(|token| {
@@ -403,12 +403,9 @@ impl PgLocks {
                     task_session.mark_lost();
                     Err(Error::Timeout)
                 }
-            };
-            // If the caller is gone, the answer comes back and drops here:
-            // a claim in it releases the lock.
-            drop(tx.send(result));
-        });
-        rx.await.unwrap_or(Err(Error::Lost))
+            }
+        };
+        Finish::new(attempt, self.inner.runtime.clone()).await
     }
 }
 
@@ -433,12 +430,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            drop(spawn_unlock(
-                &self.runtime,
-                session,
-                self.advisory,
-                self.waiting,
-            ));
+            spawn_unlock(&self.runtime, session, self.advisory, self.waiting);
         }
     }
 }
@@ -469,41 +461,93 @@ async fn try_lock(
     Ok((advisory, waiting, Some(row.get(0))))
 }
 
-/// Sends the release of `advisory` (announced if somebody registered on
-/// `waiting`) on `session` in a task on `runtime`:
-/// whether the server held the lock, or the error (which ends the session,
-/// freeing the lock). A runtime that has shut down drops the task: its
-/// connections are gone too, and the server frees the lock with them.
-fn spawn_unlock(
-    runtime: &Handle,
-    session: Arc<Session>,
-    advisory: i64,
-    waiting: i64,
-) -> oneshot::Receiver<Result<bool, Error>> {
-    let (tx, rx) = oneshot::channel();
+/// The release of `advisory` (announced if somebody registered on
+/// `waiting`) on `session`: whether the server held the lock, or the error
+/// (which ends the session, freeing the lock).
+async fn unlock(session: Arc<Session>, advisory: i64, waiting: i64) -> Result<bool, Error> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&advisory, &waiting];
+    let unlock = session
+        .client
+        .query_one(&session.statements.unlock, &params);
+    match tokio::time::timeout(UNLOCK_TIMEOUT, unlock).await {
+        Ok(Ok(row)) => Ok(row.get::<_, bool>(0)),
+        Ok(Err(e)) => {
+            session.mark_lost();
+            Err(if session.client.is_closed() {
+                Error::Lost
+            } else {
+                Error::Query(e)
+            })
+        }
+        Err(_) => {
+            session.mark_lost();
+            Err(Error::Timeout)
+        }
+    }
+}
+
+/// Sends [`unlock`] in a task on `runtime`, for a drop. A runtime that has
+/// shut down drops the task: its connections are gone too, and the server
+/// frees the lock with them.
+fn spawn_unlock(runtime: &Handle, session: Arc<Session>, advisory: i64, waiting: i64) {
     runtime.spawn(async move {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&advisory, &waiting];
-        let unlock = session
-            .client
-            .query_one(&session.statements.unlock, &params);
-        let result = match tokio::time::timeout(UNLOCK_TIMEOUT, unlock).await {
-            Ok(Ok(row)) => Ok(row.get::<_, bool>(0)),
-            Ok(Err(e)) => {
-                session.mark_lost();
-                Err(if session.client.is_closed() {
-                    Error::Lost
-                } else {
-                    Error::Query(e)
-                })
-            }
-            Err(_) => {
-                session.mark_lost();
-                Err(Error::Timeout)
-            }
-        };
-        let _ = tx.send(result);
+        let _ = unlock(session, advisory, waiting).await;
     });
-    rx
+}
+
+/// A statement's future, polled in the caller's task (no hop to another
+/// task on the way), that finishes in a task of its own if dropped before
+/// it completes: a statement already sent runs to its end, and its output
+/// is dropped there (a [`Claim`] in it releases its lock). This is what
+/// makes the tries and releases cancel-safe.
+struct Finish<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    future: Option<Pin<Box<F>>>,
+    runtime: Handle,
+}
+
+impl<F: Future + Send + 'static> Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    fn new(future: F, runtime: Handle) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+            runtime,
+        }
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let Some(future) = this.future.as_mut() else {
+            unreachable!("a Finish is not polled after it completed");
+        };
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        this.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            self.runtime.spawn(async move {
+                drop(future.await);
+            });
+        }
+    }
 }
 
 impl fmt::Debug for PgLocks {
@@ -562,20 +606,19 @@ impl protocol::Contact for Live<'_> {
     type Subscription = Listening;
     type Registration = Registration;
 
-    /// In a task of its own, as a try: a caller that goes away leaves no
+    /// Cancel-safe as a try ([`Finish`]): a caller that goes away leaves no
     /// registration behind (the answer's `Registration` ends it on drop).
     async fn register(&self, key: &str) -> Result<Option<Registration>, Error> {
         let session = self.locks.session().await?;
-        let (tx, rx) = oneshot::channel();
         let key = protocol::server_key(key).into_owned();
         let timeout = self.locks.inner.bounds.timeout;
         let runtime = self.locks.inner.runtime.clone();
-        self.locks.inner.runtime.spawn(async move {
+        let registering = async move {
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
             let register = session
                 .client
                 .query_one(&session.statements.register, &params);
-            let result = match tokio::time::timeout(timeout, register).await {
+            match tokio::time::timeout(timeout, register).await {
                 Ok(Ok(row)) => Ok(row.get::<_, bool>(0).then(|| Registration {
                     session: session.clone(),
                     waiting: row.get(1),
@@ -591,10 +634,9 @@ impl protocol::Contact for Live<'_> {
                     session.mark_lost();
                     Err(Error::Timeout)
                 }
-            };
-            drop(tx.send(result));
-        });
-        rx.await.unwrap_or(Err(Error::Lost))
+            }
+        };
+        Finish::new(registering, self.locks.inner.runtime.clone()).await
     }
 
     fn subscribe(&self) -> Listening {
@@ -724,25 +766,14 @@ impl PgGuard {
         if self.session.is_lost() {
             return Err(Error::Lost);
         }
-        // In a task of its own, as on drop: a release whose future is
-        // dropped still completes, exactly once.
-        let unlocked = self.spawn_unlock();
-        match unlocked.await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err(Error::Lost),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Lost),
+        // A release whose future is dropped still completes, exactly once
+        // ([`Finish`]).
+        let unlocking = unlock(self.session.clone(), self.advisory, self.waiting);
+        match Finish::new(unlocking, self.runtime.clone()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::Lost),
+            Err(e) => Err(e),
         }
-    }
-
-    /// Sends the release in a task on the runtime (see [`spawn_unlock`]).
-    fn spawn_unlock(&self) -> oneshot::Receiver<Result<bool, Error>> {
-        spawn_unlock(
-            &self.runtime,
-            self.session.clone(),
-            self.advisory,
-            self.waiting,
-        )
     }
 }
 
@@ -755,7 +786,12 @@ impl Drop for PgGuard {
             return;
         }
         self.released = true;
-        drop(self.spawn_unlock());
+        spawn_unlock(
+            &self.runtime,
+            self.session.clone(),
+            self.advisory,
+            self.waiting,
+        );
     }
 }
 
