@@ -20,15 +20,19 @@
 //!   counters' table names the epoch they belong to; crash recovery empties
 //!   the table, marker included, and the next acquisition then starts a new
 //!   epoch ([`NEW_EPOCH`]), which puts every later token above every
-//!   earlier one. The counter's row is found by the SHA-256 digest of the full key
-//!   (a B-tree cannot index text over about 2.7 kB), and keeps the key
-//!   beside it. A session-level
-//!   lock survives the statement's transaction, so a statement that takes
-//!   the lock and then fails leaves it held: the client unlocks it.
-//! - **Release** ([`UNLOCK`]): unlocks and sends `NOTIFY toctou_release`
-//!   with the advisory key as the payload, in one statement. Waiting
-//!   processes `LISTEN` on that channel and try again when their key's
-//!   hash is announced; they also retry on a timer, for holders whose
+//!   earlier one. The counter's row is found by the SHA-256 digest of the
+//!   full key (a B-tree cannot index text over about 2.7 kB), and keeps the
+//!   key beside it. A session-level lock survives the statement's
+//!   transaction, so a statement that takes the lock and then fails leaves
+//!   it held: the client then ends the session, which frees it.
+//! - **Waiting** ([`REGISTER`]): a process that failed its try holds the
+//!   key's *waiting key* (`hashtextextended(key, 1)`) shared while it
+//!   waits, and tries once more after registering.
+//! - **Release** ([`UNLOCK`]): unlocks and, if some process is registered
+//!   as waiting, sends `NOTIFY toctou_release` with the advisory key as
+//!   the payload, in one statement. Waiting processes `LISTEN` on that
+//!   channel and try again when their key's hash is announced; they also
+//!   retry on a timer, for holders whose
 //!   session ended without a release (the server frees their locks, but
 //!   nobody notifies).
 //! - **Session settings** ([`session_settings`]): the server-side TCP
