@@ -491,21 +491,12 @@ MUTANTS = [
         "shared_holders_and_an_exclusive_one",
     ),
     (
-        "FileLocks hand-over: the parker does not sweep after parking",
+        "FileLocks hand-over: the lock is parked for a task at the front",
         "src/file/layer.rs",
-        "                    drop(key);\n"
-        "                    self.sweep(&owned, name);\n",
-        "                    drop(key);\n",
+        "                if chain.may_continue() && key.blocked_writer_waits() {\n",
+        "                if chain.may_continue() && true {\n",
         "loom_file_locks",
-        "a_hand_over_meets_a_waiter_that_gives_up",
-    ),
-    (
-        "FileLocks hand-over: a waiter that gives up does not sweep",
-        "src/file/layer.rs",
-        "            self.layer.sweep(self.key, self.name);\n",
-        "",
-        "loom_file_locks",
-        "a_hand_over_meets_a_waiter_that_gives_up",
+        "a_waiting_task_is_not_handed_the_lock",
     ),
     (
         "FileLocks hand-over: an exclusive taker ignores the parked lock",
@@ -537,11 +528,9 @@ MUTANTS = [
         "FileLocks hand-over: a reader ignores the parked exclusive lock",
         "src/file/layer.rs",
         "        let parked = self.parked.lock().remove(key.key());\n"
-        "        match parked {\n"
-        "            Some(Parked { fd, .. }) => {\n",
+        "        if let Some(Parked { fd, .. }) = parked {\n",
         "        let parked: Option<Parked<F::Fd>> = None;\n"
-        "        match parked {\n"
-        "            Some(Parked { fd, .. }) => {\n",
+        "        if let Some(Parked { fd, .. }) = parked {\n",
         "loom_file_locks",
         "a_reader_handed_an_exclusive_lock_gives_it_up",
     ),

@@ -890,6 +890,38 @@ fn a_release_hands_the_os_lock_to_a_waiting_thread_without_deleting_the_file() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn a_release_does_not_park_the_lock_for_a_task_that_may_not_run_soon() {
+    // A task at the front of the queue runs only when its executor polls
+    // it; a lock parked for it would keep other processes out meanwhile.
+    // A second `FileLocks` of the directory excludes this one as another
+    // process would.
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let dir = base("task-front");
+    let locks = FileLocks::open(dir.join("locks")).unwrap();
+    let other = FileLocks::open(dir.join("locks")).unwrap();
+    let held = locks.lock("k").unwrap();
+    let mut waiting = Box::pin(locks.lock_async("k"));
+    assert!(
+        waiting
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    );
+    drop(held);
+    let got = other.try_lock("k").unwrap();
+    assert!(
+        got.is_some(),
+        "the lock was parked for a task that is not running"
+    );
+    drop(got);
+    drop(waiting);
+    assert_eq!(entries(&dir.join("locks")), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 #[cfg_attr(miri, ignore = "miri cannot run processes")]
 fn a_chain_of_in_process_hand_overs_does_not_starve_another_process() {
     // Two threads of this process take the key in turns, each always queued

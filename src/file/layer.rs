@@ -14,8 +14,12 @@
 //!   `gate`; joining it only takes `shared`'s mutex, under which the last
 //!   holder's removal happens too.
 //! - **Exclusive hand-over without syscalls.** An exclusive holder that
-//!   releases while somebody of this process waits for the key *parks* its
-//!   descriptor, still locked, in `parked`, then releases the key. Whoever
+//!   releases while a blocked thread of this process waits to write the
+//!   key (the front of its queue) *parks* its descriptor, still locked, in
+//!   `parked`, then releases the key. Not for a task at the front: it runs
+//!   only when its executor polls it, maybe much later, and a parked lock
+//!   would keep other processes out meanwhile; not for a reader, which
+//!   cannot use it. Whoever
 //!   takes the key next takes the parked descriptor first thing: an
 //!   exclusive taker holds the OS lock without a syscall; a shared taker
 //!   releases it (the protocol's release: unlink, unlock, close) and takes
@@ -258,14 +262,15 @@ impl<F: Fs> Layer<F> {
     }
 
     /// Right after taking `key` for reading: releases an exclusive OS lock
-    /// parked for it, if any (a reader cannot use it).
-    pub fn release_parked(&self, key: &KeyReadGuard<'_, String>, name: &str) -> Result<(), Failed> {
+    /// parked for it, if any (a reader cannot use it; a newcomer that
+    /// barged in ahead of the writer it was parked for gets here). A
+    /// failure is not reported: it was the parker's release, which has
+    /// returned; the descriptor is closed whatever happens (dropping the
+    /// lock), and a file it could not unlink is accepted by the next locker.
+    pub fn release_parked(&self, key: &KeyReadGuard<'_, String>, name: &str) {
         let parked = self.parked.lock().remove(key.key());
-        match parked {
-            Some(Parked { fd, .. }) => {
-                protocol::release(&self.fs, name, fd, Mode::Exclusive, self.delete)
-            }
-            None => Ok(()),
+        if let Some(Parked { fd, .. }) = parked {
+            let _ = protocol::release(&self.fs, name, fd, Mode::Exclusive, self.delete);
         }
     }
 
@@ -306,7 +311,7 @@ impl<F: Fs> Layer<F> {
     pub fn release(&self, hold: Hold<'_, F>, name: &str) -> Result<(), (String, Failed)> {
         match hold.inner {
             Inner::Exclusive { fd, chain, key } => {
-                if chain.may_continue() && key.has_waiters() {
+                if chain.may_continue() && key.blocked_writer_waits() {
                     let chain = chain.next();
                     let owned = key.key().clone();
                     // Parked while we hold the key: its next taker, or a

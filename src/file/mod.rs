@@ -615,17 +615,14 @@ impl FileLocks {
     /// joins the process's shared OS lock of the key if there is one.
     fn shared_first<'a>(
         &'a self,
-        key: &str,
         name: String,
         held: KeyReadGuard<'a, String>,
-    ) -> io::Result<Result<FileGuard<'a>, (String, KeyReadGuard<'a, String>)>> {
-        self.layer
-            .release_parked(&held, &name)
-            .map_err(|f| self.error(key, &name, f))?;
-        Ok(match self.layer.join_existing(held) {
+    ) -> Result<FileGuard<'a>, (String, KeyReadGuard<'a, String>)> {
+        self.layer.release_parked(&held, &name);
+        match self.layer.join_existing(held) {
             Ok(hold) => Ok(self.guard(name, hold)),
             Err(held) => Err((name, held)),
-        })
+        }
     }
 
     /// The rest of a shared acquisition, with the key's gate held: joins a
@@ -802,7 +799,7 @@ impl FileLocks {
     /// ```
     pub fn lock_shared(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let held = self.layer.keyed().read(key);
-        let (name, held) = match self.shared_first(key, name::file_name(key), held)? {
+        let (name, held) = match self.shared_first(name::file_name(key), held) {
             Ok(joined) => return Ok(joined),
             Err(rest) => rest,
         };
@@ -844,7 +841,7 @@ impl FileLocks {
         // holder's decrement and removal happen too. Only creating one
         // takes the gate, which another caller holds while it creates or
         // releases the process's shared lock (then this try gives up).
-        let (name, held) = match self.shared_first(key, name::file_name(key), held)? {
+        let (name, held) = match self.shared_first(name::file_name(key), held) {
             Ok(joined) => return Ok(Some(joined)),
             Err(rest) => rest,
         };
@@ -882,7 +879,7 @@ impl FileLocks {
         let Some(held) = self.layer.try_read_for(key, &name, timeout) else {
             return Ok(None);
         };
-        let (name, held) = match self.shared_first(key, name, held)? {
+        let (name, held) = match self.shared_first(name, held) {
             Ok(joined) => return Ok(Some(joined)),
             Err(rest) => rest,
         };
@@ -918,7 +915,7 @@ impl FileLocks {
     pub async fn lock_shared_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let name = name::file_name(key);
         let held = self.layer.read_async(key, &name).await;
-        let (name, held) = match self.shared_first(key, name, held)? {
+        let (name, held) = match self.shared_first(name, held) {
             Ok(joined) => return Ok(joined),
             Err(rest) => rest,
         };

@@ -510,20 +510,29 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         drop(freed);
     }
 
-    /// Whether anybody is queued for the key held through `slot`.
+    /// Whether the first waiter queued for the key held through `slot` is
+    /// a blocked thread (not a task, which runs only when its executor
+    /// polls it) whose mode satisfies `wants`.
     ///
     /// # Safety
     ///
     /// The caller holds `slot`'s key.
-    pub(crate) unsafe fn has_waiters(&self, slot: SlotRef<K, L>) -> bool {
+    #[cfg(target_os = "linux")]
+    pub(crate) unsafe fn front_is_blocked(
+        &self,
+        slot: SlotRef<K, L>,
+        wants: impl Fn(&L::Mode) -> bool,
+    ) -> bool {
         // SAFETY: we hold the key, so the slot is live.
         let hash = unsafe { slot.get().hash };
         let shard = self.table.read(hash);
         // SAFETY: we hold the shard lock for reading, and the state is only
         // written under its write lock; our hold keeps the slot live.
-        let queued = !unsafe { slot.get().state_ref() }.queue.is_empty();
+        let front = unsafe { slot.get().state_ref() }.queue.front();
+        let blocked =
+            front.is_some_and(|w| matches!(w.unpark, Unpark::Thread(_)) && wants(&w.data.mode));
         drop(shard);
-        queued
+        blocked
     }
 
     /// The rest of a release when waiters are queued, still under the shard

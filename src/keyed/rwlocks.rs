@@ -316,11 +316,19 @@ impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
 }
 
 impl<K, S> KeyWriteGuard<'_, K, S> {
-    /// Whether anybody is queued for the key (for `FileLocks`' hand-over).
+    /// Whether the first waiter queued for the key is a blocked thread
+    /// that wants to write (`FileLocks` hands its OS lock over only to
+    /// such a waiter: a task may not run for a long time, and a reader
+    /// cannot use an exclusive lock).
     #[cfg(target_os = "linux")]
-    pub(crate) fn has_waiters(&self) -> bool {
+    pub(crate) fn blocked_writer_waits(&self) -> bool {
         // SAFETY: the guard holds the key.
-        unsafe { self.locks.core.has_waiters(self.slot) }
+        unsafe {
+            self.locks
+                .core
+                .front_is_blocked(self.slot, |mode| *mode == Access::Write)
+        }
     }
 }
+
 rw_guard!(KeyWriteGuard, Access::Write);
