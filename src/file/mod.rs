@@ -80,14 +80,17 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   `try_..._for` (timeout) and `..._async` forms. Any number of shared
 ///   holders, across processes, or one exclusive holder.
 /// - **Hand-over within a process.** An exclusive holder that releases
-///   while another caller of this process waits for the key passes the OS
-///   lock on without a system call: no unlock, close, open, lock or stat.
-///   The chain is bounded so that other processes are not starved: the OS
-///   lock is not handed over once this process has held it for 5 ms (nor
-///   after 1,000 hand-overs in a row); that release goes to the OS
-///   (unlock, and unlink in the deleting mode), where other processes'
-///   waiters compete for it. A shared waiter that is handed an exclusive
-///   lock gives it up and takes a shared one.
+///   while a thread of this process is blocked waiting to lock the key
+///   exclusively (the first in its queue) passes the OS lock on without a
+///   system call: no unlock, close, open, lock or stat. Not to an async
+///   waiter, which runs only when its executor polls it, nor to a shared
+///   one, which could not use it: those releases go to the OS. The chain is
+///   bounded so that other processes are not starved: the OS lock is not
+///   handed over once this process has held it for 5 ms (nor after 1,000
+///   hand-overs in a row); that release goes to the OS (unlock, and unlink
+///   in the deleting mode), where other processes' waiters compete for it.
+///   A shared caller that gets the key before the writer the lock was
+///   handed to gives the lock up and takes a shared one.
 /// - **Errors** are [`io::Error`]s that name the key, the path and the
 ///   failed step (open, lock, fstat, stat, unlink, ...), with the system's
 ///   error kind: a deleted directory, a read-only file system, `EMFILE`.
@@ -119,7 +122,8 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   promise. An exclusive holder hands the OS lock to a waiting thread of
 ///   its process without releasing it, for at most 5 ms in a row (see
 ///   *Hand-over within a process*); then the release goes to the OS, and
-///   other processes' waiters compete for the lock. Shared holders of one process share one descriptor, so a process whose
+///   other processes' waiters compete for the lock. Shared holders of one
+///   process share one descriptor, so a process whose
 ///   readers overlap without a gap keeps its shared lock, and another
 ///   process's exclusive waiter waits until they stop. An async or timed
 ///   waiter polls the OS lock with a backoff (up to 10 ms), so under steady
@@ -127,7 +131,8 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   the lock to them.
 /// - **Descriptors.** One per key held exclusively, one per key held shared
 ///   by any number of this process's callers, and one for the directory.
-///   Waiters hold none; a lock being handed over keeps its one descriptor. Descriptors are `O_CLOEXEC`.
+///   Waiters hold none; a lock being handed over keeps its one descriptor.
+///   Descriptors are `O_CLOEXEC`.
 ///
 /// # What `flock` does not promise
 ///
