@@ -535,45 +535,12 @@ MUTANTS = [
         "a_reader_handed_an_exclusive_lock_gives_it_up",
     ),
     (
+        # A fresh subscription before each wait: what was announced between
+        # the failed tries and the wait is lost with the first one.
         "toctou-postgres: subscribing to announcements after the failed tries",
         "postgres/src/protocol.rs",
-        "    let mut subscription = contact.subscribe();\n"
-        "    // Dropped on every way out, cancellation included.\n"
-        "    let mut registration = None;\n"
-        "    loop {\n"
-        "        let attempt = contact.try_lock(key).await?;\n"
-        "        if let Some((token, taken)) = attempt.taken {\n"
-        "            return Ok(Some((attempt.advisory, token, taken)));\n"
-        "        }\n"
-        "        if !patient {\n"
-        "            return Ok(None);\n"
-        "        }\n"
-        "        if registration.is_none() {\n"
-        "            // Releases are announced only to registered waiters: one that\n"
-        "            // came between the failed try and the registration was not,\n"
-        "            // so try again before waiting.\n"
-        "            registration = contact.register(key).await?;\n"
-        "            continue;\n"
-        "        }\n"
         "        contact.tried(&mut subscription);\n",
-        "    // Dropped on every way out, cancellation included.\n"
-        "    let mut registration = None;\n"
-        "    loop {\n"
-        "        let attempt = contact.try_lock(key).await?;\n"
-        "        if let Some((token, taken)) = attempt.taken {\n"
-        "            return Ok(Some((attempt.advisory, token, taken)));\n"
-        "        }\n"
-        "        if !patient {\n"
-        "            return Ok(None);\n"
-        "        }\n"
-        "        if registration.is_none() {\n"
-        "            // Releases are announced only to registered waiters: one that\n"
-        "            // came between the failed try and the registration was not,\n"
-        "            // so try again before waiting.\n"
-        "            registration = contact.register(key).await?;\n"
-        "            continue;\n"
-        "        }\n"
-        "        let mut subscription = contact.subscribe();\n"
+        "        subscription = contact.subscribe();\n"
         "        contact.tried(&mut subscription);\n",
         "toctou-postgres:loom_pg_protocol",
         "a_release_wakes_a_waiter_that_just_failed_its_try",
