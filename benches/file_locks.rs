@@ -25,9 +25,12 @@
 //!   already-open descriptor; anchors: `fs4`'s `lock_exclusive` + `unlock`
 //!   on an open file, `named-lock`'s `lock` + drop on a held handle (its file
 //!   stays open), and `NamedLock::with_path` + `lock` + drop (opens the file
-//!   each time, as we do). Target: at most 1.2x the open+lock+close floor.
-//!   A `syscalls of ours` row makes keep mode's syscalls (it re-checks the
-//!   name with `fstat` + `fstatat`, and unlocks before closing).
+//!   each time). Target: at most 1.2x the open+lock+close floor. Ours
+//!   locks the descriptor it kept open from the previous hold (the default,
+//!   `idle_descriptors(64)`); a second row keeps none (`idle_descriptors(0)`)
+//!   and opens the file each time. Two `syscalls of ours` rows make keep
+//!   mode's syscalls in both cases (it re-checks the name with `fstat` +
+//!   `fstatat`, and unlocks rather than only closing).
 //! - `file_locks_hot_key_2_threads`: 2 threads of one process lock and
 //!   release one key, `HOT_OPS` times each; the time until both are done
 //!   (divide by `2 * HOT_OPS` for the time per acquisition). Ours in both
@@ -238,6 +241,11 @@ mod linux {
             .open(&dirs.keeping)
             .unwrap();
         drop(locks.lock(KEY).unwrap()); // the file exists from now on
+        let no_idle = FileLocks::builder()
+            .keep_files(true)
+            .idle_descriptors(0)
+            .open(&dirs.keeping)
+            .unwrap();
         let raw = RawDir::open(&dirs.raw);
         let name = CString::new(RAW_NAME).unwrap();
         drop(raw.openat(&name, libc::O_CREAT));
@@ -251,6 +259,10 @@ mod linux {
         g.bench_function("toctou::FileLocks::lock (keep_files)", |b| {
             b.iter(|| drop(locks.lock(black_box(KEY)).unwrap()))
         });
+        g.bench_function(
+            "toctou::FileLocks::lock (keep_files, idle_descriptors(0))",
+            |b| b.iter(|| drop(no_idle.lock(black_box(KEY)).unwrap())),
+        );
         g.bench_function("floor: open+flock+close", |b| {
             b.iter(|| {
                 let fd = raw.openat(black_box(&name), 0);
@@ -259,9 +271,22 @@ mod linux {
             })
         });
         // Not the target's floor: the syscalls of our keep mode, which
-        // re-checks the name after locking (`prune` may delete files).
+        // re-checks the name after locking (`prune` may delete files):
+        // through a kept descriptor (the default), and without one.
         g.bench_function(
-            "syscalls of ours: open+flock+fstat+stat+unlock+close",
+            "syscalls of ours: flock+fstat+stat+unlock on a kept fd",
+            |b| {
+                b.iter(|| {
+                    flock(black_box(&open_fd), libc::LOCK_EX);
+                    let ours = fstat(&open_fd);
+                    let now = fstatat(&raw, &name);
+                    black_box((ours.st_ino == now.st_ino, ours.st_dev == now.st_dev));
+                    flock(&open_fd, libc::LOCK_UN);
+                })
+            },
+        );
+        g.bench_function(
+            "syscalls of ours without a kept fd: open+flock+fstat+stat+unlock+close",
             |b| {
                 b.iter(|| {
                     let fd = raw.openat(black_box(&name), 0);

@@ -403,6 +403,43 @@ fn prune_races_a_locker() {
     });
 }
 
+/// A keeping-mode process keeps its released descriptor open and locks the
+/// key again through it, while another process prunes the file and then
+/// locks the key (creating a new file): the kept descriptor may be of a
+/// deleted file, and the two never both hold the key. Bounded to three
+/// preemptions.
+///
+/// Catches: a kept descriptor trusted without the re-check of the name
+/// (its holder locks the pruned inode while the other creates and locks a
+/// new file).
+#[test]
+fn a_kept_descriptor_races_prune() {
+    bounded(3).check(|| {
+        let fs = SimFs::default();
+        let det = Detector::default();
+        let pruner = {
+            let (fs, det) = (fs.clone(), det.clone());
+            thread::spawn(move || {
+                protocol::prune(&fs, |name| name.ends_with(".lock")).unwrap();
+                locked(&fs, &det, Mode::Exclusive, true);
+            })
+        };
+        let fd = protocol::acquire(&fs, NAME, Mode::Exclusive, Wait::Block)
+            .unwrap()
+            .unwrap();
+        let kept = protocol::unlock_keeping(&fs, fd).unwrap();
+        let fd = protocol::acquire_reusing(&fs, NAME, Mode::Exclusive, Wait::Block, Some(kept))
+            .unwrap()
+            .unwrap();
+        det.enter(Mode::Exclusive);
+        det.leave(Mode::Exclusive);
+        det.released(protocol::release(&fs, NAME, fd, Mode::Exclusive, false));
+        pruner.join().unwrap();
+        assert_eq!(fs.files(), 1, "keeping mode keeps the file");
+        det.no_failed_release();
+    });
+}
+
 /// The key of the layer models (their file is [`NAME`]).
 const KEY: &str = "k";
 
@@ -412,7 +449,8 @@ fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: KeyWriteGuard<'a, String>) 
     match layer.take_parked(held) {
         Ok(hold) => hold,
         Err(held) => {
-            let fd = protocol::acquire(layer.fs(), NAME, Mode::Exclusive, Wait::Block)
+            let fd = layer
+                .os_acquire(NAME, Mode::Exclusive, Wait::Block)
                 .unwrap()
                 .expect("a blocking acquire returns a descriptor");
             layer.exclusive(held, fd)
@@ -434,7 +472,8 @@ fn shared_hold<'a>(layer: &'a Layer<SimFs>, held: KeyReadGuard<'a, String>) -> H
         Ok(hold) => return hold,
         Err(held) => held,
     };
-    let fd = protocol::acquire(layer.fs(), NAME, Mode::Shared, Wait::Block)
+    let fd = layer
+        .os_acquire(NAME, Mode::Shared, Wait::Block)
         .unwrap()
         .expect("a blocking acquire returns a descriptor");
     layer.join_new(held, fd)

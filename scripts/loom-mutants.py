@@ -456,6 +456,17 @@ MUTANTS = [
         "three_processes_lock_release_and_delete",
     ),
     (
+        "FileLocks: a kept descriptor trusted without the re-check of the name",
+        "src/file/protocol.rs",
+        "            Some(fd) => fd,\n",
+        "            Some(fd) => {\n"
+        "                let held = fs.lock(&fd, mode, wait == Wait::Block).map_err(at(\"lock\"))?;\n"
+        "                return Ok(held.then_some(fd));\n"
+        "            }\n",
+        "loom_file_locks",
+        "a_kept_descriptor_races_prune",
+    ),
+    (
         "FileLocks: unlock before unlink",
         "src/file/protocol.rs",
         "            Ok(true) => fs.unlink_at(name).map_err(at(\"unlink\")),\n",

@@ -781,6 +781,92 @@ fn keep_mode_keeps_files_and_prune_spares_held_ones() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// This process's descriptors of lock files in `dir` (kept ones included),
+/// read from `/proc/self/fd`: other tests' directories do not count.
+fn fds_into(dir: &Path) -> usize {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.parent() == Some(dir.as_path()))
+        .count()
+}
+
+/// Keep mode keeps released keys' descriptors open for their next lock, at
+/// most `idle_descriptors`, and `prune` closes them; the deleting mode
+/// keeps none.
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn keep_mode_keeps_a_bounded_number_of_idle_descriptors() {
+    let dir = base("idle");
+    let locks = FileLocks::builder()
+        .keep_files(true)
+        .idle_descriptors(2)
+        .open(&dir)
+        .unwrap();
+    for key in ["a", "b", "c", "d", "e"] {
+        drop(locks.lock(key).unwrap());
+    }
+    assert_eq!(fds_into(&dir), 2, "the two last released are kept");
+    let held = locks.lock("e").unwrap();
+    assert_eq!(fds_into(&dir), 2, "e's kept descriptor is reused");
+    let shared = locks.lock_shared("d").unwrap();
+    assert_eq!(fds_into(&dir), 2, "so is d's, for a shared lock");
+    drop((held, shared));
+    assert_eq!(fds_into(&dir), 2);
+    assert_eq!(locks.prune().unwrap(), 5);
+    assert_eq!(fds_into(&dir), 0, "prune closes the kept descriptors");
+    assert!(entries(&dir).is_empty());
+
+    let deleting = FileLocks::open(dir.join("deleting")).unwrap();
+    for key in ["a", "b"] {
+        drop(deleting.lock(key).unwrap());
+        drop(deleting.lock_shared(key).unwrap());
+    }
+    assert_eq!(
+        fds_into(&dir.join("deleting")),
+        0,
+        "the deleting mode keeps none"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A kept descriptor is not trusted: after another party pruned (and maybe
+/// re-created) the file, locking the key again re-checks the name, so the
+/// two never both hold it. (Two `FileLocks` on one directory behave as two
+/// processes: each has its own kept descriptors.)
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn a_kept_descriptor_of_a_pruned_file_does_not_lock_the_key() {
+    let dir = base("idle-pruned");
+    let keep = || FileLocks::builder().keep_files(true).open(&dir).unwrap();
+    let (a, b) = (keep(), keep());
+    drop(a.lock("k").unwrap()); // a keeps k's descriptor
+    assert_eq!(b.prune().unwrap(), 1, "b removes the unheld file");
+    let held = a.lock("k").unwrap();
+    assert!(a.path_of("k").exists(), "a locked a file at the name");
+    assert!(b.try_lock("k").unwrap().is_none(), "and excludes b");
+    drop(held);
+
+    // Pruned and re-created: a's kept descriptor is of a deleted file.
+    drop(a.lock("k").unwrap());
+    assert_eq!(b.prune().unwrap(), 1);
+    let b_holds = b.lock("k").unwrap();
+    assert!(
+        a.try_lock("k").unwrap().is_none(),
+        "b holds the file at the name"
+    );
+    assert!(
+        a.try_lock_for("k", Duration::from_millis(20))
+            .unwrap()
+            .is_none()
+    );
+    drop(b_holds);
+    drop(a.lock("k").unwrap());
+    assert_eq!(a.prune().unwrap(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `try_lock_shared` joins the shared lock that this process's other readers
 /// hold without waiting for (or failing on) another caller's join.
 #[test]

@@ -41,6 +41,12 @@
 //!   there. The parker sweeps too, after releasing the key: the waiter it
 //!   parked for may have given up (and swept, finding nothing) between the
 //!   parker's "somebody waits" check and the parking.
+//! - **Kept descriptors** (keeping mode only). A release that gives the
+//!   OS lock up unlocks the descriptor and keeps it open in `idle` (at most
+//!   `cap`, the oldest closed first); the next OS acquisition of the name
+//!   locks it instead of opening the name. The protocol's re-check makes
+//!   that sound (see *Kept descriptors* in `protocol.rs`). The deleting
+//!   mode keeps none: its released files are gone.
 //! - **A bounded chain.** The OS lock is not handed over once this process
 //!   has held it for [`MAX_CHAIN`] (5 ms), nor after [`MAX_HANDOVERS`]
 //!   hand-overs in a row; the next release then goes to the OS (unlock, and in the deleting mode unlink), where other
@@ -51,7 +57,8 @@ use std::time::Duration;
 #[cfg(not(toctou_loom))]
 use std::time::Instant;
 
-use super::protocol::{self, Failed, Fs, Mode};
+use super::idle::Idle;
+use super::protocol::{self, Failed, Fs, Mode, Wait};
 use crate::sync::Mutex;
 use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
 
@@ -121,6 +128,7 @@ pub struct Layer<F: Fs> {
     gate: KeyedLocks<String>,
     shared: Mutex<HashMap<String, SharedOs<F::Fd>>>,
     parked: Mutex<HashMap<String, Parked<F::Fd>>>,
+    idle: Mutex<Idle<F::Fd>>,
 }
 
 /// A held key: the in-process key and the OS lock (exclusive), or a count
@@ -164,7 +172,69 @@ impl<F: Fs> Layer<F> {
             gate: KeyedLocks::new(),
             shared: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Idle::new(0)),
         }
+    }
+
+    /// In the keeping mode, keep up to `cap` descriptors of released keys
+    /// open for their next acquisition (see the module docs). Ignored in
+    /// the deleting mode.
+    #[must_use]
+    pub fn keeping_idle(self, cap: usize) -> Self {
+        let cap = if self.delete { 0 } else { cap };
+        Self {
+            idle: Mutex::new(Idle::new(cap)),
+            ..self
+        }
+    }
+
+    /// How many descriptors are kept idle now.
+    pub fn idle_len(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    /// Closes every kept descriptor; returns how many there were.
+    pub fn close_idle(&self) -> usize {
+        let fds = self.idle.lock().drain();
+        fds.len()
+    }
+
+    /// Takes the OS lock of `name` in `mode` (the protocol's acquire),
+    /// through the descriptor kept for it if there is one. If opening fails
+    /// for want of descriptors (`EMFILE`, `ENFILE`) while some are kept
+    /// idle, closes those and tries once more.
+    pub fn os_acquire(&self, name: &str, mode: Mode, wait: Wait) -> Result<Option<F::Fd>, Failed> {
+        let reuse = self.take_idle(name);
+        match protocol::acquire_reusing(&self.fs, name, mode, wait, reuse) {
+            Err(failed) if failed.step == "open" && out_of_descriptors(&failed.error) => {
+                if self.close_idle() == 0 {
+                    return Err(failed);
+                }
+                protocol::acquire(&self.fs, name, mode, wait)
+            }
+            result => result,
+        }
+    }
+
+    fn take_idle(&self, name: &str) -> Option<F::Fd> {
+        // Not even the mutex in the deleting mode (its cap is fixed at 0).
+        if self.delete {
+            return None;
+        }
+        self.idle.lock().take(name)
+    }
+
+    /// Gives up the OS lock `fd` of `name`, held in `mode`: the protocol's
+    /// release, or in the keeping mode an unlock that keeps the descriptor
+    /// open for the next acquisition of the name.
+    fn give_up(&self, name: &str, fd: F::Fd, mode: Mode) -> Result<(), Failed> {
+        if self.delete {
+            return protocol::release(&self.fs, name, fd, mode, true);
+        }
+        let fd = protocol::unlock_keeping(&self.fs, fd)?;
+        let closed = self.idle.lock().keep(name, fd);
+        drop(closed); // closed outside the mutex
+        Ok(())
     }
 
     /// The file system.
@@ -270,7 +340,7 @@ impl<F: Fs> Layer<F> {
     pub fn release_parked(&self, key: &KeyReadGuard<'_, String>, name: &str) {
         let parked = self.parked.lock().remove(key.key());
         if let Some(Parked { fd, .. }) = parked {
-            let _ = protocol::release(&self.fs, name, fd, Mode::Exclusive, self.delete);
+            let _ = self.give_up(name, fd, Mode::Exclusive);
         }
     }
 
@@ -323,7 +393,8 @@ impl<F: Fs> Layer<F> {
                     self.sweep(&owned, name);
                     return Ok(());
                 }
-                let released = protocol::release(&self.fs, name, fd, Mode::Exclusive, self.delete)
+                let released = self
+                    .give_up(name, fd, Mode::Exclusive)
                     .map_err(|failed| (key.key().clone(), failed));
                 drop(key);
                 released
@@ -343,7 +414,7 @@ impl<F: Fs> Layer<F> {
                     drop(shared);
                     // Released under the gate: a shared caller that finds
                     // no shared lock to join takes a new one only after.
-                    os.map(|os| protocol::release(&self.fs, name, os.fd, Mode::Shared, self.delete))
+                    os.map(|os| self.give_up(name, os.fd, Mode::Shared))
                 };
                 let released = last
                     .unwrap_or(Ok(()))
@@ -372,10 +443,15 @@ impl<F: Fs> Layer<F> {
         };
         let parked = self.parked.lock().remove(key);
         if let Some(Parked { fd, .. }) = parked {
-            let _ = protocol::release(&self.fs, name, fd, Mode::Exclusive, self.delete);
+            let _ = self.give_up(name, fd, Mode::Exclusive);
         }
         drop(held);
     }
+}
+
+/// Whether `error` says the process or the system is out of descriptors.
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Sweeps a key (see [`Layer::sweep`]) if a wait for it is cancelled.

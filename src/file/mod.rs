@@ -8,12 +8,14 @@
 //! - `layer.rs`: the in-process layer (queueing per key, the shared OS
 //!   lock per key, the exclusive hand-over without syscalls), generic over
 //!   the same trait.
+//! - `idle.rs`: the keeping mode's descriptors kept open between holds.
 //! - `name.rs`: the stable key → file name mapping.
 //! - `timer.rs`: the one timer thread that wakes async waits between two
 //!   tries of an OS lock.
 //! - this file: the public front-end: directory checks, blocking, polling
 //!   and async waits, errors with context.
 
+mod idle;
 pub mod layer;
 mod name;
 pub mod protocol;
@@ -132,6 +134,9 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 /// - **Descriptors.** One per key held exclusively, one per key held shared
 ///   by any number of this process's callers, and one for the directory.
 ///   Waiters hold none; a lock being handed over keeps its one descriptor.
+///   In the keeping mode, up to 64 descriptors of released keys also stay
+///   open, unlocked, for their next acquisition
+///   ([`FileLocksBuilder::idle_descriptors`]); the deleting mode keeps none.
 ///   Descriptors are `O_CLOEXEC`.
 ///
 /// # What `flock` does not promise
@@ -233,7 +238,11 @@ pub struct FileLocksBuilder {
     allow_other_owner: bool,
     allow_writable_by_others: bool,
     file_mode: u32,
+    idle_descriptors: usize,
 }
+
+/// The default of [`FileLocksBuilder::idle_descriptors`].
+const IDLE_DESCRIPTORS: usize = 64;
 
 impl Default for FileLocksBuilder {
     fn default() -> Self {
@@ -242,6 +251,7 @@ impl Default for FileLocksBuilder {
             allow_other_owner: false,
             allow_writable_by_others: false,
             file_mode: 0o600,
+            idle_descriptors: IDLE_DESCRIPTORS,
         }
     }
 }
@@ -314,6 +324,34 @@ impl FileLocksBuilder {
     #[must_use]
     pub fn file_mode(mut self, mode: u32) -> Self {
         self.file_mode = mode & 0o777;
+        self
+    }
+
+    /// In the keeping mode, how many descriptors of released keys stay
+    /// open, unlocked, so that locking such a key again skips the `open`
+    /// and `close` (default 64; 0 keeps none). The oldest is closed first;
+    /// [`FileLocks::prune`] closes them all, and so does running out of
+    /// descriptors (`EMFILE`) while opening a lock file. Locking through a
+    /// kept descriptor re-checks the name like any lock, so a file pruned
+    /// or replaced meanwhile is simply opened afresh. The deleting mode
+    /// keeps none: its released files are deleted.
+    ///
+    /// ```
+    /// # #[cfg(not(miri))] {
+    /// # let dir = std::env::temp_dir().join(format!("toctou-doc-{}-idle", std::process::id()));
+    /// let locks = toctou::FileLocks::builder()
+    ///     .keep_files(true)
+    ///     .idle_descriptors(8)
+    ///     .open(&dir)?;
+    /// drop(locks.lock("job")?); // its descriptor stays open, unlocked
+    /// drop(locks.lock("job")?); // locked again without opening the file
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[must_use]
+    pub fn idle_descriptors(mut self, max: usize) -> Self {
+        self.idle_descriptors = max;
         self
     }
 
@@ -414,7 +452,7 @@ impl FileLocksBuilder {
             ));
         }
         Ok(FileLocks {
-            layer: Layer::new(dir, !self.keep_files),
+            layer: Layer::new(dir, !self.keep_files).keeping_idle(self.idle_descriptors),
             path: path.to_path_buf(),
             keep_files: self.keep_files,
         })
@@ -547,7 +585,8 @@ impl FileLocks {
         how: How,
     ) -> io::Result<Option<OwnedFd>> {
         let once = |wait| {
-            protocol::acquire(self.layer.fs(), name, mode, wait)
+            self.layer
+                .os_acquire(name, mode, wait)
                 .map_err(|f| self.error(key, name, f))
         };
         match how {
@@ -1065,7 +1104,9 @@ impl FileLocks {
     /// returns how many it removed: files kept in keeping mode, and files
     /// left by holders that crashed. Each file is locked exclusively without
     /// waiting (a held one is skipped), re-checked, unlinked, unlocked, so a
-    /// concurrent locker that follows the protocol is never harmed.
+    /// concurrent locker that follows the protocol is never harmed. This
+    /// process's descriptors kept open between holds
+    /// ([`FileLocksBuilder::idle_descriptors`]) are closed first.
     ///
     /// Only names the key mapping produces are considered (exactly: other
     /// files, even ones ending in `.lock`, are left alone). A naive locker
@@ -1092,6 +1133,7 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn prune(&self) -> io::Result<usize> {
+        self.layer.close_idle();
         protocol::prune(self.layer.fs(), name::is_lock_name).map_err(|f| {
             io::Error::new(
                 f.error.kind(),
@@ -1111,6 +1153,7 @@ impl fmt::Debug for FileLocks {
         f.debug_struct("FileLocks")
             .field("dir", &self.path)
             .field("keep_files", &self.keep_files)
+            .field("idle_descriptors", &self.layer.idle_len())
             .finish_non_exhaustive()
     }
 }

@@ -25,6 +25,12 @@
 //! unlink: in the gap somebody may have taken, released and deleted the
 //! file, and a new one may stand at the name.
 //!
+//! **Kept descriptors** (keeping mode): a released lock's descriptor may
+//! stay open, unlocked, and be locked again later instead of opening the
+//! name ([`acquire_reusing`]). Nothing changes for the re-check: it never
+//! relied on the open being recent, so a file pruned or replaced since is
+//! found stale and the name opened afresh.
+//!
 //! **Prune** (for the keeping mode, and for files left by crashed holders):
 //! each lock file is locked exclusively without waiting (a held one is
 //! skipped), re-checked, unlinked, unlocked.
@@ -123,8 +129,28 @@ fn is_at_name<F: Fs>(fs: &F, name: &str, fd: &F::Fd) -> Result<bool, Failed> {
 /// on the file that is at `name`, or `Ok(None)` if `wait` is
 /// [`Wait::Try`] and it is held elsewhere.
 pub fn acquire<F: Fs>(fs: &F, name: &str, mode: Mode, wait: Wait) -> Result<Option<F::Fd>, Failed> {
+    acquire_reusing(fs, name, mode, wait, None)
+}
+
+/// [`acquire`], trying first a descriptor of `name` kept open from an
+/// earlier hold (`reuse`, unlocked; see [`unlock_keeping`]) instead of
+/// opening the name. A kept descriptor is only an early `open`: the file
+/// may have been pruned or replaced since, which the re-check finds like
+/// any other stale lock (then the name is opened afresh). Dropped, like a
+/// fresh descriptor, if the lock is held elsewhere and `wait` is
+/// [`Wait::Try`].
+pub fn acquire_reusing<F: Fs>(
+    fs: &F,
+    name: &str,
+    mode: Mode,
+    wait: Wait,
+    mut reuse: Option<F::Fd>,
+) -> Result<Option<F::Fd>, Failed> {
     loop {
-        let fd = fs.open_create(name).map_err(at("open"))?;
+        let fd = match reuse.take() {
+            Some(fd) => fd,
+            None => fs.open_create(name).map_err(at("open"))?,
+        };
         if !fs
             .lock(&fd, mode, wait == Wait::Block)
             .map_err(at("lock"))?
@@ -177,6 +203,22 @@ pub fn release<F: Fs>(
     let unlocked = fs.unlock(&fd).map_err(at("unlock"));
     drop(fd);
     result.and(unlocked)
+}
+
+/// The keeping mode's release of a descriptor that stays open for the next
+/// hold of the same name: unlocks `fd` and gives it back, unlocked. A
+/// failed unlock closes it (which drops the lock) and is returned.
+pub fn unlock_keeping<F: Fs>(fs: &F, fd: F::Fd) -> Result<F::Fd, Failed> {
+    match fs.unlock(&fd) {
+        Ok(()) => Ok(fd),
+        Err(error) => {
+            drop(fd);
+            Err(Failed {
+                step: "unlock",
+                error,
+            })
+        }
+    }
 }
 
 /// Removes the lock files in the directory that nobody holds: each one is
