@@ -44,7 +44,7 @@ enum Locks {
         files: KeyedRwLocks<usize>,
     },
     /// One lock directory for every process.
-    Files(FileLocks),
+    Files(Box<FileLocks>),
 }
 
 impl Locks {
@@ -157,7 +157,7 @@ pub fn child() -> io::Result<()> {
         dir: dir.clone(),
     };
     let locks = match procs::var("TOCTOU_RACE_VARIANT")?.as_str() {
-        "toctou" => Locks::Files(FileLocks::open(lock_dir(&dir))?),
+        "toctou" => Locks::Files(Box::new(FileLocks::open(lock_dir(&dir))?)),
         _ => Locks::PerProcess {
             tasks: KeyedLocks::new(),
             files: KeyedRwLocks::new(),
