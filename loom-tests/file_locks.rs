@@ -42,9 +42,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use loom::sync::atomic::AtomicUsize;
 use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 use loom::thread;
-use toctou::__file_layer::{Hold, Layer};
+use toctou::__file_layer::{Hold, Layer, ReadKey, WriteKey};
 use toctou::__file_protocol::{self as protocol, FileId, Fs, Mode, Wait};
-use toctou::{KeyReadGuard, KeyWriteGuard};
 
 #[derive(Default)]
 struct Inode {
@@ -445,7 +444,7 @@ const KEY: &str = "k";
 
 /// The exclusive acquisition of `FileLocks` (src/file/mod.rs) once the
 /// in-process key is held: the lock handed over for it, or a new one.
-fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: KeyWriteGuard<'a, String>) -> Hold<'a, SimFs> {
+fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: WriteKey<'a, SimFs>) -> Hold<'a, SimFs> {
     match layer.take_parked(held) {
         Ok(hold) => hold,
         Err(held) => {
@@ -453,7 +452,7 @@ fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: KeyWriteGuard<'a, String>) 
                 .os_acquire(NAME, Mode::Exclusive, Wait::Block)
                 .unwrap()
                 .expect("a blocking acquire returns a descriptor");
-            layer.exclusive(held, fd)
+            layer.exclusive(held, NAME, fd)
         }
     }
 }
@@ -461,8 +460,8 @@ fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: KeyWriteGuard<'a, String>) 
 /// The shared acquisition of `FileLocks` once the in-process key is held
 /// for reading: give up a lock handed over for it, join the process's
 /// shared lock, or take one under the gate.
-fn shared_hold<'a>(layer: &'a Layer<SimFs>, held: KeyReadGuard<'a, String>) -> Hold<'a, SimFs> {
-    layer.release_parked(&held, NAME);
+fn shared_hold<'a>(layer: &'a Layer<SimFs>, held: ReadKey<'a, SimFs>) -> Hold<'a, SimFs> {
+    layer.release_parked(&held);
     let held = match layer.join_existing(held) {
         Ok(hold) => return hold,
         Err(held) => held,
@@ -495,7 +494,7 @@ fn work(layer: &Layer<SimFs>, det: &Detector, hold: Hold<'_, SimFs>) {
 /// parked by the first would block it forever (a loom deadlock).
 fn another_process_locks(fs: &SimFs, det: &Detector) {
     let other = Layer::new(fs.clone(), true);
-    let held = other.keyed().write(KEY);
+    let held = other.write(KEY);
     let hold = exclusive_hold(&other, held);
     work(&other, det, hold);
 }
@@ -504,27 +503,22 @@ fn another_process_locks(fs: &SimFs, det: &Detector) {
 /// blocks in `try_write_for`, whose deadline may pass at any point (loom
 /// lets it expire or not). The release may hand the OS lock over (the
 /// waiter was queued, a blocked thread, when the holder looked) just as
-/// the waiter leaves. Afterwards another process gets the key and the
-/// directory is empty. Bounded to three preemptions (the waiter queues,
-/// the holder looks, the waiter leaves, the holder parks).
-///
-/// A plain check of the sweeps: within the bound, loom does not reach the
-/// window in which the waiter leaves between the holder's look and its
-/// parking (the waiter's timed wait takes three yields under loom), so the
-/// sweep mutants are not listed against it.
+/// the waiter leaves: the lock parked in the key's entry is released when
+/// the last of the two leaves the entry. Afterwards another process gets
+/// the key and the directory is empty. Bounded to three preemptions.
 #[test]
 fn a_hand_over_meets_a_waiter_that_gives_up() {
     bounded(3).check(|| {
         let fs = SimFs::default();
         let det = Detector::default();
         let layer = Arc::new(Layer::new(fs.clone(), true));
-        let held = layer.keyed().write(KEY);
+        let held = layer.write(KEY);
         let hold = exclusive_hold(&layer, held);
         let waiter = {
             let (layer, det) = (layer.clone(), det.clone());
             thread::spawn(move || {
                 let timeout = std::time::Duration::from_millis(1);
-                if let Some(held) = layer.try_write_for(KEY, NAME, timeout) {
+                if let Some(held) = layer.try_write_for(KEY, timeout) {
                     let hold = exclusive_hold(&layer, held);
                     work(&layer, &det, hold);
                 }
@@ -534,9 +528,48 @@ fn a_hand_over_meets_a_waiter_that_gives_up() {
         waiter.join().unwrap();
         another_process_locks(&fs, &det);
         assert_eq!(fs.files(), 0);
-        assert!(layer.keyed().is_empty());
+        assert!(layer.is_empty());
         det.no_failed_release();
     });
+}
+
+/// The narrowest case of the one above: a timed waiter, nothing else. The
+/// holder may see it queued, park the lock for it, and release, while the
+/// waiter's deadline passes and it leaves; the last of the two to leave
+/// the key's entry frees it, and freeing it releases the parked lock (in
+/// the deleting mode: unlinks the file). The timed wait expires after one
+/// park (three elsewhere), so that loom reaches the waiter's leaving inside
+/// the holder's release. Bounded to three preemptions.
+///
+/// Catches: a freed entry that drops its parked lock without the
+/// protocol's release (closing the descriptor unlocks it, but the file
+/// stays).
+#[test]
+fn a_lock_parked_for_a_waiter_that_left_is_released_with_the_entry() {
+    toctou::__loom_timed_parks(1);
+    bounded(3).check(|| {
+        let fs = SimFs::default();
+        let det = Detector::default();
+        let layer = Arc::new(Layer::new(fs.clone(), true));
+        let held = layer.write(KEY);
+        let hold = exclusive_hold(&layer, held);
+        let waiter = {
+            let (layer, det) = (layer.clone(), det.clone());
+            thread::spawn(move || {
+                let timeout = std::time::Duration::from_millis(1);
+                if let Some(held) = layer.try_write_for(KEY, timeout) {
+                    let hold = exclusive_hold(&layer, held);
+                    work(&layer, &det, hold);
+                }
+            })
+        };
+        work(&layer, &det, hold);
+        waiter.join().unwrap();
+        assert!(layer.is_empty());
+        assert_eq!(fs.files(), 0, "the parked lock's file is gone");
+        det.no_failed_release();
+    });
+    toctou::__loom_timed_parks(3);
 }
 
 /// A task at the front of the queue is not handed the OS lock (it runs
@@ -550,9 +583,9 @@ fn a_waiting_task_is_not_handed_the_lock() {
         let fs = SimFs::default();
         let det = Detector::default();
         let layer = Layer::new(fs.clone(), true);
-        let held = layer.keyed().write(KEY);
+        let held = layer.write(KEY);
         let hold = exclusive_hold(&layer, held);
-        let mut wait = Box::pin(layer.write_async(KEY, NAME));
+        let mut wait = Box::pin(layer.write_async(KEY));
         assert!(
             wait.as_mut()
                 .poll(&mut Context::from_waker(Waker::noop()))
@@ -581,12 +614,12 @@ fn a_hand_over_and_another_process() {
         let fs = SimFs::default();
         let det = Detector::default();
         let layer = Arc::new(Layer::new(fs.clone(), true));
-        let held = layer.keyed().write(KEY);
+        let held = layer.write(KEY);
         let hold = exclusive_hold(&layer, held);
         let waiter = {
             let (layer, det) = (layer.clone(), det.clone());
             thread::spawn(move || {
-                let held = layer.keyed().write(KEY);
+                let held = layer.write(KEY);
                 let hold = exclusive_hold(&layer, held);
                 work(&layer, &det, hold);
             })
@@ -620,12 +653,12 @@ fn a_reader_handed_an_exclusive_lock_gives_it_up() {
         let fs = SimFs::default();
         let det = Detector::default();
         let layer = Arc::new(Layer::new(fs.clone(), true));
-        let held = layer.keyed().write(KEY);
+        let held = layer.write(KEY);
         let hold = exclusive_hold(&layer, held);
         let writer = {
             let (layer, det) = (layer.clone(), det.clone());
             thread::spawn(move || {
-                let held = layer.keyed().write(KEY);
+                let held = layer.write(KEY);
                 let hold = exclusive_hold(&layer, held);
                 work(&layer, &det, hold);
             })
@@ -633,7 +666,7 @@ fn a_reader_handed_an_exclusive_lock_gives_it_up() {
         let reader = {
             let (layer, det) = (layer.clone(), det.clone());
             thread::spawn(move || {
-                let held = layer.keyed().read(KEY);
+                let held = layer.read(KEY);
                 let hold = shared_hold(&layer, held);
                 work(&layer, &det, hold);
             })

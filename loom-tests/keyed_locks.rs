@@ -9,7 +9,8 @@
 //!
 //! The models run the production lifecycle code; under `toctou_loom` only the
 //! sync layer changes (the shard locks, park/unpark and thread-locals become
-//! loom's), blocking calls queue at once instead of spinning, and a timed
+//! loom's), blocking calls queue at once instead of spinning (but in the
+//! model of spinning itself, which lets them spin once), and a timed
 //! wait yields once and then counts as expired (loom has no clock), which
 //! makes every execution race the timeout against the release.
 //!
@@ -93,6 +94,53 @@ fn two_threads_exclude_each_other_on_one_key() {
         assert_eq!(data.read(), 2);
         assert_eq!(locks.len(), 0, "entry left behind");
     });
+}
+
+/// Blocking callers that spin before they queue (one spin under loom):
+/// two threads lock one key while a third locks it with a timeout. A
+/// spinner is counted in the entry from its first failed try until it
+/// takes the key or queues, and the count keeps the entry. Never two
+/// holders, no lost wake-up, and `len() == 0` at the end (a count that is
+/// not given back would keep the entry forever). Bounded to two
+/// preemptions.
+///
+/// Catches: a release that frees the entry a thread spins for (the
+/// spinner's next try finds its entry gone); a spinner that takes the key
+/// without uncounting itself, or that queues without uncounting itself
+/// (the entry is never freed).
+#[test]
+fn spinning_callers_keep_the_entry_until_they_take_the_key_or_queue() {
+    toctou::__loom_spin_rounds(1);
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let locks = new_locks();
+        let data = Guarded::new();
+        let other = {
+            let (locks, data) = (locks.clone(), data.clone());
+            thread::spawn(move || {
+                let _guard = locks.lock(&1);
+                data.bump();
+            })
+        };
+        let timed = {
+            let (locks, data) = (locks.clone(), data.clone());
+            thread::spawn(move || {
+                if let Some(_guard) = locks.try_lock_for(&1, Duration::from_millis(1)) {
+                    data.bump();
+                }
+            })
+        };
+        {
+            let _guard = locks.lock(&1);
+            data.bump();
+        }
+        other.join().unwrap();
+        timed.join().unwrap();
+        assert!(data.read() >= 2);
+        assert_eq!(locks.len(), 0, "entry left behind");
+    });
+    toctou::__loom_spin_rounds(0);
 }
 
 /// The removal race: the last guard drops (and removes the entry) while

@@ -50,7 +50,7 @@ NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
 
 # KeyedLocks' removal race: an entry removed while a waiter is still queued on it.
 # The slot is leaked instead of freed, so the mutant shows the race, not undefined behaviour.
-KEYED_DETACH_OLD = "            (state.lock.is_free() && state.queue.is_empty(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        // Found by identity, not by key: no user `Eq` runs, and a slot can\n        // never be confused with another for an equal key.\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        let raw = slot.0.as_ptr();\n        // SAFETY: the table entry just removed was the slot's last\n        // reference: it is idle, so no guard or waiter points to it, and we\n        // hold the shard lock, so no lookup is reading it. Its fields are\n        // moved out exactly once, and its memory (from `Block::write` in\n        // `begin`) is handed back to a `Block`, which frees it once.\n        unsafe {\n            Some(Freed {\n                _key: std::ptr::read(&raw const (*raw).key),\n                _state: std::ptr::read(&raw const (*raw).state),\n                _memory: Block::from_raw(slot.0),\n            })\n        }\n"
+KEYED_DETACH_OLD = "            (state.is_idle(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        // Found by identity, not by key: no user `Eq` runs, and a slot can\n        // never be confused with another for an equal key.\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        let raw = slot.0.as_ptr();\n        // SAFETY: the table entry just removed was the slot's last\n        // reference: it is idle, so no guard or waiter points to it, and we\n        // hold the shard lock, so no lookup is reading it. Its fields are\n        // moved out exactly once, and its memory (from `Block::write` in\n        // `begin`) is handed back to a `Block`, which frees it once.\n        unsafe {\n            Some(Freed {\n                _key: std::ptr::read(&raw const (*raw).key),\n                _state: std::ptr::read(&raw const (*raw).state),\n                _memory: Block::from_raw(slot.0),\n            })\n        }\n"
 KEYED_DETACH_NEW = '            (state.lock.is_free(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        None\n'
 
 # (name, file, old text, new text, loom test target, test name filter)
@@ -504,46 +504,64 @@ MUTANTS = [
     (
         "FileLocks hand-over: the lock is parked for a task at the front",
         "src/file/layer.rs",
-        "                if chain.may_continue() && key.blocked_writer_waits() {\n",
-        "                if chain.may_continue() && true {\n",
+        "                if os.chain.may_continue() && key.blocked_writer_waits() {\n",
+        "                if os.chain.may_continue() && true {\n",
         "loom_file_locks",
         "a_waiting_task_is_not_handed_the_lock",
     ),
     (
         "FileLocks hand-over: an exclusive taker ignores the parked lock",
         "src/file/layer.rs",
-        "        let parked = self.parked.lock().remove(key.key());\n"
-        "        match parked {\n"
-        "            Some(Parked { fd, chain }) => Ok(Hold {\n",
-        "        let parked: Option<Parked<F::Fd>> = None;\n"
-        "        match parked {\n"
-        "            Some(Parked { fd, chain }) => Ok(Hold {\n",
-        "loom_file_locks",
-        "a_hand_over_and_another_process",
-    ),
-    (
-        "FileLocks hand-over: parking after releasing the key",
-        "src/file/layer.rs",
-        "                    self.parked\n"
-        "                        .lock()\n"
-        "                        .insert(owned.clone(), Parked { fd, chain });\n"
-        "                    drop(key);\n",
-        "                    drop(key);\n"
-        "                    self.parked\n"
-        "                        .lock()\n"
-        "                        .insert(owned.clone(), Parked { fd, chain });\n",
+        "        match key.key().take_parked() {\n",
+        "        match None::<OsLock<F>> {\n",
         "loom_file_locks",
         "a_hand_over_and_another_process",
     ),
     (
         "FileLocks hand-over: a reader ignores the parked exclusive lock",
         "src/file/layer.rs",
-        "        let parked = self.parked.lock().remove(key.key());\n"
-        "        if let Some(Parked { fd, .. }) = parked {\n",
-        "        let parked: Option<Parked<F::Fd>> = None;\n"
-        "        if let Some(Parked { fd, .. }) = parked {\n",
+        "        if let Some(os) = key.key().take_parked() {\n",
+        "        if let Some(os) = None::<OsLock<F>> {\n",
         "loom_file_locks",
         "a_reader_handed_an_exclusive_lock_gives_it_up",
+    ),
+    (
+        "FileLocks hand-over: a freed entry drops its parked lock without the protocol's release",
+        "src/file/layer.rs",
+        "        if let Some(os) = self.take_parked() {\n",
+        "        if let Some(os) = None::<OsLock<F>> {\n",
+        "loom_file_locks",
+        "a_lock_parked_for_a_waiter_that_left_is_released_with_the_entry",
+    ),
+    (
+        "keyed spinning: a release frees the entry a thread spins for",
+        "src/keyed/core.rs",
+        "        self.lock.is_free() && self.queue.is_empty() && self.spinning == 0\n",
+        "        self.lock.is_free() && self.queue.is_empty()\n",
+        "loom_keyed_locks",
+        "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
+    ),
+    (
+        "keyed spinning: a spinner takes the key without uncounting itself",
+        "src/keyed/core.rs",
+        "            if spin == Some(true) {\n"
+        "                state.stop_spinning(mode);\n"
+        "            }\n"
+        "            state.grant(mode);\n",
+        "            state.grant(mode);\n",
+        "loom_keyed_locks",
+        "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
+    ),
+    (
+        "keyed spinning: a spinner queues without uncounting itself",
+        "src/keyed/core.rs",
+        "        if spin == Some(true) {\n"
+        "            state.stop_spinning(mode);\n"
+        "        }\n"
+        "        let id = state.queue.push(\n",
+        "        let id = state.queue.push(\n",
+        "loom_keyed_locks",
+        "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
     ),
     (
         # A fresh subscription before each wait: what was announced between

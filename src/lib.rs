@@ -244,6 +244,16 @@ pub use keyed::{
 pub use registry::{RegistryCell, RegistryRef};
 pub use singleton::{Lazy, Singleton};
 pub use singleton_map::SingletonMap;
+/// Under `--cfg toctou_loom`: the spin budget of keyed acquisitions in the
+/// loom models run on this thread. Not a stable API.
+#[cfg(toctou_loom)]
+#[doc(hidden)]
+pub use sync::loom_spin_rounds as __loom_spin_rounds;
+/// Under `--cfg toctou_loom`: after how many parks a timed wait expires in
+/// the loom models run on this thread. Not a stable API.
+#[cfg(toctou_loom)]
+#[doc(hidden)]
+pub use sync::loom_timed_parks as __loom_timed_parks;
 
 /// The README's examples, compiled and run as doc-tests.
 #[cfg(doctest)]

@@ -599,7 +599,7 @@ impl Deadline {
         {
             loom::thread::yield_now();
             self.parks.set(self.parks.get() + 1);
-            self.parks.get() >= 3
+            self.parks.get() >= LOOM_TIMED_PARKS.with(std::cell::Cell::get)
         }
     }
 }
@@ -648,11 +648,41 @@ impl WaitStart {
 /// pause instructions, the next seven yield the thread, and then the budget
 /// is spent.
 ///
-/// Under loom the budget starts spent: a spin loop only multiplies the
-/// interleavings without adding behaviour.
+/// Under loom the budget is [`loom_spin_rounds`] tries (0 unless a model
+/// sets it): a spin loop multiplies the interleavings, so only the models
+/// of the spinning state itself spin.
 #[derive(Default)]
 pub(crate) struct SpinWait {
     round: u32,
+}
+
+#[cfg(toctou_loom)]
+std::thread_local! {
+    /// The spin budget of the loom model running on this thread (loom runs
+    /// a model's threads on the thread that called `loom::model`).
+    static LOOM_SPIN_ROUNDS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(toctou_loom)]
+std::thread_local! {
+    /// After how many parks a timed wait expires in the loom models run on
+    /// this thread.
+    static LOOM_TIMED_PARKS: std::cell::Cell<u32> = const { std::cell::Cell::new(3) };
+}
+
+/// Under loom: after how many parks a timed wait expires, for the models run
+/// on this thread from now on (default 3). Not a stable API.
+#[cfg(toctou_loom)]
+pub fn loom_timed_parks(parks: u32) {
+    LOOM_TIMED_PARKS.with(|p| p.set(parks));
+}
+
+/// Under loom: how many tries a blocking keyed acquisition spins before it
+/// queues, for the models run on this thread from now on (default 0). Not a
+/// stable API.
+#[cfg(toctou_loom)]
+pub fn loom_spin_rounds(rounds: u32) {
+    LOOM_SPIN_ROUNDS.with(|r| r.set(rounds));
 }
 
 impl SpinWait {
@@ -667,7 +697,7 @@ impl SpinWait {
         }
         #[cfg(toctou_loom)]
         {
-            true
+            self.round >= LOOM_SPIN_ROUNDS.with(std::cell::Cell::get)
         }
     }
 
@@ -676,6 +706,13 @@ impl SpinWait {
         if self.exhausted() {
             return;
         }
+        #[cfg(toctou_loom)]
+        {
+            loom::thread::yield_now();
+            self.round += 1;
+            return;
+        }
+        #[allow(unreachable_code)]
         if self.round < 3 {
             for _ in 0..(4u32 << self.round) {
                 std::hint::spin_loop();

@@ -14,33 +14,28 @@
 //!   `gate`; joining it only takes `shared`'s mutex, under which the last
 //!   holder's removal happens too.
 //! - **Exclusive hand-over without syscalls.** An exclusive holder that
-//!   releases while a blocked thread of this process waits to write the
-//!   key (the front of its queue) *parks* its descriptor, still locked, in
-//!   `parked`, then releases the key. Not for a task at the front: it runs
-//!   only when its executor polls it, maybe much later, and a parked lock
-//!   would keep other processes out meanwhile; not for a reader, which
-//!   cannot use it. Whoever
-//!   takes the key next takes the parked descriptor first thing: an
-//!   exclusive taker holds the OS lock without a syscall; a shared taker
-//!   releases it (the protocol's release: unlink, unlock, close) and takes
-//!   a shared one. The lock is continuously held by this process across a
-//!   hand-over, and only an exclusive holder may unlink the name, so the
-//!   name still names the parked descriptor's file: no re-check is needed.
-//! - **No orphaned descriptor.** A parked descriptor must not outlive the
-//!   interest in its key: the waiter it was parked for may give up (a
-//!   timeout, a dropped future). Rule: a descriptor is parked only while its
-//!   parker holds the key, and every party that stops waiting for, or
-//!   releases, a key after a descriptor may have been parked for it runs
-//!   [`Layer::sweep`], which takes the key *without waiting*, and only if
-//!   nobody is queued for it (not even a woken waiter), and releases a
-//!   parked descriptor it finds. A sweep that cannot take the key leaves
-//!   the descriptor to whoever holds the key or is queued for it: that
-//!   party takes the key after the parking (the parker held it), so it
-//!   finds the descriptor, or gives up and sweeps in turn. The last party
-//!   to leave therefore always finds the key free and the descriptor
-//!   there. The parker sweeps too, after releasing the key: the waiter it
-//!   parked for may have given up (and swept, finding nothing) between the
-//!   parker's "somebody waits" check and the parking.
+//!   releases while a thread of this process waits to write the key next
+//!   (blocked at the front of its queue, or spinning for it with nobody
+//!   queued: [`KeyWriteGuard::blocked_writer_waits`]) *parks* its OS lock
+//!   (descriptor, still locked) in the key's in-process entry
+//!   ([`LayerKey`]), then releases the key. Not for a task at the front: it
+//!   runs only when its executor polls it, maybe much later, and a parked
+//!   lock would keep other processes out meanwhile; not for a reader, which
+//!   cannot use it. Whoever takes the key next takes the parked lock first
+//!   thing: an exclusive taker holds the OS lock without a syscall; a
+//!   shared taker releases it (the protocol's release: unlink, unlock,
+//!   close) and takes a shared one. The lock is continuously held by this
+//!   process across a hand-over, and only an exclusive holder may unlink
+//!   the name, so the name still names the parked descriptor's file: no
+//!   re-check is needed.
+//! - **No orphaned lock.** A parked lock must not outlive the interest in
+//!   its key: the waiter it was parked for may give up (a timeout, a
+//!   dropped future) before or after the parking. It lives in the key's
+//!   entry, and an entry exists exactly while somebody holds, waits or
+//!   spins for its key (see `src/keyed/core.rs`): when the last of them
+//!   leaves, the entry is freed, and freeing it releases a lock parked in
+//!   it (through the protocol: in the deleting mode, unlink first). No
+//!   party has to look for it.
 //! - **Kept descriptors** (keeping mode only). A release that gives the
 //!   OS lock up unlocks the descriptor and keeps it open in `idle` (at most
 //!   `cap`, the oldest closed first); the next OS acquisition of the name
@@ -52,7 +47,11 @@
 //!   hand-overs in a row; the next release then goes to the OS (unlock, and in the deleting mode unlink), where other
 //!   processes' waiters can take it.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 #[cfg(not(toctou_loom))]
 use std::time::Instant;
@@ -60,7 +59,7 @@ use std::time::Instant;
 use super::idle::Idle;
 use super::protocol::{self, Failed, Fs, Mode, Wait};
 use crate::sync::Mutex;
-use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks};
+use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LazyRandomState};
 
 /// The most hand-overs in a row before a release goes to the OS. The time
 /// bound, [`MAX_CHAIN`], is normally the one that ends a chain (a hot key
@@ -72,6 +71,10 @@ pub const MAX_HANDOVERS: u32 = 1000;
 /// after that goes to the OS. (Not applied under loom, where time does not
 /// pass: the count bounds the chain there.)
 pub const MAX_CHAIN: Duration = Duration::from_millis(5);
+
+/// How many hand-overs lie between two looks at the clock.
+#[cfg(not(toctou_loom))]
+const CLOCK_EVERY: u32 = 16;
 
 /// Where a hand-over chain stands: how many hand-overs so far, and when the
 /// OS lock was taken.
@@ -97,21 +100,128 @@ impl Chain {
         self
     }
 
-    /// Whether the lock may be handed over once more.
+    /// Whether the lock may be handed over once more. The clock is read
+    /// every [`CLOCK_EVERY`] hand-overs (a hot key hands over in well under
+    /// a microsecond), so a chain may run past [`MAX_CHAIN`] by that many.
     fn may_continue(&self) -> bool {
         #[cfg(not(toctou_loom))]
-        if self.since.elapsed() >= MAX_CHAIN {
+        if self.handovers % CLOCK_EVERY == 0 && self.since.elapsed() >= MAX_CHAIN {
             return false;
         }
         self.handovers < MAX_HANDOVERS
     }
 }
 
-/// An exclusive OS lock parked for the next taker of its key.
-struct Parked<Fd> {
-    fd: Fd,
+/// An exclusive OS lock of this process, held by a caller or parked in its
+/// key's entry for the next taker. Carries what releasing it needs, so that
+/// freeing the entry can release it.
+struct OsLock<F: Fs> {
+    fd: F::Fd,
     chain: Chain,
+    fs: Arc<F>,
+    name: String,
+    delete: bool,
 }
+
+/// The layer's in-process key: the caller's key, and the exclusive OS lock
+/// parked for its next taker, if any. Only the key's string is hashed and
+/// compared.
+pub struct LayerKey<F: Fs> {
+    key: String,
+    parked: Mutex<Option<OsLock<F>>>,
+}
+
+impl<F: Fs> LayerKey<F> {
+    /// The caller's key.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    fn take_parked(&self) -> Option<OsLock<F>> {
+        self.parked.lock().take()
+    }
+}
+
+impl<F: Fs> Drop for LayerKey<F> {
+    /// The entry is freed: nobody holds, waits or spins for the key any
+    /// more, so nobody will take a lock parked here. Release it. A failure
+    /// is not reported (the parker's release has returned); the descriptor
+    /// is closed whatever happens (dropping the lock), and a file it could
+    /// not unlink is accepted by the next locker.
+    fn drop(&mut self) {
+        if let Some(os) = self.take_parked() {
+            let _ = protocol::release(&*os.fs, &os.name, os.fd, Mode::Exclusive, os.delete);
+        }
+    }
+}
+
+impl<F: Fs> Hash for LayerKey<F> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        KeyStr::<F>::new(&self.key).hash(state);
+    }
+}
+
+impl<F: Fs> PartialEq for LayerKey<F> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl<F: Fs> Eq for LayerKey<F> {}
+
+/// A borrowed [`LayerKey`]: the `str` it is looked up by.
+#[repr(transparent)]
+pub struct KeyStr<F: Fs> {
+    _fs: PhantomData<fn() -> F>,
+    key: str,
+}
+
+impl<F: Fs> KeyStr<F> {
+    fn new(key: &str) -> &Self {
+        let raw: *const str = key;
+        // SAFETY: `KeyStr` is `repr(transparent)` over `str` (its other
+        // field is a zero-sized `PhantomData` with alignment 1), so the two
+        // have the same layout and pointer metadata (the length), and the
+        // reference keeps `key`'s lifetime.
+        unsafe { &*(raw as *const Self) }
+    }
+}
+
+impl<F: Fs> Hash for KeyStr<F> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl<F: Fs> PartialEq for KeyStr<F> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl<F: Fs> Eq for KeyStr<F> {}
+
+impl<F: Fs> Borrow<KeyStr<F>> for LayerKey<F> {
+    fn borrow(&self) -> &KeyStr<F> {
+        KeyStr::new(&self.key)
+    }
+}
+
+impl<F: Fs> ToOwned for KeyStr<F> {
+    type Owned = LayerKey<F>;
+
+    fn to_owned(&self) -> LayerKey<F> {
+        LayerKey {
+            key: self.key.to_owned(),
+            parked: Mutex::new(None),
+        }
+    }
+}
+
+/// The layer's in-process guards.
+pub type WriteKey<'a, F> = KeyWriteGuard<'a, LayerKey<F>>;
+/// A shared hold of the layer's in-process key.
+pub type ReadKey<'a, F> = KeyReadGuard<'a, LayerKey<F>>;
 
 /// This process's shared OS lock of a key, and how many of its callers
 /// hold it.
@@ -122,12 +232,11 @@ struct SharedOs<Fd> {
 
 /// The in-process layer over the file system `F`.
 pub struct Layer<F: Fs> {
-    fs: F,
+    fs: Arc<F>,
     delete: bool,
-    keyed: KeyedRwLocks<String>,
+    keyed: KeyedRwLocks<LayerKey<F>>,
     gate: KeyedLocks<String>,
-    shared: Mutex<HashMap<String, SharedOs<F::Fd>>>,
-    parked: Mutex<HashMap<String, Parked<F::Fd>>>,
+    shared: Mutex<HashMap<String, SharedOs<F::Fd>, LazyRandomState>>,
     idle: Mutex<Idle<F::Fd>>,
 }
 
@@ -139,20 +248,21 @@ pub struct Hold<'a, F: Fs> {
 
 enum Inner<'a, F: Fs> {
     Exclusive {
-        fd: F::Fd,
-        chain: Chain,
-        key: KeyWriteGuard<'a, String>,
+        os: OsLock<F>,
+        key: WriteKey<'a, F>,
     },
     /// Counted in `Layer::shared` until released.
-    Shared { key: KeyReadGuard<'a, String> },
+    Shared {
+        key: ReadKey<'a, F>,
+    },
 }
 
 impl<F: Fs> Hold<'_, F> {
     /// The held key.
     pub fn key(&self) -> &str {
         match &self.inner {
-            Inner::Exclusive { key, .. } => key.key(),
-            Inner::Shared { key, .. } => key.key(),
+            Inner::Exclusive { key, .. } => key.key().as_str(),
+            Inner::Shared { key, .. } => key.key().as_str(),
         }
     }
 
@@ -166,12 +276,11 @@ impl<F: Fs> Layer<F> {
     /// A layer over `fs`; `delete`: the deleting mode.
     pub fn new(fs: F, delete: bool) -> Self {
         Self {
-            fs,
+            fs: Arc::new(fs),
             delete,
             keyed: KeyedRwLocks::new(),
             gate: KeyedLocks::new(),
-            shared: Mutex::new(HashMap::new()),
-            parked: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::with_hasher(LazyRandomState::new())),
             idle: Mutex::new(Idle::new(0)),
         }
     }
@@ -205,12 +314,12 @@ impl<F: Fs> Layer<F> {
     /// idle, closes those and tries once more.
     pub fn os_acquire(&self, name: &str, mode: Mode, wait: Wait) -> Result<Option<F::Fd>, Failed> {
         let reuse = self.take_idle(name);
-        match protocol::acquire_reusing(&self.fs, name, mode, wait, reuse) {
+        match protocol::acquire_reusing(&*self.fs, name, mode, wait, reuse) {
             Err(failed) if failed.step == "open" && out_of_descriptors(&failed.error) => {
                 if self.close_idle() == 0 {
                     return Err(failed);
                 }
-                protocol::acquire(&self.fs, name, mode, wait)
+                protocol::acquire(&*self.fs, name, mode, wait)
             }
             result => result,
         }
@@ -229,9 +338,9 @@ impl<F: Fs> Layer<F> {
     /// open for the next acquisition of the name.
     fn give_up(&self, name: &str, fd: F::Fd, mode: Mode) -> Result<(), Failed> {
         if self.delete {
-            return protocol::release(&self.fs, name, fd, mode, true);
+            return protocol::release(&*self.fs, name, fd, mode, true);
         }
-        let fd = protocol::unlock_keeping(&self.fs, fd)?;
+        let fd = protocol::unlock_keeping(&*self.fs, fd)?;
         let closed = self.idle.lock().keep(name, fd);
         drop(closed); // closed outside the mutex
         Ok(())
@@ -242,60 +351,53 @@ impl<F: Fs> Layer<F> {
         &self.fs
     }
 
-    /// The in-process keys: exclusive callers take a key for writing,
-    /// shared callers for reading.
-    pub fn keyed(&self) -> &KeyedRwLocks<String> {
-        &self.keyed
+    /// Takes `key` for writing (exclusive callers), waiting as long as it
+    /// takes.
+    pub fn write(&self, key: &str) -> WriteKey<'_, F> {
+        self.keyed.write(KeyStr::new(key))
     }
 
-    /// Takes `key` for writing, waiting at most `timeout`; on a timeout,
-    /// sweeps the key (a lock may have been handed over for this waiter).
-    pub fn try_write_for(
-        &self,
-        key: &str,
-        name: &str,
-        timeout: Duration,
-    ) -> Option<KeyWriteGuard<'_, String>> {
-        let held = self.keyed.try_write_for(key, timeout);
-        if held.is_none() {
-            self.sweep(key, name);
-        }
-        held
+    /// Takes `key` for writing if nobody holds it or is queued for it.
+    pub fn try_write(&self, key: &str) -> Option<WriteKey<'_, F>> {
+        self.keyed.try_write(KeyStr::new(key))
     }
 
-    /// Takes `key` for reading, waiting at most `timeout`; sweeps on a
-    /// timeout, as [`try_write_for`](Self::try_write_for).
-    pub fn try_read_for(
-        &self,
-        key: &str,
-        name: &str,
-        timeout: Duration,
-    ) -> Option<KeyReadGuard<'_, String>> {
-        let held = self.keyed.try_read_for(key, timeout);
-        if held.is_none() {
-            self.sweep(key, name);
-        }
-        held
+    /// Takes `key` for writing, waiting at most `timeout`.
+    pub fn try_write_for(&self, key: &str, timeout: Duration) -> Option<WriteKey<'_, F>> {
+        self.keyed.try_write_for(KeyStr::new(key), timeout)
     }
 
-    /// Takes `key` for writing without blocking the thread; a dropped
-    /// future sweeps the key (a lock may have been handed over for it).
-    pub async fn write_async(&self, key: &str, name: &str) -> KeyWriteGuard<'_, String> {
-        let sweep = SweepOnDrop::new(self, key, name);
-        let wait = self.keyed.write_async(key);
-        let held = wait.await;
-        sweep.disarm();
-        held
+    /// Takes `key` for writing without blocking the thread.
+    pub async fn write_async(&self, key: &str) -> WriteKey<'_, F> {
+        self.keyed.write_async(KeyStr::new(key)).await
     }
 
-    /// Takes `key` for reading without blocking the thread; sweeps if
-    /// dropped, as [`write_async`](Self::write_async).
-    pub async fn read_async(&self, key: &str, name: &str) -> KeyReadGuard<'_, String> {
-        let sweep = SweepOnDrop::new(self, key, name);
-        let wait = self.keyed.read_async(key);
-        let held = wait.await;
-        sweep.disarm();
-        held
+    /// Takes `key` for reading (shared callers), waiting as long as it
+    /// takes.
+    pub fn read(&self, key: &str) -> ReadKey<'_, F> {
+        self.keyed.read(KeyStr::new(key))
+    }
+
+    /// Takes `key` for reading if no writer holds it or is queued for it.
+    pub fn try_read(&self, key: &str) -> Option<ReadKey<'_, F>> {
+        self.keyed.try_read(KeyStr::new(key))
+    }
+
+    /// Takes `key` for reading, waiting at most `timeout`.
+    pub fn try_read_for(&self, key: &str, timeout: Duration) -> Option<ReadKey<'_, F>> {
+        self.keyed.try_read_for(KeyStr::new(key), timeout)
+    }
+
+    /// Takes `key` for reading without blocking the thread.
+    pub async fn read_async(&self, key: &str) -> ReadKey<'_, F> {
+        self.keyed.read_async(KeyStr::new(key)).await
+    }
+
+    /// Whether no key is held or waited for in this process (for the loom
+    /// models).
+    #[cfg(toctou_loom)]
+    pub fn is_empty(&self) -> bool {
+        self.keyed.is_empty()
     }
 
     /// Serialises this process's shared callers of a key while they create
@@ -307,27 +409,27 @@ impl<F: Fs> Layer<F> {
     /// Right after taking `key` for writing: the OS lock parked for it, if
     /// any, or the key back (then take the OS lock and call
     /// [`exclusive`](Self::exclusive)).
-    pub fn take_parked<'a>(
-        &'a self,
-        key: KeyWriteGuard<'a, String>,
-    ) -> Result<Hold<'a, F>, KeyWriteGuard<'a, String>> {
-        let parked = self.parked.lock().remove(key.key());
-        match parked {
-            Some(Parked { fd, chain }) => Ok(Hold {
-                inner: Inner::Exclusive { fd, chain, key },
+    pub fn take_parked<'a>(&'a self, key: WriteKey<'a, F>) -> Result<Hold<'a, F>, WriteKey<'a, F>> {
+        match key.key().take_parked() {
+            Some(os) => Ok(Hold {
+                inner: Inner::Exclusive { os, key },
             }),
             None => Err(key),
         }
     }
 
-    /// An exclusive hold of `key` with the OS lock `fd`, just taken.
-    pub fn exclusive<'a>(&'a self, key: KeyWriteGuard<'a, String>, fd: F::Fd) -> Hold<'a, F> {
+    /// An exclusive hold of `key` with the OS lock `fd` of the file `name`,
+    /// just taken.
+    pub fn exclusive<'a>(&'a self, key: WriteKey<'a, F>, name: &str, fd: F::Fd) -> Hold<'a, F> {
+        let os = OsLock {
+            fd,
+            chain: Chain::start(),
+            fs: Arc::clone(&self.fs),
+            name: name.to_owned(),
+            delete: self.delete,
+        };
         Hold {
-            inner: Inner::Exclusive {
-                fd,
-                chain: Chain::start(),
-                key,
-            },
+            inner: Inner::Exclusive { os, key },
         }
     }
 
@@ -337,20 +439,16 @@ impl<F: Fs> Layer<F> {
     /// failure is not reported: it was the parker's release, which has
     /// returned; the descriptor is closed whatever happens (dropping the
     /// lock), and a file it could not unlink is accepted by the next locker.
-    pub fn release_parked(&self, key: &KeyReadGuard<'_, String>, name: &str) {
-        let parked = self.parked.lock().remove(key.key());
-        if let Some(Parked { fd, .. }) = parked {
-            let _ = self.give_up(name, fd, Mode::Exclusive);
+    pub fn release_parked(&self, key: &ReadKey<'_, F>) {
+        if let Some(os) = key.key().take_parked() {
+            let _ = self.give_up(&os.name, os.fd, Mode::Exclusive);
         }
     }
 
     /// Joins this process's shared OS lock of the key if there is one;
     /// gives the read key back if there is none.
-    pub fn join_existing<'a>(
-        &'a self,
-        key: KeyReadGuard<'a, String>,
-    ) -> Result<Hold<'a, F>, KeyReadGuard<'a, String>> {
-        let joined = match self.shared.lock().get_mut(key.key()) {
+    pub fn join_existing<'a>(&'a self, key: ReadKey<'a, F>) -> Result<Hold<'a, F>, ReadKey<'a, F>> {
+        let joined = match self.shared.lock().get_mut(key.key().as_str()) {
             Some(os) => {
                 os.holders += 1;
                 true
@@ -367,9 +465,9 @@ impl<F: Fs> Layer<F> {
 
     /// A shared hold with the shared OS lock `fd`, just taken by the caller,
     /// which holds the key's gate and found no shared lock to join.
-    pub fn join_new<'a>(&'a self, key: KeyReadGuard<'a, String>, fd: F::Fd) -> Hold<'a, F> {
+    pub fn join_new<'a>(&'a self, key: ReadKey<'a, F>, fd: F::Fd) -> Hold<'a, F> {
         let os = SharedOs { fd, holders: 1 };
-        self.shared.lock().insert(key.key().clone(), os);
+        self.shared.lock().insert(key.key().as_str().to_owned(), os);
         Hold {
             inner: Inner::Shared { key },
         }
@@ -380,37 +478,35 @@ impl<F: Fs> Layer<F> {
     /// then releases the in-process key. A failure comes with the key.
     pub fn release(&self, hold: Hold<'_, F>, name: &str) -> Result<(), (String, Failed)> {
         match hold.inner {
-            Inner::Exclusive { fd, chain, key } => {
-                if chain.may_continue() && key.blocked_writer_waits() {
-                    let chain = chain.next();
-                    let owned = key.key().clone();
-                    // Parked while we hold the key: its next taker, or a
-                    // sweep, finds it (see the module docs).
-                    self.parked
-                        .lock()
-                        .insert(owned.clone(), Parked { fd, chain });
+            Inner::Exclusive { mut os, key } => {
+                if os.chain.may_continue() && key.blocked_writer_waits() {
+                    os.chain = os.chain.next();
+                    // Parked while we hold the key: its next taker finds
+                    // it, or freeing the entry releases it (see the module
+                    // docs).
+                    *key.key().parked.lock() = Some(os);
                     drop(key);
-                    self.sweep(&owned, name);
                     return Ok(());
                 }
                 let released = self
-                    .give_up(name, fd, Mode::Exclusive)
-                    .map_err(|failed| (key.key().clone(), failed));
+                    .give_up(name, os.fd, Mode::Exclusive)
+                    .map_err(|failed| (key.key().as_str().to_owned(), failed));
                 drop(key);
                 released
             }
             Inner::Shared { key } => {
+                let k = key.key().as_str();
                 let last = {
-                    let _gate = self.gate.lock(key.key().as_str());
+                    let _gate = self.gate.lock(k);
                     let mut shared = self.shared.lock();
-                    let last = match shared.get_mut(key.key()) {
+                    let last = match shared.get_mut(k) {
                         Some(os) => {
                             os.holders -= 1;
                             os.holders == 0
                         }
                         None => unreachable!("a shared holder is counted"),
                     };
-                    let os = if last { shared.remove(key.key()) } else { None };
+                    let os = if last { shared.remove(k) } else { None };
                     drop(shared);
                     // Released under the gate: a shared caller that finds
                     // no shared lock to join takes a new one only after.
@@ -418,72 +514,15 @@ impl<F: Fs> Layer<F> {
                 };
                 let released = last
                     .unwrap_or(Ok(()))
-                    .map_err(|failed| (key.key().clone(), failed));
+                    .map_err(|failed| (k.to_owned(), failed));
                 drop(key);
                 released
             }
         }
-    }
-
-    /// Releases an OS lock parked for `key` that nobody will take: called
-    /// by every party that gives up waiting for `key` (a timeout, a dropped
-    /// future) and by a parker after its hand-over. Takes the key without
-    /// waiting; if it cannot, the holder or a queued waiter will find the
-    /// lock (see the module docs). A failed release is not reported: it
-    /// still closes the descriptor (dropping the lock), and a file it could
-    /// not unlink is accepted by the next locker.
-    pub fn sweep(&self, key: &str, name: &str) {
-        if !self.parked.lock().contains_key(key) {
-            return;
-        }
-        // Not `try_write`: that may take a free key from a waiter who was
-        // woken and is on its way to take it, with the parked lock.
-        let Some(held) = self.keyed.try_write_unqueued(key) else {
-            return;
-        };
-        let parked = self.parked.lock().remove(key);
-        if let Some(Parked { fd, .. }) = parked {
-            let _ = self.give_up(name, fd, Mode::Exclusive);
-        }
-        drop(held);
     }
 }
 
 /// Whether `error` says the process or the system is out of descriptors.
 fn out_of_descriptors(error: &std::io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Sweeps a key (see [`Layer::sweep`]) if a wait for it is cancelled.
-/// Declared before the wait's future, so dropped after it: the sweep runs
-/// once the waiter has left the queue.
-struct SweepOnDrop<'a, F: Fs> {
-    layer: &'a Layer<F>,
-    key: &'a str,
-    name: &'a str,
-    armed: bool,
-}
-
-impl<'a, F: Fs> SweepOnDrop<'a, F> {
-    fn new(layer: &'a Layer<F>, key: &'a str, name: &'a str) -> Self {
-        Self {
-            layer,
-            key,
-            name,
-            armed: true,
-        }
-    }
-
-    /// The wait ended holding the key: nothing to sweep.
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl<F: Fs> Drop for SweepOnDrop<'_, F> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.layer.sweep(self.key, self.name);
-        }
-    }
 }

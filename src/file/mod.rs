@@ -30,10 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use self::layer::{Hold, Layer};
+use self::layer::{Hold, Layer, ReadKey, WriteKey};
 use self::protocol::{Failed, Mode, Wait};
 use self::timer::Sleep;
-use crate::{KeyReadGuard, KeyWriteGuard};
 
 /// Per-key reader-writer locks shared by every process on the machine that
 /// opens the same directory: the on-disk counterpart of
@@ -82,9 +81,12 @@ use crate::{KeyReadGuard, KeyWriteGuard};
 ///   `try_..._for` (timeout) and `..._async` forms. Any number of shared
 ///   holders, across processes, or one exclusive holder.
 /// - **Hand-over within a process.** An exclusive holder that releases
-///   while a thread of this process is blocked waiting to lock the key
-///   exclusively (the first in its queue) passes the OS lock on without a
-///   system call: no unlock, close, open, lock or stat. Not to an async
+///   while a thread of this process waits to lock the key exclusively next
+///   (blocked first in its queue, or spinning for it a moment before it
+///   queues) passes the OS lock on without a system call: no unlock, close,
+///   open, lock or stat. The lock waits in the key's in-process entry; if
+///   that thread gives up instead, the entry goes away with the last
+///   waiter, and the lock is released then (unlinked in deleting mode). Not to an async
 ///   waiter, which runs only when its executor polls it, nor to a shared
 ///   one, which could not use it: those releases go to the OS. The chain is
 ///   bounded so that other processes are not starved: the OS lock is not
@@ -640,7 +642,7 @@ impl FileLocks {
         &'a self,
         key: &str,
         name: String,
-        held: KeyWriteGuard<'a, String>,
+        held: WriteKey<'a, sys::Dir>,
         how: How,
     ) -> io::Result<Option<FileGuard<'a>>> {
         let held = match self.layer.take_parked(held) {
@@ -650,7 +652,8 @@ impl FileLocks {
         let Some(fd) = self.os_acquire(key, &name, Mode::Exclusive, how)? else {
             return Ok(None);
         };
-        Ok(Some(self.guard(name, self.layer.exclusive(held, fd))))
+        let hold = self.layer.exclusive(held, &name, fd);
+        Ok(Some(self.guard(name, hold)))
     }
 
     /// The first step of every shared acquisition once the in-process key
@@ -660,9 +663,9 @@ impl FileLocks {
     fn shared_first<'a>(
         &'a self,
         name: String,
-        held: KeyReadGuard<'a, String>,
-    ) -> Result<FileGuard<'a>, (String, KeyReadGuard<'a, String>)> {
-        self.layer.release_parked(&held, &name);
+        held: ReadKey<'a, sys::Dir>,
+    ) -> Result<FileGuard<'a>, (String, ReadKey<'a, sys::Dir>)> {
+        self.layer.release_parked(&held);
         match self.layer.join_existing(held) {
             Ok(hold) => Ok(self.guard(name, hold)),
             Err(held) => Err((name, held)),
@@ -675,7 +678,7 @@ impl FileLocks {
         &'a self,
         key: &str,
         name: String,
-        held: KeyReadGuard<'a, String>,
+        held: ReadKey<'a, sys::Dir>,
         how: How,
     ) -> io::Result<Option<FileGuard<'a>>> {
         let held = match self.layer.join_existing(held) {
@@ -722,7 +725,7 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn lock(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let held = self.layer.keyed().write(key);
+        let held = self.layer.write(key);
         let guard = self.exclusive(key, name::file_name(key), held, How::Block)?;
         Ok(guard.expect("a blocking lock returns a descriptor"))
     }
@@ -747,7 +750,7 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
-        let Some(held) = self.layer.keyed().try_write(key) else {
+        let Some(held) = self.layer.try_write(key) else {
             return Ok(None);
         };
         self.exclusive(key, name::file_name(key), held, How::Try)
@@ -777,7 +780,7 @@ impl FileLocks {
     pub fn try_lock_for(&self, key: &str, timeout: Duration) -> io::Result<Option<FileGuard<'_>>> {
         let deadline = Instant::now().checked_add(timeout);
         let name = name::file_name(key);
-        let Some(held) = self.layer.try_write_for(key, &name, timeout) else {
+        let Some(held) = self.layer.try_write_for(key, timeout) else {
             return Ok(None);
         };
         self.exclusive(key, name, held, How::Until(deadline))
@@ -810,13 +813,14 @@ impl FileLocks {
     /// ```
     pub async fn lock_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let name = name::file_name(key);
-        let held = self.layer.write_async(key, &name).await;
+        let held = self.layer.write_async(key).await;
         let held = match self.layer.take_parked(held) {
             Ok(hold) => return Ok(self.guard(name, hold)),
             Err(held) => held,
         };
         let fd = self.os_acquire_async(key, &name, Mode::Exclusive).await?;
-        Ok(self.guard(name, self.layer.exclusive(held, fd)))
+        let hold = self.layer.exclusive(held, &name, fd);
+        Ok(self.guard(name, hold))
     }
 
     /// Locks `key` shared, waiting as long as it takes. Any number of
@@ -842,7 +846,7 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn lock_shared(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let held = self.layer.keyed().read(key);
+        let held = self.layer.read(key);
         let (name, held) = match self.shared_first(name::file_name(key), held) {
             Ok(joined) => return Ok(joined),
             Err(rest) => rest,
@@ -877,7 +881,7 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_lock_shared(&self, key: &str) -> io::Result<Option<FileGuard<'_>>> {
-        let Some(held) = self.layer.keyed().try_read(key) else {
+        let Some(held) = self.layer.try_read(key) else {
             return Ok(None);
         };
         // Joining a shared lock this process already holds needs no gate:
@@ -920,7 +924,7 @@ impl FileLocks {
     ) -> io::Result<Option<FileGuard<'_>>> {
         let deadline = Instant::now().checked_add(timeout);
         let name = name::file_name(key);
-        let Some(held) = self.layer.try_read_for(key, &name, timeout) else {
+        let Some(held) = self.layer.try_read_for(key, timeout) else {
             return Ok(None);
         };
         let (name, held) = match self.shared_first(name, held) {
@@ -958,7 +962,7 @@ impl FileLocks {
     /// ```
     pub async fn lock_shared_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let name = name::file_name(key);
-        let held = self.layer.read_async(key, &name).await;
+        let held = self.layer.read_async(key).await;
         let (name, held) = match self.shared_first(name, held) {
             Ok(joined) => return Ok(joined),
             Err(rest) => rest,

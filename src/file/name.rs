@@ -30,7 +30,10 @@ fn is_simple_byte(b: u8) -> bool {
 pub(crate) fn file_name(key: &str) -> String {
     let bytes = key.as_bytes();
     if (1..=SIMPLE_MAX).contains(&bytes.len()) && bytes.iter().all(|&b| is_simple_byte(b)) {
-        return format!("{key}{SUFFIX}");
+        let mut name = String::with_capacity(key.len() + SUFFIX.len());
+        name.push_str(key);
+        name.push_str(SUFFIX);
+        return name;
     }
     let encoded_len = 1 + bytes
         .iter()

@@ -15,10 +15,18 @@
 //! - **Acquire** ([`Core::begin`]). Find the key's slot or create it, already
 //!   held. If it exists, take it if the kind allows and nobody queued may
 //!   object (see *fairness*), or else append a waiter to its queue.
+//! - **Spin** ([`Core::acquire_blocking`]). A blocking caller that finds
+//!   the key taken tries again a few times before it queues, counted in the
+//!   slot (`spinning`) from its first failed try until it takes the key or
+//!   queues. It holds no reference to the slot meanwhile (each try looks the
+//!   key up), but the count keeps the slot in the table, so a key somebody
+//!   spins for is not freed and re-created, and a holder can tell that a
+//!   thread is about to take it ([`Core::exclusive_thread_waits`], for
+//!   `FileLocks`' hand-over).
 //! - **Release** ([`Core::release`]). Drop the holder from the lock state,
-//!   then [`dispatch`] the queue. If the slot is now free and its queue is
-//!   empty, remove it from the table (by identity) and free it after
-//!   unlocking.
+//!   then [`dispatch`] the queue. If the slot is now free, its queue empty
+//!   and nobody spins for it, remove it from the table (by identity) and
+//!   free it after unlocking.
 //! - **Wait** ([`Core::check`]). A queued waiter that is unparked (or polled)
 //!   looks at its queue entry under the lock. Gone: the lock was handed to
 //!   it. Marked woken: the lock was free when it was woken, so it tries to
@@ -27,7 +35,8 @@
 //!   left it idle.
 //!
 //! The invariant the protocol keeps, checked after every step: **an entry
-//! exists iff its lock is held or its queue is non-empty**, and **if the
+//! exists iff its lock is held, its queue is non-empty or a thread spins
+//! for it**, and **if the
 //! queue is non-empty and its front is not marked woken, the front's mode
 //! cannot be granted** (so a later release will dispatch it; no wake-up is
 //! lost).
@@ -85,6 +94,11 @@ struct Waiting<M> {
 struct SlotState<L: LockKind> {
     lock: L,
     queue: Queue<L::Mode>,
+    /// Blocking callers that found the key taken and are spinning before
+    /// they queue (see *Spinning* in the module docs): they keep the slot.
+    spinning: u32,
+    /// How many of them want it exclusively.
+    spinning_exclusive: u32,
 }
 
 impl<L: LockKind> SlotState<L> {
@@ -93,6 +107,8 @@ impl<L: LockKind> SlotState<L> {
         let mut state = Self {
             lock: L::default(),
             queue: Queue::new(),
+            spinning: 0,
+            spinning_exclusive: 0,
         };
         state.grant(mode);
         state
@@ -106,6 +122,23 @@ impl<L: LockKind> SlotState<L> {
     /// Removes a holder in `mode`.
     fn revoke(&mut self, mode: L::Mode) {
         self.lock.release(mode);
+    }
+
+    /// Counts a blocking caller that spins for the key in `mode`.
+    fn start_spinning(&mut self, mode: L::Mode) {
+        self.spinning += 1;
+        self.spinning_exclusive += u32::from(L::is_exclusive(mode));
+    }
+
+    /// Uncounts a spinner that now holds the key or queues for it.
+    fn stop_spinning(&mut self, mode: L::Mode) {
+        self.spinning -= 1;
+        self.spinning_exclusive -= u32::from(L::is_exclusive(mode));
+    }
+
+    /// Whether nobody holds, waits or spins for the key.
+    fn is_idle(&self) -> bool {
+        self.lock.is_free() && self.queue.is_empty() && self.spinning == 0
     }
 }
 
@@ -466,7 +499,7 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         let (idle, hash) = unsafe {
             let s = slot.get();
             let state = s.state();
-            (state.lock.is_free() && state.queue.is_empty(), s.hash)
+            (state.is_idle(), s.hash)
         };
         if !idle {
             return None;
@@ -510,29 +543,31 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         drop(freed);
     }
 
-    /// Whether the first waiter queued for the key held through `slot` is
-    /// a blocked thread (not a task, which runs only when its executor
-    /// polls it) whose mode satisfies `wants`.
+    /// Whether a thread (not a task, which runs only when its executor
+    /// polls it) waits to take the key held through `slot` exclusively
+    /// next: the first waiter queued is a blocked thread that wants it
+    /// exclusively, or nobody is queued and a thread spins for it
+    /// exclusively.
     ///
     /// # Safety
     ///
     /// The caller holds `slot`'s key.
     #[cfg(target_os = "linux")]
-    pub(crate) unsafe fn front_is_blocked(
-        &self,
-        slot: SlotRef<K, L>,
-        wants: impl Fn(&L::Mode) -> bool,
-    ) -> bool {
+    pub(crate) unsafe fn exclusive_thread_waits(&self, slot: SlotRef<K, L>) -> bool {
         // SAFETY: we hold the key, so the slot is live.
         let hash = unsafe { slot.get().hash };
         let shard = self.table.read(hash);
         // SAFETY: we hold the shard lock for reading, and the state is only
         // written under its write lock; our hold keeps the slot live.
-        let front = unsafe { slot.get().state_ref() }.queue.front();
-        let blocked =
-            front.is_some_and(|w| matches!(w.unpark, Unpark::Thread(_)) && wants(&w.data.mode));
+        let state = unsafe { slot.get().state_ref() };
+        let waits = match state.queue.front() {
+            Some(front) => {
+                matches!(front.unpark, Unpark::Thread(_)) && L::is_exclusive(front.data.mode)
+            }
+            None => state.spinning_exclusive > 0,
+        };
         drop(shard);
-        blocked
+        waits
     }
 
     /// The rest of a release when waiters are queued, still under the shard
@@ -578,16 +613,20 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     /// One acquisition attempt: the check and the act in one critical
     /// section. `enqueue`: how to wake the caller if it must wait; without
     /// it, a taken key returns [`Begin::Busy`] and nothing changes.
-    /// `barge`: whether the caller may take a free key while waiters are
-    /// queued whose front one was woken (every caller but
-    /// [`try_acquire_unqueued`](Self::try_acquire_unqueued)).
+    /// A caller may take a free key while waiters are queued if the front
+    /// one was woken and has not come back yet (see *Fairness*). `spin`:
+    /// `None` for a
+    /// caller that does not spin; for a blocking caller, whether it is
+    /// counted as spinning for the key already. One that is not is counted
+    /// on [`Begin::Busy`]; one that is stops being counted when it takes the
+    /// key or queues.
     #[inline]
     fn begin<A: KeyArg<K>>(
         &self,
         hash: u64,
         key: &mut A,
         mode: L::Mode,
-        barge: bool,
+        spin: Option<bool>,
         enqueue: Option<&dyn Fn() -> Unpark>,
     ) -> Begin<K, L>
     where
@@ -610,6 +649,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let slot = match entry {
             hashbrown::hash_table::Entry::Occupied(occupied) => *occupied.get(),
             hashbrown::hash_table::Entry::Vacant(vacant) => {
+                // A counted spinner keeps its slot.
+                assert_ne!(spin, Some(true), "a spinner's slot was removed");
                 let value = Slot {
                     key: key.take(),
                     hash,
@@ -632,18 +673,24 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let state = unsafe { slot.get().state() };
         // A newcomer may take a grantable lock unless somebody queued has
         // not yet been offered it (then the front waiter is owed it).
-        let may_take = state
-            .queue
-            .front()
-            .is_none_or(|front| barge && front.data.woken);
+        let may_take = state.queue.front().is_none_or(|front| front.data.woken);
         if may_take && state.lock.can_acquire(mode) {
+            if spin == Some(true) {
+                state.stop_spinning(mode);
+            }
             state.grant(mode);
             counters.acquisitions += 1;
             return Begin::Held(slot);
         }
         let Some(make_unpark) = enqueue else {
+            if spin == Some(false) {
+                state.start_spinning(mode);
+            }
             return Begin::Busy;
         };
+        if spin == Some(true) {
+            state.stop_spinning(mode);
+        }
         let id = state.queue.push(
             make_unpark(),
             Waiting {
@@ -742,13 +789,17 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let hash = self.hash(key.get());
         let unpark = || Unpark::current_thread();
         let mut spin = SpinWait::default();
+        let mut spinning = false;
         let (slot, id) = loop {
-            // Spin while the budget lasts, then queue.
+            // Spin while the budget lasts (counted in the slot), then queue.
             let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
-            match self.begin(hash, &mut key, mode, true, enqueue) {
+            match self.begin(hash, &mut key, mode, Some(spinning), enqueue) {
                 Begin::Held(slot) => return Some(slot),
                 Begin::Queued(slot, id) => break (slot, id),
-                Begin::Busy => spin.spin(),
+                Begin::Busy => {
+                    spinning = true;
+                    spin.spin();
+                }
             }
         };
         loop {
@@ -799,39 +850,12 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     where
         K: Borrow<A::Q>,
     {
-        self.try_begin(key, mode, true)
-    }
-
-    /// One acquisition attempt that never waits; `barge` as in
-    /// [`begin`](Self::begin).
-    fn try_begin<A: KeyArg<K>>(
-        &self,
-        mut key: A,
-        mode: L::Mode,
-        barge: bool,
-    ) -> Option<SlotRef<K, L>>
-    where
-        K: Borrow<A::Q>,
-    {
+        let mut key = key;
         let hash = self.hash(key.get());
-        match self.begin(hash, &mut key, mode, barge, None) {
+        match self.begin(hash, &mut key, mode, None, None) {
             Begin::Held(slot) => Some(slot),
             Begin::Queued(..) | Begin::Busy => None,
         }
-    }
-
-    /// One acquisition attempt that succeeds only if nobody holds the key
-    /// and nobody is queued for it, not even a woken waiter on its way back.
-    #[cfg(target_os = "linux")]
-    pub(crate) fn try_acquire_unqueued<A: KeyArg<K>>(
-        &self,
-        key: A,
-        mode: L::Mode,
-    ) -> Option<SlotRef<K, L>>
-    where
-        K: Borrow<A::Q>,
-    {
-        self.try_begin(key, mode, false)
     }
 
     /// Waits, without blocking the thread, until the task holds `key` in
@@ -851,7 +875,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             None => {
                 let waker = cx.waker();
                 let unpark = || Unpark::Task(waker.clone());
-                match self.begin(hash, &mut key, mode, true, Some(&unpark)) {
+                match self.begin(hash, &mut key, mode, None, Some(&unpark)) {
                     Begin::Held(slot) => Poll::Ready(slot),
                     Begin::Queued(slot, id) => {
                         queued = Some(Queued {

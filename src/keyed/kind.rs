@@ -27,6 +27,9 @@ pub(crate) trait LockKind: Default {
 
     /// Whether nobody holds the key.
     fn is_free(&self) -> bool;
+
+    /// Whether `mode` excludes every other holder.
+    fn is_exclusive(mode: Self::Mode) -> bool;
 }
 
 /// A mutex: one holder at a time.
@@ -58,6 +61,11 @@ impl LockKind for Exclusive {
     #[inline]
     fn is_free(&self) -> bool {
         !self.held
+    }
+
+    #[inline]
+    fn is_exclusive((): ()) -> bool {
+        true
     }
 }
 
@@ -113,5 +121,10 @@ impl LockKind for ReadWrite {
     #[inline]
     fn is_free(&self) -> bool {
         !self.writer && self.readers == 0
+    }
+
+    #[inline]
+    fn is_exclusive(mode: Access) -> bool {
+        mode == Access::Write
     }
 }

@@ -300,34 +300,16 @@ macro_rules! rw_guard {
 
 rw_guard!(KeyReadGuard, Access::Read);
 
-impl<K: Hash + Eq, S: BuildHasher> KeyedRwLocks<K, S> {
-    /// Locks `key` for writing only if nobody holds it and nobody is queued
-    /// for it, not even a waiter that was woken and is on its way: for
-    /// `FileLocks`' sweep, which must leave a parked lock to such a waiter.
-    #[cfg(target_os = "linux")]
-    pub(crate) fn try_write_unqueued(&self, key: &str) -> Option<KeyWriteGuard<'_, K, S>>
-    where
-        K: Borrow<str>,
-        str: ToOwned<Owned = K>,
-    {
-        let slot = self.core.try_acquire_unqueued(key, Access::Write)?;
-        Some(KeyWriteGuard { locks: self, slot })
-    }
-}
-
 impl<K, S> KeyWriteGuard<'_, K, S> {
-    /// Whether the first waiter queued for the key is a blocked thread
-    /// that wants to write (`FileLocks` hands its OS lock over only to
-    /// such a waiter: a task may not run for a long time, and a reader
-    /// cannot use an exclusive lock).
+    /// Whether a thread waits to write the key next: the first waiter
+    /// queued is a blocked thread that wants to write, or nobody is queued
+    /// and a thread that wants to write spins for it. (`FileLocks` hands
+    /// its OS lock over only to such a waiter: a task may not run for a
+    /// long time, and a reader cannot use an exclusive lock.)
     #[cfg(target_os = "linux")]
     pub(crate) fn blocked_writer_waits(&self) -> bool {
         // SAFETY: the guard holds the key.
-        unsafe {
-            self.locks
-                .core
-                .front_is_blocked(self.slot, |mode| *mode == Access::Write)
-        }
+        unsafe { self.locks.core.exclusive_thread_waits(self.slot) }
     }
 }
 
