@@ -452,7 +452,7 @@ fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: WriteKey<'a, SimFs>) -> Hol
                 .os_acquire(NAME, Mode::Exclusive, Wait::Block)
                 .unwrap()
                 .expect("a blocking acquire returns a descriptor");
-            layer.exclusive(held, NAME, fd)
+            layer.exclusive(held, NAME.to_owned(), fd)
         }
     }
 }
@@ -462,20 +462,20 @@ fn exclusive_hold<'a>(layer: &'a Layer<SimFs>, held: WriteKey<'a, SimFs>) -> Hol
 /// shared lock, or take one under the gate.
 fn shared_hold<'a>(layer: &'a Layer<SimFs>, held: ReadKey<'a, SimFs>) -> Hold<'a, SimFs> {
     layer.release_parked(&held);
-    let held = match layer.join_existing(held) {
+    let (held, name) = match layer.join_existing(held, NAME.to_owned()) {
         Ok(hold) => return hold,
-        Err(held) => held,
+        Err(rest) => rest,
     };
     let _gate = layer.gate().lock(KEY);
-    let held = match layer.join_existing(held) {
+    let (held, name) = match layer.join_existing(held, name) {
         Ok(hold) => return hold,
-        Err(held) => held,
+        Err(rest) => rest,
     };
     let fd = layer
         .os_acquire(NAME, Mode::Shared, Wait::Block)
         .unwrap()
         .expect("a blocking acquire returns a descriptor");
-    layer.join_new(held, fd)
+    layer.join_new(held, name, fd)
 }
 
 /// Holds `hold` for a moment (recorded by the detector), then releases it.
@@ -487,7 +487,7 @@ fn work(layer: &Layer<SimFs>, det: &Detector, hold: Hold<'_, SimFs>) {
     };
     det.enter(mode);
     det.leave(mode);
-    det.released(layer.release(hold, NAME).map_err(|(_, failed)| failed));
+    det.released(layer.release(hold).map_err(|(_, _, failed)| failed));
 }
 
 /// Another process takes the key exclusively and releases it: a lock left

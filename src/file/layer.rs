@@ -63,9 +63,11 @@ use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LazyRandomSta
 
 /// The most hand-overs in a row before a release goes to the OS. The time
 /// bound, [`MAX_CHAIN`], is normally the one that ends a chain (a hot key
-/// hands over in well under a microsecond); this one bounds it where time
-/// does not pass (loom) and against a clock that stands still.
-pub const MAX_HANDOVERS: u32 = 1000;
+/// hands over in about 100-200 ns, so 50,000 take 5-10 ms); this one bounds
+/// it where time does not pass (loom) and against a clock that stands
+/// still. (It was 1,000 at first, which ended a hot key's chain every
+/// 0.2 ms: in the deleting mode that is a delete and a create each time.)
+pub const MAX_HANDOVERS: u32 = 50_000;
 
 /// How long this process may keep an OS lock across hand-overs; a release
 /// after that goes to the OS. (Not applied under loom, where time does not
@@ -128,7 +130,7 @@ struct OsLock<F: Fs> {
 /// compared.
 pub struct LayerKey<F: Fs> {
     key: String,
-    parked: Mutex<Option<OsLock<F>>>,
+    parked: Mutex<Option<Box<OsLock<F>>>>,
 }
 
 impl<F: Fs> LayerKey<F> {
@@ -137,7 +139,7 @@ impl<F: Fs> LayerKey<F> {
         &self.key
     }
 
-    fn take_parked(&self) -> Option<OsLock<F>> {
+    fn take_parked(&self) -> Option<Box<OsLock<F>>> {
         self.parked.lock().take()
     }
 }
@@ -150,7 +152,14 @@ impl<F: Fs> Drop for LayerKey<F> {
     /// not unlink is accepted by the next locker.
     fn drop(&mut self) {
         if let Some(os) = self.take_parked() {
-            let _ = protocol::release(&*os.fs, &os.name, os.fd, Mode::Exclusive, os.delete);
+            let OsLock {
+                fd,
+                fs,
+                name,
+                delete,
+                ..
+            } = *os;
+            let _ = protocol::release(&*fs, &name, fd, Mode::Exclusive, delete);
         }
     }
 }
@@ -248,13 +257,12 @@ pub struct Hold<'a, F: Fs> {
 
 enum Inner<'a, F: Fs> {
     Exclusive {
-        os: OsLock<F>,
+        /// Boxed: a hand-over moves it twice, into the entry and out.
+        os: Box<OsLock<F>>,
         key: WriteKey<'a, F>,
     },
-    /// Counted in `Layer::shared` until released.
-    Shared {
-        key: ReadKey<'a, F>,
-    },
+    /// Counted in `Layer::shared` until released; `name`: the key's file.
+    Shared { key: ReadKey<'a, F>, name: String },
 }
 
 impl<F: Fs> Hold<'_, F> {
@@ -269,6 +277,14 @@ impl<F: Fs> Hold<'_, F> {
     /// Whether it is held shared.
     pub fn is_shared(&self) -> bool {
         matches!(self.inner, Inner::Shared { .. })
+    }
+
+    /// The name of the key's file.
+    pub fn name(&self) -> &str {
+        match &self.inner {
+            Inner::Exclusive { os, .. } => &os.name,
+            Inner::Shared { name, .. } => name,
+        }
     }
 }
 
@@ -420,14 +436,14 @@ impl<F: Fs> Layer<F> {
 
     /// An exclusive hold of `key` with the OS lock `fd` of the file `name`,
     /// just taken.
-    pub fn exclusive<'a>(&'a self, key: WriteKey<'a, F>, name: &str, fd: F::Fd) -> Hold<'a, F> {
-        let os = OsLock {
+    pub fn exclusive<'a>(&'a self, key: WriteKey<'a, F>, name: String, fd: F::Fd) -> Hold<'a, F> {
+        let os = Box::new(OsLock {
             fd,
             chain: Chain::start(),
             fs: Arc::clone(&self.fs),
-            name: name.to_owned(),
+            name,
             delete: self.delete,
-        };
+        });
         Hold {
             inner: Inner::Exclusive { os, key },
         }
@@ -441,13 +457,18 @@ impl<F: Fs> Layer<F> {
     /// lock), and a file it could not unlink is accepted by the next locker.
     pub fn release_parked(&self, key: &ReadKey<'_, F>) {
         if let Some(os) = key.key().take_parked() {
-            let _ = self.give_up(&os.name, os.fd, Mode::Exclusive);
+            let OsLock { fd, name, .. } = *os;
+            let _ = self.give_up(&name, fd, Mode::Exclusive);
         }
     }
 
-    /// Joins this process's shared OS lock of the key if there is one;
-    /// gives the read key back if there is none.
-    pub fn join_existing<'a>(&'a self, key: ReadKey<'a, F>) -> Result<Hold<'a, F>, ReadKey<'a, F>> {
+    /// Joins this process's shared OS lock of the key (file `name`) if there
+    /// is one; gives the read key and the name back if there is none.
+    pub fn join_existing<'a>(
+        &'a self,
+        key: ReadKey<'a, F>,
+        name: String,
+    ) -> Result<Hold<'a, F>, (ReadKey<'a, F>, String)> {
         let joined = match self.shared.lock().get_mut(key.key().as_str()) {
             Some(os) => {
                 os.holders += 1;
@@ -456,45 +477,56 @@ impl<F: Fs> Layer<F> {
             None => false,
         };
         if !joined {
-            return Err(key);
+            return Err((key, name));
         }
         Ok(Hold {
-            inner: Inner::Shared { key },
+            inner: Inner::Shared { key, name },
         })
     }
 
     /// A shared hold with the shared OS lock `fd`, just taken by the caller,
     /// which holds the key's gate and found no shared lock to join.
-    pub fn join_new<'a>(&'a self, key: ReadKey<'a, F>, fd: F::Fd) -> Hold<'a, F> {
+    pub fn join_new<'a>(&'a self, key: ReadKey<'a, F>, name: String, fd: F::Fd) -> Hold<'a, F> {
         let os = SharedOs { fd, holders: 1 };
         self.shared.lock().insert(key.key().as_str().to_owned(), os);
         Hold {
-            inner: Inner::Shared { key },
+            inner: Inner::Shared { key, name },
         }
     }
 
     /// Releases `hold`: hands an exclusive OS lock over to a waiter of this
     /// process if the chain allows, else gives it up through the protocol;
-    /// then releases the in-process key. A failure comes with the key.
-    pub fn release(&self, hold: Hold<'_, F>, name: &str) -> Result<(), (String, Failed)> {
+    /// then releases the in-process key. A failure comes with the key and
+    /// the file's name.
+    pub fn release(&self, hold: Hold<'_, F>) -> Result<(), Released> {
         match hold.inner {
             Inner::Exclusive { mut os, key } => {
-                if os.chain.may_continue() && key.blocked_writer_waits() {
+                let key = if os.chain.may_continue() {
                     os.chain = os.chain.next();
                     // Parked while we hold the key: its next taker finds
                     // it, or freeing the entry releases it (see the module
-                    // docs).
+                    // docs). Taken back if nobody waits for it.
                     *key.key().parked.lock() = Some(os);
-                    drop(key);
-                    return Ok(());
-                }
+                    match key.release_if_blocked_writer_waits() {
+                        Ok(()) => return Ok(()),
+                        Err(key) => {
+                            // We held the key throughout, so nobody else
+                            // took it.
+                            os = key.key().take_parked().expect("parked while held");
+                            key
+                        }
+                    }
+                } else {
+                    key
+                };
+                let OsLock { fd, name, .. } = *os;
                 let released = self
-                    .give_up(name, os.fd, Mode::Exclusive)
-                    .map_err(|failed| (key.key().as_str().to_owned(), failed));
+                    .give_up(&name, fd, Mode::Exclusive)
+                    .map_err(|failed| (key.key().as_str().to_owned(), name, failed));
                 drop(key);
                 released
             }
-            Inner::Shared { key } => {
+            Inner::Shared { key, name } => {
                 let k = key.key().as_str();
                 let last = {
                     let _gate = self.gate.lock(k);
@@ -510,17 +542,20 @@ impl<F: Fs> Layer<F> {
                     drop(shared);
                     // Released under the gate: a shared caller that finds
                     // no shared lock to join takes a new one only after.
-                    os.map(|os| self.give_up(name, os.fd, Mode::Shared))
+                    os.map(|os| self.give_up(&name, os.fd, Mode::Shared))
                 };
                 let released = last
                     .unwrap_or(Ok(()))
-                    .map_err(|failed| (k.to_owned(), failed));
+                    .map_err(|failed| (k.to_owned(), name, failed));
                 drop(key);
                 released
             }
         }
     }
 }
+
+/// A failed release: the key, the file's name, and the failed step.
+pub type Released = (String, String, Failed);
 
 /// Whether `error` says the process or the system is out of descriptors.
 fn out_of_descriptors(error: &std::io::Error) -> bool {

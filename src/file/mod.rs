@@ -90,7 +90,7 @@ use self::timer::Sleep;
 ///   waiter, which runs only when its executor polls it, nor to a shared
 ///   one, which could not use it: those releases go to the OS. The chain is
 ///   bounded so that other processes are not starved: the OS lock is not
-///   handed over once this process has held it for 5 ms (nor after 1,000
+///   handed over once this process has held it for 5 ms (nor after 50,000
 ///   hand-overs in a row); that release goes to the OS (unlock, and unlink
 ///   in the deleting mode), where other processes' waiters compete for it.
 ///   A shared caller that gets the key before the writer the lock was
@@ -627,10 +627,9 @@ impl FileLocks {
         }
     }
 
-    fn guard<'a>(&'a self, name: String, hold: Hold<'a, sys::Dir>) -> FileGuard<'a> {
+    fn guard<'a>(&'a self, hold: Hold<'a, sys::Dir>) -> FileGuard<'a> {
         FileGuard {
             locks: self,
-            name,
             hold: Some(hold),
         }
     }
@@ -641,19 +640,18 @@ impl FileLocks {
     fn exclusive<'a>(
         &'a self,
         key: &str,
-        name: String,
         held: WriteKey<'a, sys::Dir>,
         how: How,
     ) -> io::Result<Option<FileGuard<'a>>> {
         let held = match self.layer.take_parked(held) {
-            Ok(hold) => return Ok(Some(self.guard(name, hold))),
+            Ok(hold) => return Ok(Some(self.guard(hold))),
             Err(held) => held,
         };
+        let name = name::file_name(key);
         let Some(fd) = self.os_acquire(key, &name, Mode::Exclusive, how)? else {
             return Ok(None);
         };
-        let hold = self.layer.exclusive(held, &name, fd);
-        Ok(Some(self.guard(name, hold)))
+        Ok(Some(self.guard(self.layer.exclusive(held, name, fd))))
     }
 
     /// The first step of every shared acquisition once the in-process key
@@ -666,9 +664,9 @@ impl FileLocks {
         held: ReadKey<'a, sys::Dir>,
     ) -> Result<FileGuard<'a>, (String, ReadKey<'a, sys::Dir>)> {
         self.layer.release_parked(&held);
-        match self.layer.join_existing(held) {
-            Ok(hold) => Ok(self.guard(name, hold)),
-            Err(held) => Err((name, held)),
+        match self.layer.join_existing(held, name) {
+            Ok(hold) => Ok(self.guard(hold)),
+            Err((held, name)) => Err((name, held)),
         }
     }
 
@@ -681,14 +679,14 @@ impl FileLocks {
         held: ReadKey<'a, sys::Dir>,
         how: How,
     ) -> io::Result<Option<FileGuard<'a>>> {
-        let held = match self.layer.join_existing(held) {
-            Ok(hold) => return Ok(Some(self.guard(name, hold))),
-            Err(held) => held,
+        let (held, name) = match self.layer.join_existing(held, name) {
+            Ok(hold) => return Ok(Some(self.guard(hold))),
+            Err(rest) => rest,
         };
         let Some(fd) = self.os_acquire(key, &name, Mode::Shared, how)? else {
             return Ok(None);
         };
-        Ok(Some(self.guard(name, self.layer.join_new(held, fd))))
+        Ok(Some(self.guard(self.layer.join_new(held, name, fd))))
     }
 
     /// Locks `key` exclusively, waiting as long as it takes: first for this
@@ -726,7 +724,7 @@ impl FileLocks {
     /// ```
     pub fn lock(&self, key: &str) -> io::Result<FileGuard<'_>> {
         let held = self.layer.write(key);
-        let guard = self.exclusive(key, name::file_name(key), held, How::Block)?;
+        let guard = self.exclusive(key, held, How::Block)?;
         Ok(guard.expect("a blocking lock returns a descriptor"))
     }
 
@@ -753,7 +751,7 @@ impl FileLocks {
         let Some(held) = self.layer.try_write(key) else {
             return Ok(None);
         };
-        self.exclusive(key, name::file_name(key), held, How::Try)
+        self.exclusive(key, held, How::Try)
     }
 
     /// Locks `key` exclusively, waiting at most about `timeout` (in-process
@@ -779,11 +777,10 @@ impl FileLocks {
     /// ```
     pub fn try_lock_for(&self, key: &str, timeout: Duration) -> io::Result<Option<FileGuard<'_>>> {
         let deadline = Instant::now().checked_add(timeout);
-        let name = name::file_name(key);
         let Some(held) = self.layer.try_write_for(key, timeout) else {
             return Ok(None);
         };
-        self.exclusive(key, name, held, How::Until(deadline))
+        self.exclusive(key, held, How::Until(deadline))
     }
 
     /// Locks `key` exclusively without blocking the thread; runtime-agnostic.
@@ -812,15 +809,14 @@ impl FileLocks {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn lock_async(&self, key: &str) -> io::Result<FileGuard<'_>> {
-        let name = name::file_name(key);
         let held = self.layer.write_async(key).await;
         let held = match self.layer.take_parked(held) {
-            Ok(hold) => return Ok(self.guard(name, hold)),
+            Ok(hold) => return Ok(self.guard(hold)),
             Err(held) => held,
         };
+        let name = name::file_name(key);
         let fd = self.os_acquire_async(key, &name, Mode::Exclusive).await?;
-        let hold = self.layer.exclusive(held, &name, fd);
-        Ok(self.guard(name, hold))
+        Ok(self.guard(self.layer.exclusive(held, name, fd)))
     }
 
     /// Locks `key` shared, waiting as long as it takes. Any number of
@@ -968,12 +964,12 @@ impl FileLocks {
             Err(rest) => rest,
         };
         let _gate = self.layer.gate().lock_async(key).await;
-        let held = match self.layer.join_existing(held) {
-            Ok(hold) => return Ok(self.guard(name, hold)),
-            Err(held) => held,
+        let (held, name) = match self.layer.join_existing(held, name) {
+            Ok(hold) => return Ok(self.guard(hold)),
+            Err(rest) => rest,
         };
         let fd = self.os_acquire_async(key, &name, Mode::Shared).await?;
-        Ok(self.guard(name, self.layer.join_new(held, fd)))
+        Ok(self.guard(self.layer.join_new(held, name, fd)))
     }
 
     /// Locks `key` exclusively, as [`lock`](Self::lock), and returns a
@@ -1185,7 +1181,6 @@ impl fmt::Debug for FileLocks {
 #[must_use = "the key is released as soon as the guard is dropped"]
 pub struct FileGuard<'a> {
     locks: &'a FileLocks,
-    name: String,
     /// `None` once released.
     hold: Option<Hold<'a, sys::Dir>>,
 }
@@ -1244,6 +1239,13 @@ impl FileGuard<'_> {
         self.release()
     }
 
+    /// The key's lock file (for `Debug`).
+    fn path(&self) -> PathBuf {
+        self.locks
+            .path
+            .join(self.hold.as_ref().map_or("", Hold::name))
+    }
+
     /// Releases the key (idempotent): hands the OS lock over to a waiter
     /// of this process, or gives it up.
     fn release(&mut self) -> io::Result<()> {
@@ -1252,8 +1254,8 @@ impl FileGuard<'_> {
         };
         self.locks
             .layer
-            .release(hold, &self.name)
-            .map_err(|(key, failed)| self.locks.error(&key, &self.name, failed))
+            .release(hold)
+            .map_err(|(key, name, failed)| self.locks.error(&key, &name, failed))
     }
 }
 
@@ -1270,7 +1272,7 @@ impl fmt::Debug for FileGuard<'_> {
         f.debug_struct("FileGuard")
             .field("key", &self.key())
             .field("shared", &self.is_shared())
-            .field("path", &self.locks.path.join(&self.name))
+            .field("path", &self.path())
             .finish()
     }
 }
@@ -1377,7 +1379,7 @@ impl fmt::Debug for OwnedFileGuard {
         f.debug_struct("OwnedFileGuard")
             .field("key", &self.key())
             .field("shared", &self.is_shared())
-            .field("path", &self.locks.path.join(&self.guard.name))
+            .field("path", &self.guard.path())
             .finish()
     }
 }

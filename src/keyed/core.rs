@@ -543,31 +543,47 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         drop(freed);
     }
 
-    /// Whether a thread (not a task, which runs only when its executor
-    /// polls it) waits to take the key held through `slot` exclusively
-    /// next: the first waiter queued is a blocked thread that wants it
-    /// exclusively, or nobody is queued and a thread spins for it
-    /// exclusively.
+    /// Releases the hold in `mode` through `slot`, as [`release`]
+    /// (Self::release), if a thread (not a task, which runs only when its
+    /// executor polls it) waits to take the key exclusively next: the first
+    /// waiter queued is a blocked thread that wants it exclusively, or
+    /// nobody is queued and a thread spins for it exclusively. Says whether
+    /// it released; if not, nothing changed.
     ///
     /// # Safety
     ///
-    /// The caller holds `slot`'s key.
+    /// The caller holds `slot`'s key in `mode`, and gives up that hold if
+    /// this returns `true`.
     #[cfg(target_os = "linux")]
-    pub(crate) unsafe fn exclusive_thread_waits(&self, slot: SlotRef<K, L>) -> bool {
+    pub(crate) unsafe fn release_if_exclusive_thread_waits(
+        &self,
+        slot: SlotRef<K, L>,
+        mode: L::Mode,
+    ) -> bool {
         // SAFETY: we hold the key, so the slot is live.
         let hash = unsafe { slot.get().hash };
-        let shard = self.table.read(hash);
-        // SAFETY: we hold the shard lock for reading, and the state is only
-        // written under its write lock; our hold keeps the slot live.
-        let state = unsafe { slot.get().state_ref() };
+        let mut shard = self.table.write(hash);
+        // SAFETY: we hold the shard lock, and our hold keeps the slot live.
+        let state = unsafe { slot.get().state() };
         let waits = match state.queue.front() {
             Some(front) => {
                 matches!(front.unpark, Unpark::Thread(_)) && L::is_exclusive(front.data.mode)
             }
             None => state.spinning_exclusive > 0,
         };
+        if !waits {
+            return false;
+        }
+        state.revoke(mode);
+        if !state.queue.is_empty() {
+            Self::release_contended(shard, slot);
+            return true;
+        }
+        // A spinner keeps the slot: nothing to free.
+        let freed = Self::remove_if_idle(&mut shard, slot);
         drop(shard);
-        waits
+        drop(freed);
+        true
     }
 
     /// The rest of a release when waiters are queued, still under the shard

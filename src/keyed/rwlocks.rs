@@ -301,15 +301,27 @@ macro_rules! rw_guard {
 rw_guard!(KeyReadGuard, Access::Read);
 
 impl<K, S> KeyWriteGuard<'_, K, S> {
-    /// Whether a thread waits to write the key next: the first waiter
-    /// queued is a blocked thread that wants to write, or nobody is queued
-    /// and a thread that wants to write spins for it. (`FileLocks` hands
-    /// its OS lock over only to such a waiter: a task may not run for a
-    /// long time, and a reader cannot use an exclusive lock.)
+    /// Releases the key if a thread waits to write it next: the first
+    /// waiter queued is a blocked thread that wants to write, or nobody is
+    /// queued and a thread that wants to write spins for it. Otherwise
+    /// gives the guard back, still holding the key. The look and the
+    /// release are one step, so the waiter seen is still there when the
+    /// key is released. (`FileLocks` hands its OS lock over only to such a
+    /// waiter: a task may not run for a long time, and a reader cannot use
+    /// an exclusive lock.)
     #[cfg(target_os = "linux")]
-    pub(crate) fn blocked_writer_waits(&self) -> bool {
-        // SAFETY: the guard holds the key.
-        unsafe { self.locks.core.exclusive_thread_waits(self.slot) }
+    pub(crate) fn release_if_blocked_writer_waits(self) -> Result<(), Self> {
+        // SAFETY: the guard holds the key in write mode; if this releases
+        // it, the guard is forgotten below and never releases it again.
+        if unsafe {
+            self.locks
+                .core
+                .release_if_exclusive_thread_waits(self.slot, Access::Write)
+        } {
+            std::mem::forget(self);
+            return Ok(());
+        }
+        Err(self)
     }
 }
 
