@@ -29,7 +29,7 @@ use std::ops::{Deref, DerefMut};
 
 #[cfg(not(toctou_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use std::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use std::thread::{Thread, current, park};
@@ -38,7 +38,7 @@ mod imp {
 
 #[cfg(toctou_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use loom::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use loom::thread::{Thread, current, park};
@@ -46,7 +46,7 @@ mod imp {
 }
 
 pub(crate) use imp::{
-    AtomicBool, AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard,
+    AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard,
     Thread, current, park, thread_local,
 };
 

@@ -58,7 +58,7 @@ use std::time::Instant;
 
 use super::idle::Idle;
 use super::protocol::{self, Failed, Fs, Mode, Wait};
-use crate::sync::Mutex;
+use crate::sync::{AtomicPtr, Mutex, Ordering};
 use crate::{KeyReadGuard, KeyWriteGuard, KeyedLocks, KeyedRwLocks, LazyRandomState};
 
 /// The most hand-overs in a row before a release goes to the OS. The time
@@ -130,7 +130,11 @@ struct OsLock<F: Fs> {
 /// compared.
 pub struct LayerKey<F: Fs> {
     key: String,
-    parked: Mutex<Option<Box<OsLock<F>>>>,
+    /// Null, or a parked lock from `Box::into_raw`, owned by the entry.
+    parked: AtomicPtr<OsLock<F>>,
+    /// The entry owns what `parked` points to: `Send`/`Sync` as that is
+    /// (an `AtomicPtr` alone is both whatever it points to).
+    _owns: PhantomData<Box<OsLock<F>>>,
 }
 
 impl<F: Fs> LayerKey<F> {
@@ -139,8 +143,23 @@ impl<F: Fs> LayerKey<F> {
         &self.key
     }
 
+    /// Parks `os`. Only the key's exclusive holder parks, and it took out
+    /// what was parked before (or found nothing), so nothing is replaced.
+    fn park(&self, os: Box<OsLock<F>>) {
+        // AcqRel, with `take_parked`'s: the lock's descriptor and state
+        // move to whoever takes it (the key's hand-over orders the two
+        // anyway, through the shard lock).
+        let before = self.parked.swap(Box::into_raw(os), Ordering::AcqRel);
+        debug_assert!(before.is_null(), "a parked lock was replaced");
+    }
+
+    /// Takes the parked lock out, if any.
     fn take_parked(&self) -> Option<Box<OsLock<F>>> {
-        self.parked.lock().take()
+        let raw = self.parked.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        // SAFETY: a non-null pointer here came from `Box::into_raw` in
+        // `park`, and the swap took it out: no other party can take it
+        // again, so this is its only owner.
+        (!raw.is_null()).then(|| unsafe { Box::from_raw(raw) })
     }
 }
 
@@ -222,7 +241,8 @@ impl<F: Fs> ToOwned for KeyStr<F> {
     fn to_owned(&self) -> LayerKey<F> {
         LayerKey {
             key: self.key.to_owned(),
-            parked: Mutex::new(None),
+            parked: AtomicPtr::new(std::ptr::null_mut()),
+            _owns: PhantomData,
         }
     }
 }
@@ -506,7 +526,7 @@ impl<F: Fs> Layer<F> {
                     // Parked while we hold the key: its next taker finds
                     // it, or freeing the entry releases it (see the module
                     // docs). Taken back if nobody waits for it.
-                    *key.key().parked.lock() = Some(os);
+                    key.key().park(os);
                     match key.release_if_blocked_writer_waits() {
                         Ok(()) => return Ok(()),
                         Err(key) => {
