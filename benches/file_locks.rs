@@ -379,9 +379,11 @@ mod linux {
         // Not a target row: the in-process lock alone, what a hand-over
         // costs at least.
         let in_process: toctou::KeyedRwLocks<String> = toctou::KeyedRwLocks::new();
-        row(&mut g, "in-process only: toctou::KeyedRwLocks::write", &|| {
-            drop(in_process.write(black_box(KEY)))
-        });
+        row(
+            &mut g,
+            "in-process only: toctou::KeyedRwLocks::write",
+            &|| drop(in_process.write(black_box(KEY))),
+        );
         row(&mut g, "named_lock::NamedLock::lock", &|| {
             drop(named.lock().unwrap())
         });

@@ -533,17 +533,18 @@ fn a_hand_over_meets_a_waiter_that_gives_up() {
     });
 }
 
-/// The narrowest case of the one above: a timed waiter, nothing else. The
-/// holder may see it queued, park the lock for it, and release, while the
-/// waiter's deadline passes and it leaves; the last of the two to leave
-/// the key's entry frees it, and freeing it releases the parked lock (in
-/// the deleting mode: unlinks the file). The timed wait expires after one
-/// park (three elsewhere), so that loom reaches the waiter's leaving inside
-/// the holder's release. Bounded to three preemptions.
+/// The narrowest case of the one above: a timed waiter, nothing else, whose
+/// wait expires after one park (three elsewhere), so that loom lets it
+/// leave at every point of the holder's release. The holder looks for a
+/// waiting writer and releases in one step, so a lock is parked only for a
+/// waiter that is still queued, and a queued waiter that is woken takes the
+/// key (and the parked lock) even if its deadline has passed: no lock is
+/// left parked, and the directory ends empty. Bounded to three preemptions.
 ///
-/// Catches: a freed entry that drops its parked lock without the
-/// protocol's release (closing the descriptor unlocks it, but the file
-/// stays).
+/// A plain check. Releasing a lock still parked when its entry is freed
+/// (`LayerKey`'s drop) is a safety net that the protocol no longer reaches:
+/// while the look and the release were two steps, a waiter could leave
+/// between them, and this model caught a drop that did not release.
 #[test]
 fn a_lock_parked_for_a_waiter_that_left_is_released_with_the_entry() {
     toctou::__loom_timed_parks(1);

@@ -70,6 +70,18 @@ REFERENCE = {
 }
 
 
+# Where the scaling plots go (SVG files, linked from BENCHMARKS.md).
+PLOTS = os.path.join("benches", "plots")
+# Lines in a plot: toctou's rows solid and thick, the machine's ceiling (a row
+# whose name starts with "ceiling") dashed, the other baselines thin.
+COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e"]
+
+# Elements (lock+unlock pairs, reads, ...) per iteration, by (group, value,
+# function): the throughput criterion was told, for the plots.
+ELEMENTS = {}
+
+
 def load(criterion_dir, baselines):
     """{(group, value): {function: [median_ns per baseline]}}."""
     groups = defaultdict(lambda: defaultdict(list))
@@ -82,7 +94,106 @@ def load(criterion_dir, baselines):
                 median = json.load(f)["median"]["point_estimate"]
             key = (meta["group_id"], meta.get("value_str"))
             groups[key][meta["function_id"]].append(median)
+            elements = (meta.get("throughput") or {}).get("Elements")
+            if elements:
+                ELEMENTS[(criterion_dir, *key, meta["function_id"])] = elements
     return groups
+
+
+def scaling_groups(groups):
+    """{group: {function: {threads: [median_ns per run]}}} for the groups
+    whose parameter is a thread count (1, 2, 4, ...)."""
+    out = defaultdict(lambda: defaultdict(dict))
+    for (group, value), rows in groups.items():
+        if not (value or "").isdigit():
+            continue
+        for name, meds in rows.items():
+            out[group][name][int(value)] = meds
+    return {g: rows for g, rows in out.items()
+            if len({t for r in rows.values() for t in r}) > 1}
+
+
+def svg_plot(group, rows, criterion_dir, machine):
+    """One SVG line plot: throughput (million operations per second, from
+    the median of the runs' medians) against threads, one line per
+    implementation; the x axis is logarithmic (1, 2, 4, ...)."""
+    width, height = 720, 430
+    left, right, top, bottom = 70, 250, 40, 50
+    threads = sorted({t for r in rows.values() for t in r})
+    series = {}
+    for name, by_threads in rows.items():
+        pts = []
+        for t in threads:
+            if t not in by_threads:
+                continue
+            elements = ELEMENTS.get((criterion_dir, group, str(t), name))
+            if not elements:
+                continue
+            pts.append((t, elements / median(by_threads[t]) * 1e3))  # Mops/s
+        if pts:
+            series[name] = pts
+    if not series:
+        return None
+    ymax = max(y for pts in series.values() for _, y in pts) * 1.1
+    import math
+    lo, hi = math.log2(threads[0]), math.log2(threads[-1])
+
+    def x(t):
+        return left + (math.log2(t) - lo) / ((hi - lo) or 1) * (width - left - right)
+
+    def y(v):
+        return top + (1 - v / ymax) * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="20" font-size="14" font-weight="bold">{group}</text>',
+           f'<text x="{left}" y="34" fill="#555">{machine}</text>']
+    # Axes and grid.
+    for i in range(6):
+        v = ymax / 1.1 * i / 5
+        out.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for t in threads:
+        out.append(f'<line x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{height - bottom}" stroke="#eee"/>')
+        out.append(f'<text x="{x(t):.1f}" y="{height - bottom + 16}" text-anchor="middle">{t}</text>')
+    out.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>')
+    out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>')
+    out.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 12}" text-anchor="middle">threads</text>')
+    out.append(f'<text transform="translate(16,{(top + height - bottom) / 2:.0f}) rotate(-90)" '
+               'text-anchor="middle">million operations per second (higher is better)</text>')
+    names = sorted(series, key=lambda n: (not n.startswith("toctou"), n.startswith("ceiling"), n))
+    for i, name in enumerate(names):
+        colour = COLOURS[i % len(COLOURS)]
+        dash = ' stroke-dasharray="6,4"' if name.startswith("ceiling") else ""
+        w = 3 if name.startswith("toctou") else 1.5
+        pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in series[name])
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="{w}"{dash}/>')
+        for t, v in series[name]:
+            out.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
+        ly = top + 14 + i * 18
+        out.append(f'<line x1="{width - right + 12}" y1="{ly - 4}" x2="{width - right + 36}" y2="{ly - 4}" '
+                   f'stroke="{colour}" stroke-width="{w}"{dash}/>')
+        label = name if len(name) <= 30 else name[:29] + "…"
+        label = label.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        out.append(f'<text x="{width - right + 42}" y="{ly}">{label}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def plots(groups, criterion_dir, machine, suffix, out_dir):
+    """Writes an SVG per scaling group; returns Markdown lines linking them."""
+    lines = []
+    for group, rows in sorted(scaling_groups(groups).items()):
+        svg = svg_plot(group, rows, criterion_dir, machine)
+        if svg is None:
+            continue
+        name = f"{group}{suffix}.svg"
+        os.makedirs(os.path.join(out_dir, PLOTS), exist_ok=True)
+        with open(os.path.join(out_dir, PLOTS, name), "w") as f:
+            f.write(svg)
+        lines += [f"![{group}: throughput against threads]({PLOTS}/{name})", ""]
+    return lines
 
 
 def median(xs):
@@ -114,8 +225,21 @@ def render(groups, notes):
         "",
     ]
     lines += notes
+    machine = f"{cpu_model()}, {cores} cores"
+    plot_lines = plots(groups, CRITERION_DIR[0], machine, "", OUT_DIR[0])
+    if plot_lines:
+        lines += ["# Scaling plots", "",
+                  "Throughput against threads for each multi-threaded group, from the median",
+                  "of the runs' medians (the tables below have the numbers). A line that",
+                  "stays flat does not scale; the dashed line, where a group has one, is",
+                  "the machine's ceiling (no sharing at all).", ""] + plot_lines
     lines += tables(groups)
     return lines
+
+
+# The criterion directory and the output directory of this run (set in main).
+CRITERION_DIR = [None]
+OUT_DIR = [None]
 
 
 def tables(groups):
@@ -162,6 +286,8 @@ def second_machine(criterion_dir, baselines, info_file):
         raise SystemExit(f"no criterion results under {criterion_dir}")
     info = open(info_file).read()
     cores = lscpu_field(info, "CPU(s)")
+    machine = f"{lscpu_field(info, 'Model name')}, {cores} cores"
+    plot_lines = plots(groups, criterion_dir, machine, "-second-machine", OUT_DIR[0])
     return [
         "# Rows from a second machine",
         "",
@@ -171,7 +297,7 @@ def second_machine(criterion_dir, baselines, info_file):
         "threads measure scaling on that machine. Which groups ran there, and how often,",
         "is in the notes above.",
         "",
-    ] + tables(groups)
+    ] + plot_lines + tables(groups)
 
 
 def main():
@@ -190,6 +316,8 @@ def main():
     args = ap.parse_args()
     if args.second_machine and not args.second_machine_info:
         ap.error("--second-machine needs --second-machine-info")
+    CRITERION_DIR[0] = args.criterion_dir
+    OUT_DIR[0] = os.path.dirname(os.path.abspath(args.out))
     groups = load(args.criterion_dir, args.baselines.split(","))
     if not groups:
         raise SystemExit(f"no criterion results under {args.criterion_dir}: run `cargo bench` first")

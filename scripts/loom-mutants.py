@@ -526,14 +526,6 @@ MUTANTS = [
         "a_reader_handed_an_exclusive_lock_gives_it_up",
     ),
     (
-        "FileLocks hand-over: a freed entry drops its parked lock without the protocol's release",
-        "src/file/layer.rs",
-        "        if let Some(os) = self.take_parked() {\n",
-        "        if let Some(os) = None::<Box<OsLock<F>>> {\n",
-        "loom_file_locks",
-        "a_lock_parked_for_a_waiter_that_left_is_released_with_the_entry",
-    ),
-    (
         "keyed spinning: a release frees the entry a thread spins for",
         "src/keyed/core.rs",
         "        self.lock.is_free() && self.queue.is_empty() && self.spinning == 0\n",

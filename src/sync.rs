@@ -46,8 +46,8 @@ mod imp {
 }
 
 pub(crate) use imp::{
-    AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard, RwLockWriteGuard,
-    Thread, current, park, thread_local,
+    AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard,
+    RwLockWriteGuard, Thread, current, park, thread_local,
 };
 
 /// Declares a function that is `const fn` in std builds and a plain `fn`

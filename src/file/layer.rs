@@ -29,13 +29,18 @@
 //!   the name, so the name still names the parked descriptor's file: no
 //!   re-check is needed.
 //! - **No orphaned lock.** A parked lock must not outlive the interest in
-//!   its key: the waiter it was parked for may give up (a timeout, a
-//!   dropped future) before or after the parking. It lives in the key's
-//!   entry, and an entry exists exactly while somebody holds, waits or
-//!   spins for its key (see `src/keyed/core.rs`): when the last of them
-//!   leaves, the entry is freed, and freeing it releases a lock parked in
-//!   it (through the protocol: in the deleting mode, unlink first). No
-//!   party has to look for it.
+//!   its key. The holder looks for a waiting writer and releases the key in
+//!   one step (under the shard lock:
+//!   [`KeyWriteGuard::release_if_blocked_writer_waits`]), so the lock is
+//!   parked only while that writer is queued or spinning. A queued thread
+//!   that is woken takes the key even if its deadline has passed, and a
+//!   spinner takes it or queues; whoever takes the key first takes the
+//!   lock (a reader gives it up). So a parked lock is always taken. As a
+//!   safety net it lives in the key's entry, which exists exactly while
+//!   somebody holds, waits or spins for its key (see `src/keyed/core.rs`):
+//!   were the entry freed with a lock still parked in it, freeing it would
+//!   release the lock through the protocol (in the deleting mode, unlink
+//!   first), and nothing would leak.
 //! - **Kept descriptors** (keeping mode only). A release that gives the
 //!   OS lock up unlocks the descriptor and keeps it open in `idle` (at most
 //!   `cap`, the oldest closed first); the next OS acquisition of the name
@@ -165,10 +170,12 @@ impl<F: Fs> LayerKey<F> {
 
 impl<F: Fs> Drop for LayerKey<F> {
     /// The entry is freed: nobody holds, waits or spins for the key any
-    /// more, so nobody will take a lock parked here. Release it. A failure
-    /// is not reported (the parker's release has returned); the descriptor
-    /// is closed whatever happens (dropping the lock), and a file it could
-    /// not unlink is accepted by the next locker.
+    /// more, so nobody will take a lock parked here (the protocol does not
+    /// leave one: see *No orphaned lock* in the module docs; this is the
+    /// safety net). Release it. A failure is not reported (the parker's
+    /// release has returned); the descriptor is closed whatever happens
+    /// (dropping the lock), and a file it could not unlink is accepted by
+    /// the next locker.
     fn drop(&mut self) {
         if let Some(os) = self.take_parked() {
             let OsLock {
