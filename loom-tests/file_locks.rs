@@ -503,8 +503,9 @@ fn another_process_locks(fs: &SimFs, det: &Detector) {
 /// blocks in `try_write_for`, whose deadline may pass at any point (loom
 /// lets it expire or not). The release may hand the OS lock over (the
 /// waiter was queued, a blocked thread, when the holder looked) just as
-/// the waiter leaves: the lock parked in the key's entry is released when
-/// the last of the two leaves the entry. Afterwards another process gets
+/// the waiter's deadline passes: a woken waiter takes the key (and the
+/// parked lock) even then, and one that left before the look is not parked
+/// for. Afterwards another process gets
 /// the key and the directory is empty. Bounded to three preemptions.
 #[test]
 fn a_hand_over_meets_a_waiter_that_gives_up() {
@@ -546,7 +547,7 @@ fn a_hand_over_meets_a_waiter_that_gives_up() {
 /// while the look and the release were two steps, a waiter could leave
 /// between them, and this model caught a drop that did not release.
 #[test]
-fn a_lock_parked_for_a_waiter_that_left_is_released_with_the_entry() {
+fn a_timed_waiter_takes_the_lock_parked_for_it_or_leaves_before() {
     toctou::__loom_timed_parks(1);
     bounded(3).check(|| {
         let fs = SimFs::default();

@@ -503,9 +503,9 @@ MUTANTS = [
     ),
     (
         "FileLocks hand-over: the lock is parked for a task at the front",
-        "src/file/layer.rs",
-        "                if os.chain.may_continue() && key.blocked_writer_waits() {\n",
-        "                if os.chain.may_continue() && true {\n",
+        "src/keyed/core.rs",
+        "matches!(front.unpark, Unpark::Thread(_)) && L::is_exclusive(front.data.mode)",
+        "L::is_exclusive(front.data.mode)",
         "loom_file_locks",
         "a_waiting_task_is_not_handed_the_lock",
     ),

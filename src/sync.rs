@@ -645,14 +645,15 @@ impl WaitStart {
 
 /// Bounded spinning before a thread queues and parks, like parking_lot's
 /// `SpinWait`: the first six [`spin`](Self::spin)s back off for 4, 8, ...,
-/// 128 pause instructions (about 250 in all, a few microseconds at most),
+/// 128 pause instructions (about 250 in all: some 10 µs on a CPU with a slow
+/// `pause`),
 /// the next four yield the thread, and then the budget is spent. (Three
 /// pause rounds and seven yields before: a yield is a system call, and a
 /// hot `FileLocks` key, whose holder keeps the key a little longer than a
 /// `KeyedLocks` one, measured 30% faster in the deleting mode with the
 /// longer spin; the keyed benches did not move.)
 ///
-/// Under loom the budget is [`loom_spin_rounds`] tries (0 unless a model
+/// Under loom the budget is `loom_spin_rounds` tries (0 unless a model
 /// sets it): a spin loop multiplies the interleavings, so only the models
 /// of the spinning state itself spin.
 #[derive(Default)]

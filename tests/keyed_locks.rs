@@ -882,3 +882,57 @@ mod tokio_runtime {
         assert!(locks.is_empty());
     }
 }
+
+/// A key whose `Eq` panics on its second call on the thread that compares:
+/// the second try of a blocking `lock` that found the key taken.
+#[derive(Clone, Debug)]
+struct PanicsOnSecondCompare(u64);
+
+impl std::hash::Hash for PanicsOnSecondCompare {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+thread_local! {
+    static COMPARES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+impl PartialEq for PanicsOnSecondCompare {
+    fn eq(&self, other: &Self) -> bool {
+        let n = COMPARES.with(|c| {
+            c.set(c.get() + 1);
+            c.get()
+        });
+        assert!(n != 2, "the key's Eq panics");
+        self.0 == other.0
+    }
+}
+
+impl Eq for PanicsOnSecondCompare {}
+
+/// A blocking `lock` that finds the key taken is counted in its entry while
+/// it spins; if the key's `Eq` panics on a later try, the count is given
+/// back during unwinding, and the entry goes once the holder releases.
+/// (Failed before: the count stayed, and the entry with it.)
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "timing: the spinner must try again while the key is held"
+)]
+fn a_spinner_that_panics_leaves_no_entry_behind() {
+    let locks: Arc<KeyedLocks<PanicsOnSecondCompare>> = Arc::new(KeyedLocks::new());
+    let held = locks.lock(&PanicsOnSecondCompare(1));
+    let spinner = {
+        let locks = Arc::clone(&locks);
+        thread::spawn(move || {
+            COMPARES.with(|c| c.set(0));
+            drop(locks.lock(&PanicsOnSecondCompare(1)));
+        })
+    };
+    let err = spinner.join().expect_err("the spinner's second try panics");
+    assert!(panic_message(err).contains("Eq panics"));
+    assert_eq!(locks.len(), 1, "only the holder's key");
+    drop(held);
+    assert_eq!(locks.len(), 0, "the spinner's count was given back");
+}

@@ -16,7 +16,7 @@
 //! - **Exclusive hand-over without syscalls.** An exclusive holder that
 //!   releases while a thread of this process waits to write the key next
 //!   (blocked at the front of its queue, or spinning for it with nobody
-//!   queued: [`KeyWriteGuard::blocked_writer_waits`]) *parks* its OS lock
+//!   queued: [`KeyWriteGuard::release_if_blocked_writer_waits`]) *parks* its OS lock
 //!   (descriptor, still locked) in the key's in-process entry
 //!   ([`LayerKey`]), then releases the key. Not for a task at the front: it
 //!   runs only when its executor polls it, maybe much later, and a parked
@@ -79,10 +79,6 @@ pub const MAX_HANDOVERS: u32 = 50_000;
 /// pass: the count bounds the chain there.)
 pub const MAX_CHAIN: Duration = Duration::from_millis(5);
 
-/// How many hand-overs lie between two looks at the clock.
-#[cfg(not(toctou_loom))]
-const CLOCK_EVERY: u32 = 16;
-
 /// Where a hand-over chain stands: how many hand-overs so far, and when the
 /// OS lock was taken.
 #[derive(Clone, Copy, Debug)]
@@ -107,12 +103,12 @@ impl Chain {
         self
     }
 
-    /// Whether the lock may be handed over once more. The clock is read
-    /// every [`CLOCK_EVERY`] hand-overs (a hot key hands over in well under
-    /// a microsecond), so a chain may run past [`MAX_CHAIN`] by that many.
+    /// Whether the lock may be handed over once more. The clock is read on
+    /// every release: a chain of long holds must end as soon as 5 ms have
+    /// passed, not some hand-overs later.
     fn may_continue(&self) -> bool {
         #[cfg(not(toctou_loom))]
-        if self.handovers % CLOCK_EVERY == 0 && self.since.elapsed() >= MAX_CHAIN {
+        if self.since.elapsed() >= MAX_CHAIN {
             return false;
         }
         self.handovers < MAX_HANDOVERS
@@ -149,13 +145,19 @@ impl<F: Fs> LayerKey<F> {
     }
 
     /// Parks `os`. Only the key's exclusive holder parks, and it took out
-    /// what was parked before (or found nothing), so nothing is replaced.
+    /// what was parked before (or found nothing), so nothing is replaced;
+    /// were something there, it would be released, not leaked.
     fn park(&self, os: Box<OsLock<F>>) {
         // AcqRel, with `take_parked`'s: the lock's descriptor and state
         // move to whoever takes it (the key's hand-over orders the two
         // anyway, through the shard lock).
         let before = self.parked.swap(Box::into_raw(os), Ordering::AcqRel);
         debug_assert!(before.is_null(), "a parked lock was replaced");
+        if !before.is_null() {
+            // SAFETY: a non-null pointer here came from `Box::into_raw`,
+            // and the swap took it out: we are its only owner.
+            release_os(*unsafe { Box::from_raw(before) });
+        }
     }
 
     /// Takes the parked lock out, if any.
@@ -178,16 +180,24 @@ impl<F: Fs> Drop for LayerKey<F> {
     /// the next locker.
     fn drop(&mut self) {
         if let Some(os) = self.take_parked() {
-            let OsLock {
-                fd,
-                fs,
-                name,
-                delete,
-                ..
-            } = *os;
-            let _ = protocol::release(&*fs, &name, fd, Mode::Exclusive, delete);
+            release_os(*os);
         }
     }
+}
+
+/// Releases an exclusive OS lock through the protocol (in the deleting
+/// mode, unlink first), ignoring a failure: the descriptor is closed
+/// whatever happens, and a file it could not unlink is accepted by the next
+/// locker.
+fn release_os<F: Fs>(os: OsLock<F>) {
+    let OsLock {
+        fd,
+        fs,
+        name,
+        delete,
+        ..
+    } = os;
+    let _ = protocol::release(&*fs, &name, fd, Mode::Exclusive, delete);
 }
 
 impl<F: Fs> Hash for LayerKey<F> {

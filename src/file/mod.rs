@@ -84,9 +84,10 @@ use self::timer::Sleep;
 ///   while a thread of this process waits to lock the key exclusively next
 ///   (blocked first in its queue, or spinning for it a moment before it
 ///   queues) passes the OS lock on without a system call: no unlock, close,
-///   open, lock or stat. The lock waits in the key's in-process entry; if
-///   that thread gives up instead, the entry goes away with the last
-///   waiter, and the lock is released then (unlinked in deleting mode). Not to an async
+///   open, lock or stat. The lock waits in the key's in-process entry for
+///   that thread (which takes it even if its timeout passes meanwhile), or
+///   for whichever thread of the process takes the key first; a shared
+///   caller gives it up. Not to an async
 ///   waiter, which runs only when its executor polls it, nor to a shared
 ///   one, which could not use it: those releases go to the OS. The chain is
 ///   bounded so that other processes are not starved: the OS lock is not

@@ -21,8 +21,9 @@
 //!   queues. It holds no reference to the slot meanwhile (each try looks the
 //!   key up), but the count keeps the slot in the table, so a key somebody
 //!   spins for is not freed and re-created, and a holder can tell that a
-//!   thread is about to take it ([`Core::exclusive_thread_waits`], for
-//!   `FileLocks`' hand-over).
+//!   thread is about to take it ([`Core::release_if_exclusive_thread_waits`],
+//!   for `FileLocks`' hand-over). A caller that unwinds while counted (a
+//!   panic in the key's `Eq`) gives its count back on the way out.
 //! - **Release** ([`Core::release`]). Drop the holder from the lock state,
 //!   then [`dispatch`] the queue. If the slot is now free, its queue empty
 //!   and nobody spins for it, remove it from the table (by identity) and
@@ -95,7 +96,7 @@ struct SlotState<L: LockKind> {
     lock: L,
     queue: Queue<L::Mode>,
     /// Blocking callers that found the key taken and are spinning before
-    /// they queue (see *Spinning* in the module docs): they keep the slot.
+    /// they queue (see *Spin* in the module docs): they keep the slot.
     spinning: u32,
     /// How many of them want it exclusively.
     spinning_exclusive: u32,
@@ -190,7 +191,7 @@ impl<M> Queue<M> {
 }
 
 /// One live key: allocated when the key is first acquired, freed when it is
-/// neither held nor waited for.
+/// neither held, waited for nor spun for.
 pub(crate) struct Slot<K, L: LockKind> {
     key: K,
     /// The key's hash under the map's hasher: finds the shard on release and
@@ -230,7 +231,7 @@ impl<K, L: LockKind> SlotRef<K, L> {
     /// The slot must be live: the caller holds its key, waits in its queue,
     /// or holds its shard lock and found it in the table. A slot is freed
     /// only by [`Core::remove_if_idle`], under the shard lock, when it is
-    /// neither held nor waited for.
+    /// neither held, waited for nor spun for.
     unsafe fn get<'a>(self) -> &'a Slot<K, L> {
         // SAFETY: live, per this function's contract.
         unsafe { self.0.as_ref() }
@@ -398,6 +399,9 @@ enum Begin<K, L: LockKind> {
     Queued(SlotRef<K, L>, u64),
     /// The key is taken and the caller asked not to queue.
     Busy,
+    /// As `Busy`, and the caller (a blocking one, not yet counted) is now
+    /// counted as spinning for the key in this slot.
+    Spinning(SlotRef<K, L>),
 }
 
 /// What [`Core::check`] found.
@@ -489,7 +493,7 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         self.peak.fetch_max(live, Ordering::Relaxed);
     }
 
-    /// Removes `slot` if it is neither held nor waited for. Its key, state
+    /// Removes `slot` if it is neither held, waited for nor spun for. Its key, state
     /// and memory are moved out, to be dropped after unlocking (dropping a
     /// key runs user code, which must not run under our lock; the memory goes
     /// back to this thread's [`Block`] cache).
@@ -543,8 +547,8 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         drop(freed);
     }
 
-    /// Releases the hold in `mode` through `slot`, as [`release`]
-    /// (Self::release), if a thread (not a task, which runs only when its
+    /// Releases the hold in `mode` through `slot`, as
+    /// [`release`](Self::release), if a thread (not a task, which runs only when its
     /// executor polls it) waits to take the key exclusively next: the first
     /// waiter queued is a blocked thread that wants it exclusively, or
     /// nobody is queued and a thread spins for it exclusively. Says whether
@@ -701,6 +705,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let Some(make_unpark) = enqueue else {
             if spin == Some(false) {
                 state.start_spinning(mode);
+                return Begin::Spinning(slot);
             }
             return Begin::Busy;
         };
@@ -805,17 +810,30 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let hash = self.hash(key.get());
         let unpark = || Unpark::current_thread();
         let mut spin = SpinWait::default();
-        let mut spinning = false;
+        // Set while we are counted as spinning in a slot.
+        let mut spinning: Option<SpinCount<'_, K, L, S>> = None;
         let (slot, id) = loop {
             // Spin while the budget lasts (counted in the slot), then queue.
             let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
-            match self.begin(hash, &mut key, mode, Some(spinning), enqueue) {
+            let begun = self.begin(hash, &mut key, mode, Some(spinning.is_some()), enqueue);
+            if matches!(begun, Begin::Held(_) | Begin::Queued(..)) {
+                // `begin` uncounted us.
+                if let Some(count) = spinning.take() {
+                    count.disarm();
+                }
+            }
+            match begun {
                 Begin::Held(slot) => return Some(slot),
                 Begin::Queued(slot, id) => break (slot, id),
-                Begin::Busy => {
-                    spinning = true;
+                Begin::Spinning(slot) => {
+                    spinning = Some(SpinCount {
+                        core: self,
+                        slot,
+                        mode,
+                    });
                     spin.spin();
                 }
+                Begin::Busy => spin.spin(),
             }
         };
         loop {
@@ -870,7 +888,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let hash = self.hash(key.get());
         match self.begin(hash, &mut key, mode, None, None) {
             Begin::Held(slot) => Some(slot),
-            Begin::Queued(..) | Begin::Busy => None,
+            Begin::Queued(..) | Begin::Busy | Begin::Spinning(_) => None,
         }
     }
 
@@ -902,7 +920,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                         });
                         Poll::Pending
                     }
-                    Begin::Busy => unreachable!("begin() with a waker never returns Busy"),
+                    Begin::Busy | Begin::Spinning(_) => {
+                        unreachable!("begin() with a waker never returns Busy")
+                    }
                 }
             }
             Some(q) => {
@@ -922,6 +942,37 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             }
         })
         .await
+    }
+}
+
+/// A blocking caller's count in a slot while it spins for the key. If the
+/// caller unwinds before it takes the key or queues (a panic in the key's
+/// `Eq` or `Borrow`, which each try runs), dropping this gives the count
+/// back, by the slot's identity (no user code), and frees the slot if that
+/// left it idle. Disarmed once `begin` has uncounted the caller.
+struct SpinCount<'a, K: Hash + Eq, L: LockKind, S: BuildHasher> {
+    core: &'a Core<K, L, S>,
+    slot: SlotRef<K, L>,
+    mode: L::Mode,
+}
+
+impl<K: Hash + Eq, L: LockKind, S: BuildHasher> SpinCount<'_, K, L, S> {
+    /// `begin` gave the count back (the caller holds the key or queued).
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Drop for SpinCount<'_, K, L, S> {
+    fn drop(&mut self) {
+        // SAFETY: we are counted in the slot, which keeps it live.
+        let hash = unsafe { self.slot.get().hash };
+        let mut shard = self.core.table.write(hash);
+        // SAFETY: we hold the shard lock, and our count keeps the slot live.
+        unsafe { self.slot.get().state() }.stop_spinning(self.mode);
+        let freed = Core::<K, L, S>::remove_if_idle(&mut shard, self.slot);
+        drop(shard);
+        drop(freed);
     }
 }
 
