@@ -729,6 +729,20 @@ impl SpinWait {
     }
 }
 
+/// Busy-waits for `pauses` pause instructions (under loom: yields once).
+#[cfg(target_os = "linux")]
+pub(crate) fn spin_pause(pauses: u32) {
+    #[cfg(not(toctou_loom))]
+    for _ in 0..pauses {
+        std::hint::spin_loop();
+    }
+    #[cfg(toctou_loom)]
+    {
+        let _ = pauses;
+        loom::thread::yield_now();
+    }
+}
+
 /// A mutex without poisoning, over `std::sync::Mutex` or `loom::sync::Mutex`.
 #[derive(Debug, Default)]
 pub(crate) struct Mutex<T>(imp::RawMutex<T>);

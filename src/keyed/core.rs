@@ -198,6 +198,10 @@ pub(crate) struct Slot<K, L: LockKind> {
     /// rehashes without calling user code when the table grows.
     hash: u64,
     state: UnsafeCell<SlotState<L>>,
+    /// A copy of `state.spinning_exclusive`, stored under the shard lock
+    /// whenever that changes, so that a holder can look without the lock
+    /// (a hint: [`Core::exclusive_spinner_hint`]).
+    spinning_hint: AtomicUsize,
 }
 
 /// A pointer to a live slot, held by the slot's table entry, its holders'
@@ -268,6 +272,15 @@ impl<K, L: LockKind> Slot<K, L> {
 }
 
 impl<K, L: LockKind> Slot<K, L> {
+    /// Copies the count of exclusive spinners into `spinning_hint`; called
+    /// under the shard lock after the count may have changed.
+    fn note_spinners(&self, state: &SlotState<L>) {
+        // Relaxed: a hint, read without the lock by a holder deciding
+        // whether to look again (under the lock) for a waiter.
+        self.spinning_hint
+            .store(state.spinning_exclusive as usize, Ordering::Relaxed);
+    }
+
     /// The lock state, for reading.
     ///
     /// # Safety
@@ -547,6 +560,20 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         drop(freed);
     }
 
+    /// Whether a thread spun for the key held through `slot` exclusively
+    /// when last looked at under the lock: a hint, read without the shard
+    /// lock (a holder deciding whether to look again, under the lock, with
+    /// [`release_if_exclusive_thread_waits`](Self::release_if_exclusive_thread_waits)).
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `slot`'s key.
+    #[cfg(target_os = "linux")]
+    pub(crate) unsafe fn exclusive_spinner_hint(&self, slot: SlotRef<K, L>) -> bool {
+        // SAFETY: we hold the key, so the slot is live.
+        unsafe { slot.get() }.spinning_hint.load(Ordering::Relaxed) > 0
+    }
+
     /// Releases the hold in `mode` through `slot`, as
     /// [`release`](Self::release), if a thread (not a task, which runs only when its
     /// executor polls it) waits to take the key exclusively next: the first
@@ -675,6 +702,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                     key: key.take(),
                     hash,
                     state: UnsafeCell::new(SlotState::held(mode)),
+                    spinning_hint: AtomicUsize::new(0),
                 };
                 // The pointer owns the block; `remove_if_idle` (or the
                 // map's drop) takes it back.
@@ -699,18 +727,29 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 state.stop_spinning(mode);
             }
             state.grant(mode);
+            if spin == Some(true) {
+                // SAFETY: we hold the shard lock, and the slot is in the
+                // table.
+                unsafe { slot.get() }.note_spinners(state);
+            }
             counters.acquisitions += 1;
             return Begin::Held(slot);
         }
         let Some(make_unpark) = enqueue else {
             if spin == Some(false) {
                 state.start_spinning(mode);
+                // SAFETY: as above.
+                unsafe { slot.get() }.note_spinners(state);
                 return Begin::Spinning(slot);
             }
             return Begin::Busy;
         };
         if spin == Some(true) {
             state.stop_spinning(mode);
+        }
+        if spin == Some(true) {
+            // SAFETY: as above.
+            unsafe { slot.get() }.note_spinners(state);
         }
         let id = state.queue.push(
             make_unpark(),
@@ -969,7 +1008,10 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Drop for SpinCount<'_, K, L, S> 
         let hash = unsafe { self.slot.get().hash };
         let mut shard = self.core.table.write(hash);
         // SAFETY: we hold the shard lock, and our count keeps the slot live.
-        unsafe { self.slot.get().state() }.stop_spinning(self.mode);
+        let state = unsafe { self.slot.get().state() };
+        state.stop_spinning(self.mode);
+        // SAFETY: as above.
+        unsafe { self.slot.get() }.note_spinners(state);
         let freed = Core::<K, L, S>::remove_if_idle(&mut shard, self.slot);
         drop(shard);
         drop(freed);

@@ -301,6 +301,16 @@ macro_rules! rw_guard {
 rw_guard!(KeyReadGuard, Access::Read);
 
 impl<K, S> KeyWriteGuard<'_, K, S> {
+    /// Whether a thread spun to write the key when last looked at: a hint,
+    /// read without the shard lock, for `FileLocks` to decide whether to
+    /// look again under the lock with
+    /// [`release_if_blocked_writer_waits`](Self::release_if_blocked_writer_waits).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn writer_spins_hint(&self) -> bool {
+        // SAFETY: the guard holds the key.
+        unsafe { self.locks.core.exclusive_spinner_hint(self.slot) }
+    }
+
     /// Releases the key if a thread waits to write it next: the first
     /// waiter queued is a blocked thread that wants to write, or nobody is
     /// queued and a thread that wants to write spins for it. Otherwise
