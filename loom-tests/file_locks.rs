@@ -427,9 +427,10 @@ fn a_kept_descriptor_races_prune() {
             .unwrap()
             .unwrap();
         let kept = protocol::unlock_keeping(&fs, fd).unwrap();
-        let fd = protocol::acquire_reusing(&fs, NAME, Mode::Exclusive, Wait::Block, Some(kept))
-            .unwrap()
-            .unwrap();
+        let fd =
+            protocol::acquire_reusing(&fs, NAME, Mode::Exclusive, Wait::Block, &mut Some(kept))
+                .unwrap()
+                .unwrap();
         det.enter(Mode::Exclusive);
         det.leave(Mode::Exclusive);
         det.released(protocol::release(&fs, NAME, fd, Mode::Exclusive, false));

@@ -831,6 +831,51 @@ fn keep_mode_keeps_a_bounded_number_of_idle_descriptors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A try that finds the key held by another process keeps its descriptor
+/// (keep mode) for the next try, so repeated tries, polling waits and
+/// cancelled async waits neither open a descriptor each nor leave more
+/// than one behind; the deleting mode keeps none.
+#[test]
+#[cfg_attr(miri, ignore = "miri cannot run these syscalls")]
+fn failed_tries_reuse_one_kept_descriptor() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let dir = base("idle-tries");
+    let keep = || FileLocks::builder().keep_files(true).open(&dir).unwrap();
+    let (holder, trier) = (keep(), keep());
+    let held = holder.lock("k").unwrap();
+    assert_eq!(fds_into(&dir), 1);
+    for _ in 0..3 {
+        assert!(trier.try_lock("k").unwrap().is_none());
+        assert!(trier.try_lock_shared("k").unwrap().is_none());
+        assert_eq!(fds_into(&dir), 2, "the holder's, and one kept by the trier");
+    }
+    assert!(trier
+        .try_lock_for("k", Duration::from_millis(5))
+        .unwrap()
+        .is_none());
+    for _ in 0..100 {
+        let mut wait = Box::pin(trier.lock_async("k"));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(fds_into(&dir), 2, "cancelled waits left no descriptor");
+    drop(held);
+    let mine = trier.lock("k").unwrap();
+    assert_eq!(fds_into(&dir), 2, "the kept descriptor is locked now");
+    drop(mine);
+
+    let deleting = FileLocks::open(dir.join("deleting")).unwrap();
+    let other = FileLocks::open(dir.join("deleting")).unwrap();
+    let held = other.lock("k").unwrap();
+    assert!(deleting.try_lock("k").unwrap().is_none());
+    assert_eq!(fds_into(&dir.join("deleting")), 1, "only the holder's");
+    drop(held);
+    assert!(entries(&dir.join("deleting")).is_empty());
+    assert_eq!(holder.prune().unwrap() + trier.prune().unwrap(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A kept descriptor is not trusted: after another party pruned (and maybe
 /// re-created) the file, locking the key again re-checks the name, so the
 /// two never both hold it. (Two `FileLocks` on one directory behave as two

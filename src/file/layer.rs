@@ -443,8 +443,14 @@ impl<F: Fs> Layer<F> {
     /// for want of descriptors (`EMFILE`, `ENFILE`) while some are kept
     /// idle, closes those and tries once more.
     pub fn os_acquire(&self, name: &str, mode: Mode, wait: Wait) -> Result<Option<F::Fd>, Failed> {
-        let reuse = self.take_idle(name);
-        match protocol::acquire_reusing(&*self.fs, name, mode, wait, reuse) {
+        let mut reuse = self.take_idle(name);
+        let result = protocol::acquire_reusing(&*self.fs, name, mode, wait, &mut reuse);
+        if let Some(fd) = reuse {
+            // A try that found the lock held elsewhere: keep its descriptor
+            // (unlocked) for the next try, in the keeping mode.
+            self.keep_idle(name, fd);
+        }
+        match result {
             Err(failed) if failed.step == "open" && out_of_descriptors(&failed.error) => {
                 if self.close_idle() == 0 {
                     return Err(failed);
@@ -453,6 +459,16 @@ impl<F: Fs> Layer<F> {
             }
             result => result,
         }
+    }
+
+    /// Keeps `fd` (unlocked) open for the next acquisition of `name`, in the
+    /// keeping mode; closes it in the deleting mode.
+    fn keep_idle(&self, name: &str, fd: F::Fd) {
+        if self.delete {
+            return;
+        }
+        let closed = self.idle.lock().keep(name, fd);
+        drop(closed); // closed outside the mutex
     }
 
     fn take_idle(&self, name: &str) -> Option<F::Fd> {
@@ -471,8 +487,7 @@ impl<F: Fs> Layer<F> {
             return protocol::release(&*self.fs, name, fd, mode, true);
         }
         let fd = protocol::unlock_keeping(&*self.fs, fd)?;
-        let closed = self.idle.lock().keep(name, fd);
-        drop(closed); // closed outside the mutex
+        self.keep_idle(name, fd);
         Ok(())
     }
 

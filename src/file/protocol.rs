@@ -129,22 +129,22 @@ fn is_at_name<F: Fs>(fs: &F, name: &str, fd: &F::Fd) -> Result<bool, Failed> {
 /// on the file that is at `name`, or `Ok(None)` if `wait` is
 /// [`Wait::Try`] and it is held elsewhere.
 pub fn acquire<F: Fs>(fs: &F, name: &str, mode: Mode, wait: Wait) -> Result<Option<F::Fd>, Failed> {
-    acquire_reusing(fs, name, mode, wait, None)
+    acquire_reusing(fs, name, mode, wait, &mut None)
 }
 
 /// [`acquire`], trying first a descriptor of `name` kept open from an
 /// earlier hold (`reuse`, unlocked; see [`unlock_keeping`]) instead of
 /// opening the name. A kept descriptor is only an early `open`: the file
 /// may have been pruned or replaced since, which the re-check finds like
-/// any other stale lock (then the name is opened afresh). Dropped, like a
-/// fresh descriptor, if the lock is held elsewhere and `wait` is
-/// [`Wait::Try`].
+/// any other stale lock (then the name is opened afresh). If the lock is
+/// held elsewhere and `wait` is [`Wait::Try`], the descriptor tried (kept
+/// or fresh, not locked) is put back into `reuse` for the next try.
 pub fn acquire_reusing<F: Fs>(
     fs: &F,
     name: &str,
     mode: Mode,
     wait: Wait,
-    mut reuse: Option<F::Fd>,
+    reuse: &mut Option<F::Fd>,
 ) -> Result<Option<F::Fd>, Failed> {
     loop {
         let fd = match reuse.take() {
@@ -155,6 +155,7 @@ pub fn acquire_reusing<F: Fs>(
             .lock(&fd, mode, wait == Wait::Block)
             .map_err(at("lock"))?
         {
+            *reuse = Some(fd);
             return Ok(None);
         }
         // The re-check: the holder we may have waited for deletes the file
