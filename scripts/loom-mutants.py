@@ -537,7 +537,7 @@ MUTANTS = [
         "keyed spinning: a spinner takes the key without uncounting itself",
         "src/keyed/core.rs",
         "            if spin == Some(true) {\n"
-        "                state.stop_spinning(mode);\n"
+        "                state.stop_spinning(mode, hint);\n"
         "            }\n"
         "            state.grant(mode);\n",
         "            state.grant(mode);\n",
@@ -548,7 +548,7 @@ MUTANTS = [
         "keyed spinning: a spinner queues without uncounting itself",
         "src/keyed/core.rs",
         "        if spin == Some(true) {\n"
-        "            state.stop_spinning(mode);\n"
+        "            state.stop_spinning(mode, hint);\n"
         "        }\n"
         "        let id = state.queue.push(\n",
         "        let id = state.queue.push(\n",

@@ -125,16 +125,27 @@ impl<L: LockKind> SlotState<L> {
         self.lock.release(mode);
     }
 
-    /// Counts a blocking caller that spins for the key in `mode`.
-    fn start_spinning(&mut self, mode: L::Mode) {
+    /// Counts a blocking caller that spins for the key in `mode`, and
+    /// copies the count of exclusive spinners into `hint` (the slot's
+    /// `spinning_hint`).
+    fn start_spinning(&mut self, mode: L::Mode, hint: &AtomicUsize) {
         self.spinning += 1;
         self.spinning_exclusive += u32::from(L::is_exclusive(mode));
+        Self::publish(self.spinning_exclusive, hint);
     }
 
-    /// Uncounts a spinner that now holds the key or queues for it.
-    fn stop_spinning(&mut self, mode: L::Mode) {
+    /// Uncounts a spinner that now holds the key or queues for it, as
+    /// [`start_spinning`](Self::start_spinning) counted it.
+    fn stop_spinning(&mut self, mode: L::Mode, hint: &AtomicUsize) {
         self.spinning -= 1;
         self.spinning_exclusive -= u32::from(L::is_exclusive(mode));
+        Self::publish(self.spinning_exclusive, hint);
+    }
+
+    fn publish(spinning_exclusive: u32, hint: &AtomicUsize) {
+        // Relaxed: a hint, read without the lock by a holder deciding
+        // whether to look again (under the lock) for a waiter.
+        hint.store(spinning_exclusive as usize, Ordering::Relaxed);
     }
 
     /// Whether nobody holds, waits or spins for the key.
@@ -272,15 +283,6 @@ impl<K, L: LockKind> Slot<K, L> {
 }
 
 impl<K, L: LockKind> Slot<K, L> {
-    /// Copies the count of exclusive spinners into `spinning_hint`; called
-    /// under the shard lock after the count may have changed.
-    fn note_spinners(&self, state: &SlotState<L>) {
-        // Relaxed: a hint, read without the lock by a holder deciding
-        // whether to look again (under the lock) for a waiter.
-        self.spinning_hint
-            .store(state.spinning_exclusive as usize, Ordering::Relaxed);
-    }
-
     /// The lock state, for reading.
     ///
     /// # Safety
@@ -718,38 +720,27 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             }
         };
         // SAFETY: we hold the shard lock, and the slot is in the table.
-        let state = unsafe { slot.get().state() };
+        let (state, hint) = unsafe { (slot.get().state(), &slot.get().spinning_hint) };
         // A newcomer may take a grantable lock unless somebody queued has
         // not yet been offered it (then the front waiter is owed it).
         let may_take = state.queue.front().is_none_or(|front| front.data.woken);
         if may_take && state.lock.can_acquire(mode) {
             if spin == Some(true) {
-                state.stop_spinning(mode);
+                state.stop_spinning(mode, hint);
             }
             state.grant(mode);
-            if spin == Some(true) {
-                // SAFETY: we hold the shard lock, and the slot is in the
-                // table.
-                unsafe { slot.get() }.note_spinners(state);
-            }
             counters.acquisitions += 1;
             return Begin::Held(slot);
         }
         let Some(make_unpark) = enqueue else {
             if spin == Some(false) {
-                state.start_spinning(mode);
-                // SAFETY: as above.
-                unsafe { slot.get() }.note_spinners(state);
+                state.start_spinning(mode, hint);
                 return Begin::Spinning(slot);
             }
             return Begin::Busy;
         };
         if spin == Some(true) {
-            state.stop_spinning(mode);
-        }
-        if spin == Some(true) {
-            // SAFETY: as above.
-            unsafe { slot.get() }.note_spinners(state);
+            state.stop_spinning(mode, hint);
         }
         let id = state.queue.push(
             make_unpark(),
@@ -1008,10 +999,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Drop for SpinCount<'_, K, L, S> 
         let hash = unsafe { self.slot.get().hash };
         let mut shard = self.core.table.write(hash);
         // SAFETY: we hold the shard lock, and our count keeps the slot live.
-        let state = unsafe { self.slot.get().state() };
-        state.stop_spinning(self.mode);
-        // SAFETY: as above.
-        unsafe { self.slot.get() }.note_spinners(state);
+        let slot = unsafe { self.slot.get() };
+        // SAFETY: the same.
+        unsafe { slot.state() }.stop_spinning(self.mode, &slot.spinning_hint);
         let freed = Core::<K, L, S>::remove_if_idle(&mut shard, self.slot);
         drop(shard);
         drop(freed);
