@@ -408,7 +408,7 @@ impl<F: Fs> Layer<F> {
         Self {
             fs: Arc::new(fs),
             delete,
-            keyed: KeyedRwLocks::new(),
+            keyed: KeyedRwLocks::new().spinning_longer(),
             gate: KeyedLocks::new(),
             shared: Mutex::new(HashMap::with_hasher(LazyRandomState::new())),
             idle: Mutex::new(Idle::new(0)),

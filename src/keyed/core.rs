@@ -435,6 +435,9 @@ pub(crate) struct Core<K, L: LockKind, S> {
     peak: PerExecution<AtomicUsize>,
     /// Where the map was created (`#[track_caller]`), for `Debug`.
     created_at: &'static Location<'static>,
+    /// How many of a blocking caller's spins pause before the rest yield
+    /// (see [`SpinWait`]).
+    pause_rounds: u32,
 }
 
 sync::loom_const_fn! {
@@ -456,7 +459,16 @@ impl<K, L: LockKind, S> Core<K, L, S> {
             table: Table::with_hasher(hasher, name),
             peak: sync::per_execution!(zero),
             created_at,
+            pause_rounds: SpinWait::PAUSE_ROUNDS,
         }
+    }
+
+    /// The same map, whose blocking callers spin longer before they yield
+    /// ([`SpinWait::LONG_PAUSE_ROUNDS`], for `FileLocks`).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn spinning_longer(mut self) -> Self {
+        self.pause_rounds = SpinWait::LONG_PAUSE_ROUNDS;
+        self
     }
 
     /// Where the map was created.
@@ -839,7 +851,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     {
         let hash = self.hash(key.get());
         let unpark = || Unpark::current_thread();
-        let mut spin = SpinWait::default();
+        let mut spin = SpinWait::new(self.pause_rounds);
         // Set while we are counted as spinning in a slot.
         let mut spinning: Option<SpinCount<'_, K, L, S>> = None;
         let (slot, id) = loop {

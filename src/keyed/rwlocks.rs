@@ -300,6 +300,17 @@ macro_rules! rw_guard {
 
 rw_guard!(KeyReadGuard, Access::Read);
 
+impl<K, S> KeyedRwLocks<K, S> {
+    /// The same map, whose blocking callers spin longer before they yield
+    /// (for `FileLocks`' in-process map: see `SpinWait` in `sync.rs`).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn spinning_longer(self) -> Self {
+        Self {
+            core: self.core.spinning_longer(),
+        }
+    }
+}
+
 impl<K, S> KeyWriteGuard<'_, K, S> {
     /// Whether a thread spun to write the key when last looked at: a hint,
     /// read without the shard lock, for `FileLocks` to decide whether to
