@@ -562,7 +562,24 @@ impl<K, L: LockKind, S> Core<K, L, S> {
     pub(crate) unsafe fn release(&self, slot: SlotRef<K, L>, mode: L::Mode) {
         // SAFETY: we hold the key, so the slot is live.
         let hash = unsafe { slot.get().hash };
-        let mut shard = self.table.write(hash);
+        let shard = self.table.write(hash);
+        // SAFETY: we hold the shard lock and the key.
+        unsafe { Self::release_locked(shard, slot, mode) }
+    }
+
+    /// The release itself, under the shard lock `shard`: drop the holder,
+    /// then hand the key on, or free the slot if that left it idle (after
+    /// unlocking).
+    ///
+    /// # Safety
+    ///
+    /// `shard` is `slot`'s shard, locked; the caller holds `slot`'s key in
+    /// `mode` and gives up that hold.
+    unsafe fn release_locked(
+        mut shard: <ParkingRwLock<Shard<K, L>> as ShardLock>::Write<'_>,
+        slot: SlotRef<K, L>,
+        mode: L::Mode,
+    ) {
         // SAFETY: we hold the shard lock, and the key keeps the slot live.
         let state = unsafe { slot.get().state() };
         state.revoke(mode);
@@ -607,9 +624,9 @@ impl<K, L: LockKind, S> Core<K, L, S> {
     ) -> bool {
         // SAFETY: we hold the key, so the slot is live.
         let hash = unsafe { slot.get().hash };
-        let mut shard = self.table.write(hash);
+        let shard = self.table.write(hash);
         // SAFETY: we hold the shard lock, and our hold keeps the slot live.
-        let state = unsafe { slot.get().state() };
+        let state = unsafe { slot.get().state_ref() };
         let waits = match state.queue.front() {
             Some(front) => {
                 matches!(front.unpark, Unpark::Thread(_)) && L::is_exclusive(front.data.mode)
@@ -619,15 +636,8 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         if !waits {
             return false;
         }
-        state.revoke(mode);
-        if !state.queue.is_empty() {
-            Self::release_contended(shard, slot);
-            return true;
-        }
-        // A spinner keeps the slot: nothing to free.
-        let freed = Self::remove_if_idle(&mut shard, slot);
-        drop(shard);
-        drop(freed);
+        // SAFETY: we hold the shard lock and the key, and give the key up.
+        unsafe { Self::release_locked(shard, slot, mode) };
         true
     }
 
