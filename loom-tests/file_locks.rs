@@ -500,6 +500,30 @@ fn another_process_locks(fs: &SimFs, det: &Detector) {
     work(&other, det, hold);
 }
 
+/// A holder of the key releases it while a thread of its process waits for
+/// it with `try_write_for`, whose deadline may pass at any point (loom lets
+/// it expire or not); both are done when this returns.
+fn release_beside_a_timed_waiter() -> (SimFs, Detector, Arc<Layer<SimFs>>) {
+    let fs = SimFs::default();
+    let det = Detector::default();
+    let layer = Arc::new(Layer::new(fs.clone(), true));
+    let held = layer.write(KEY);
+    let hold = exclusive_hold(&layer, held);
+    let waiter = {
+        let (layer, det) = (layer.clone(), det.clone());
+        thread::spawn(move || {
+            let timeout = std::time::Duration::from_millis(1);
+            if let Some(held) = layer.try_write_for(KEY, timeout) {
+                let hold = exclusive_hold(&layer, held);
+                work(&layer, &det, hold);
+            }
+        })
+    };
+    work(&layer, &det, hold);
+    waiter.join().unwrap();
+    (fs, det, layer)
+}
+
 /// A holder releases while a waiter of its process gives up: the waiter
 /// blocks in `try_write_for`, whose deadline may pass at any point (loom
 /// lets it expire or not). The release may hand the OS lock over (the
@@ -511,23 +535,7 @@ fn another_process_locks(fs: &SimFs, det: &Detector) {
 #[test]
 fn a_hand_over_meets_a_waiter_that_gives_up() {
     bounded(3).check(|| {
-        let fs = SimFs::default();
-        let det = Detector::default();
-        let layer = Arc::new(Layer::new(fs.clone(), true));
-        let held = layer.write(KEY);
-        let hold = exclusive_hold(&layer, held);
-        let waiter = {
-            let (layer, det) = (layer.clone(), det.clone());
-            thread::spawn(move || {
-                let timeout = std::time::Duration::from_millis(1);
-                if let Some(held) = layer.try_write_for(KEY, timeout) {
-                    let hold = exclusive_hold(&layer, held);
-                    work(&layer, &det, hold);
-                }
-            })
-        };
-        work(&layer, &det, hold);
-        waiter.join().unwrap();
+        let (fs, det, layer) = release_beside_a_timed_waiter();
         another_process_locks(&fs, &det);
         assert_eq!(fs.files(), 0);
         assert!(layer.is_empty());
@@ -551,23 +559,7 @@ fn a_hand_over_meets_a_waiter_that_gives_up() {
 fn a_timed_waiter_takes_the_lock_parked_for_it_or_leaves_before() {
     toctou::__loom_timed_parks(1);
     bounded(3).check(|| {
-        let fs = SimFs::default();
-        let det = Detector::default();
-        let layer = Arc::new(Layer::new(fs.clone(), true));
-        let held = layer.write(KEY);
-        let hold = exclusive_hold(&layer, held);
-        let waiter = {
-            let (layer, det) = (layer.clone(), det.clone());
-            thread::spawn(move || {
-                let timeout = std::time::Duration::from_millis(1);
-                if let Some(held) = layer.try_write_for(KEY, timeout) {
-                    let hold = exclusive_hold(&layer, held);
-                    work(&layer, &det, hold);
-                }
-            })
-        };
-        work(&layer, &det, hold);
-        waiter.join().unwrap();
+        let (fs, det, layer) = release_beside_a_timed_waiter();
         assert!(layer.is_empty());
         assert_eq!(fs.files(), 0, "the parked lock's file is gone");
         det.no_failed_release();
