@@ -471,3 +471,91 @@ fn a_cancelled_writer_lets_the_readers_behind_it_in() {
         assert_eq!(files.len(), 0);
     });
 }
+
+/// Two keys that share a shard under loom (two shards, picked by bits 32 and
+/// up of the hash, as `src/table.rs` does), so that inserting the second
+/// makes the shard sweep the first (`SLACK` is 1 under loom).
+fn same_shard_keys() -> (usize, usize) {
+    use std::hash::BuildHasher;
+    let shard = |k: usize| (Hasher::default().hash_one(k) >> 32) & 1;
+    let b = (2..).find(|&k| shard(k) == shard(1)).unwrap();
+    (1, b)
+}
+
+/// A sweep kills the idle entry of a key that another thread is locking
+/// through the lock-free lookup, and a third lock of the key follows. Never
+/// two holders, no freed entry read, and `len() == 0` at the end. Bounded to
+/// two preemptions.
+///
+/// Catches: a fast acquire that takes a dead entry (its holder and the
+/// holder of the key's new entry both hold it); a sweep that frees the
+/// entries it killed at once, not after the lookups pinned meanwhile (the
+/// lookup reads a freed entry); and a sweep that unlinks the entry *by
+/// key*, which finds the key's new live entry instead of the dead one (its
+/// holder is then alone with an entry nobody else can find).
+#[test]
+fn a_sweep_races_a_lookup_of_the_key_it_kills() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let (a, b) = same_shard_keys();
+        let locks = new_locks();
+        let data = Guarded::new();
+        drop(locks.lock(&a));
+        let other = {
+            let (locks, data) = (locks.clone(), data.clone());
+            thread::spawn(move || {
+                let _guard = locks.lock(&a);
+                data.bump();
+            })
+        };
+        // Inserting `b` sweeps the shard: `a`'s entry dies if it is idle.
+        drop(locks.lock(&b));
+        {
+            let _guard = locks.lock(&a);
+            data.bump();
+        }
+        other.join().unwrap();
+        assert_eq!(data.read(), 2);
+        assert_eq!(locks.len(), 0, "entry left behind");
+    });
+}
+
+/// A sweep runs just after the holder of a key released it to a thread
+/// that spins for it or is queued on it (not yet back to take it). The
+/// entry must survive the sweep: never two holders, no freed entry read, no
+/// lost wake-up, and `len() == 0` at the end. Bounded to two preemptions.
+///
+/// Catches: a sweep that kills an entry without holders but with waiters
+/// or spinners (the waiter takes a dead entry while a newcomer makes a new
+/// one); and a release that lets a spinner's entry go idle (the spinner's
+/// next try finds it swept).
+#[test]
+fn a_sweep_beside_a_spinner_or_waiter_spares_its_entry() {
+    toctou::__loom_spin_rounds(1);
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let (a, b) = same_shard_keys();
+        let locks = new_locks();
+        let data = Guarded::new();
+        let held = locks.lock_owned(&a);
+        let other = {
+            let (locks, data) = (locks.clone(), data.clone());
+            thread::spawn(move || {
+                let _guard = locks.lock(&a);
+                data.bump();
+            })
+        };
+        drop(held);
+        drop(locks.lock(&b));
+        {
+            let _guard = locks.lock(&a);
+            data.bump();
+        }
+        other.join().unwrap();
+        assert_eq!(data.read(), 2);
+        assert_eq!(locks.len(), 0, "entry left behind");
+    });
+    toctou::__loom_spin_rounds(0);
+}

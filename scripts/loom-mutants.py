@@ -48,10 +48,24 @@ MAP_CHECK_THEN_ACT = (
 # A failed or cancelled init that never gives the RUNNING claim back.
 NO_GIVE_BACK = ("        self.once.finish(EMPTY);\n", "")
 
-# KeyedLocks' removal race: an entry removed while a waiter is still queued on it.
-# The slot is leaked instead of freed, so the mutant shows the race, not undefined behaviour.
-KEYED_DETACH_OLD = "            (state.is_idle(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        // Found by identity, not by key: no user `Eq` runs, and a slot can\n        // never be confused with another for an equal key.\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        let raw = slot.0.as_ptr();\n        // SAFETY: the table entry just removed was the slot's last\n        // reference: it is idle, so no guard or waiter points to it, and we\n        // hold the shard lock, so no lookup is reading it. Its fields are\n        // moved out exactly once, and its memory (from `Block::write` in\n        // `begin`) is handed back to a `Block`, which frees it once.\n        unsafe {\n            Some(Freed {\n                _key: std::ptr::read(&raw const (*raw).key),\n                _state: std::ptr::read(&raw const (*raw).state),\n                _memory: Block::from_raw(slot.0),\n            })\n        }\n"
-KEYED_DETACH_NEW = '            (state.lock.is_free(), s.hash)\n        };\n        if !idle {\n            return None;\n        }\n        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;\n        entry.remove();\n        None\n'
+# The keyed core's sweep, killing an entry that has no holder but has waiters
+# or spinners (the check of the whole word, `SLOW` bit included, skipped).
+KEYED_KILL_OLD = (
+    "                    if slot\n"
+    "                        .as_ref()\n"
+    "                        .word\n"
+    "                        .compare_exchange(0, DEAD, Ordering::Acquire, Ordering::Relaxed)\n"
+    "                        .is_ok()\n"
+)
+KEYED_KILL_NEW = (
+    "                    let seen = slot.as_ref().word.load(Ordering::Relaxed);\n"
+    "                    if seen & HOLDERS == 0\n"
+    "                        && slot\n"
+    "                        .as_ref()\n"
+    "                        .word\n"
+    "                        .compare_exchange(seen, DEAD, Ordering::Acquire, Ordering::Relaxed)\n"
+    "                        .is_ok()\n"
+)
 
 # (name, file, old text, new text, loom test target, test name filter)
 MUTANTS = [
@@ -358,32 +372,37 @@ MUTANTS = [
     (
         "keyed: take the key without checking that it is free",
         "src/keyed/core.rs",
-        "        if may_take && state.lock.can_acquire(mode) {",
-        "        if may_take {",
+        "            if may_take && L::can_acquire(word & HOLDERS, mode) {",
+        "            if may_take {",
         "loom_keyed_locks",
         "two_threads_exclude_each_other_on_one_key",
     ),
     (
         "keyed seed bug: a second entry (a second lock) for a key that already has one",
         "src/keyed/core.rs",
-        "                |s| unsafe { s.get() }.key.borrow() == q,",
-        "                |_| false,",
+        "                    && slot.key.borrow() == key\n",
+        "                    && false\n",
         "loom_keyed_locks",
         "last_release_races_a_lookup_of_the_same_key",
     ),
     (
-        "keyed removal race: remove the entry without re-checking for waiters (the slot is leaked, not freed)",
+        "keyed removal race: a sweep kills an entry that has no holder but has a waiter or a spinner",
         "src/keyed/core.rs",
-        KEYED_DETACH_OLD,
-        KEYED_DETACH_NEW,
+        KEYED_KILL_OLD,
+        KEYED_KILL_NEW,
         "loom_keyed_locks",
-        "a_waiter_queues_while_the_holder_releases",
+        "a_sweep_beside_a_spinner_or_waiter_spares_its_entry",
     ),
     (
         "keyed: release forgets to dispatch the queue (lost wake-up)",
         "src/keyed/core.rs",
-        "        dispatch(unsafe { slot.get().state() }, &mut wakes);\n",
-        "",
+        "        let mut wakes = Wakes::default();\n"
+        "        dispatch::<L>(&s.word, state, &mut wakes);\n"
+        "        s.settle(state);\n"
+        "        drop(shard);\n",
+        "        let mut wakes = Wakes::default();\n"
+        "        s.settle(state);\n"
+        "        drop(shard);\n",
         "loom_keyed_locks",
         "a_waiter_queues_while_the_holder_releases",
     ),
@@ -391,7 +410,7 @@ MUTANTS = [
         "keyed: a cancelled waiter leaves the queue without passing its wake-up on",
         "src/keyed/core.rs",
         "            // behind us, or woken to take a free lock: pass it on.\n"
-        "            dispatch(state, &mut wakes);\n",
+        "            dispatch::<L>(&s.word, state, &mut wakes);\n",
         "",
         "loom_keyed_locks",
         "a_woken_async_waiter_cancels_and_the_next_one_is_woken",
@@ -400,7 +419,7 @@ MUTANTS = [
         "keyed rw: a cancelled writer does not let the readers queued behind it in",
         "src/keyed/core.rs",
         "            // behind us, or woken to take a free lock: pass it on.\n"
-        "            dispatch(state, &mut wakes);\n",
+        "            dispatch::<L>(&s.word, state, &mut wakes);\n",
         "",
         "loom_keyed_locks",
         "a_cancelled_writer_lets_the_readers_behind_it_in",
@@ -430,6 +449,56 @@ MUTANTS = [
         "",
         "loom_keyed_locks",
         "handoff_after_repeated_barging",
+    ),
+    (
+        "keyed lock-free: a fast acquire takes a dead entry (the increment ignores DEAD)",
+        "src/keyed/core.rs",
+        "            if word & (DEAD | SLOW) != 0 {\n",
+        "            if word & SLOW != 0 {\n",
+        "loom_keyed_locks",
+        "a_sweep_races_a_lookup_of_the_key_it_kills",
+    ),
+    (
+        "keyed lock-free: a sweep unlinks the key's live entry (by key) instead of the dead one (by identity)",
+        "src/keyed/core.rs",
+        "            let unlinked = unsafe { index.unlink(occupancy, s.hash, slot) };\n",
+        "            let by_key = unsafe { self.find(s.hash, &s.key) }.map_or(slot, |f| f.0);\n"
+        "            let unlinked = unsafe { index.unlink(occupancy, s.hash, by_key) };\n",
+        "loom_keyed_locks",
+        "a_sweep_races_a_lookup_of_the_key_it_kills",
+    ),
+    (
+        "keyed lock-free: a sweep frees the entries it killed at once, not after the pinned lookups",
+        "src/keyed/core.rs",
+        "        unsafe { lock_free.reclaim.retire(slots.chain(cells)) };\n",
+        "        unsafe { reclaim::free_all(slots.chain(cells)) };\n",
+        "loom_keyed_locks",
+        "a_sweep_races_a_lookup_of_the_key_it_kills",
+    ),
+    (
+        "keyed lock-free: a waiter sets SLOW and queues without re-checking the word (lost wake-up)",
+        "src/keyed/core.rs",
+        "            match s.word.compare_exchange_weak(\n"
+        "                word,\n"
+        "                word | SLOW,\n"
+        "                Ordering::Relaxed,\n"
+        "                Ordering::Relaxed,\n"
+        "            ) {\n"
+        "                Ok(_) => break,\n"
+        "                Err(seen) => word = seen,\n"
+        "            }\n",
+        "            s.word.fetch_or(SLOW, Ordering::Relaxed);\n"
+        "            break;\n",
+        "loom_keyed_locks",
+        "a_waiter_queues_while_the_holder_releases",
+    ),
+    (
+        "keyed lock-free: an advance of the epoch ignores the pinned readers",
+        "src/keyed/reclaim.rs",
+        "            .any(|s| s.0[side].load(Ordering::Acquire) != 0)\n",
+        "            .any(|s| s.0[side].load(Ordering::Acquire) == usize::MAX)\n",
+        "loom_keyed_locks",
+        "a_sweep_races_a_lookup_of_the_key_it_kills",
     ),
     (
         "keyed: lock_many takes the keys in the given order, not sorted",
@@ -526,21 +595,21 @@ MUTANTS = [
         "a_reader_handed_an_exclusive_lock_gives_it_up",
     ),
     (
-        "keyed spinning: a release frees the entry a thread spins for",
+        "keyed spinning: a release lets the entry a thread spins for go idle (a sweep then kills it)",
         "src/keyed/core.rs",
-        "        self.lock.is_free() && self.queue.is_empty() && self.spinning == 0\n",
-        "        self.lock.is_free() && self.queue.is_empty()\n",
+        "        !self.queue.is_empty() || self.spinning > 0\n",
+        "        !self.queue.is_empty()\n",
         "loom_keyed_locks",
-        "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
+        "a_sweep_beside_a_spinner_or_waiter_spares_its_entry",
     ),
     (
         "keyed spinning: a spinner takes the key without uncounting itself",
         "src/keyed/core.rs",
-        "            if spin == Some(true) {\n"
-        "                state.stop_spinning(mode, hint);\n"
-        "            }\n"
-        "            state.grant(mode);\n",
-        "            state.grant(mode);\n",
+        "                        if spin == Some(true) {\n"
+        "                            state.stop_spinning(L::is_exclusive(mode), &s.spinning_hint);\n"
+        "                            s.settle(state);\n"
+        "                        }\n",
+        "",
         "loom_keyed_locks",
         "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
     ),
@@ -548,7 +617,7 @@ MUTANTS = [
         "keyed spinning: a spinner queues without uncounting itself",
         "src/keyed/core.rs",
         "        if spin == Some(true) {\n"
-        "            state.stop_spinning(mode, hint);\n"
+        "            state.stop_spinning(L::is_exclusive(mode), &s.spinning_hint);\n"
         "        }\n"
         "        let id = state.queue.push(\n",
         "        let id = state.queue.push(\n",

@@ -295,7 +295,7 @@ fn shard_addr<L>(shard: &L) -> usize {
 /// Four shards per core, rounded up to a power of two (as dashmap does), so
 /// that unrelated keys rarely share a lock. Under loom, two: the models use
 /// few keys, and every shard is a loom object.
-fn shard_count() -> usize {
+pub(crate) fn shard_count() -> usize {
     #[cfg(toctou_loom)]
     {
         2

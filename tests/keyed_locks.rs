@@ -440,22 +440,68 @@ impl Drop for PanickyKey {
 }
 
 #[test]
-fn lock_many_releases_every_key_when_one_keys_drop_panics() {
-    // The guard releases 3, 2, 1; freeing key 3's entry drops the key, which
-    // panics. Keys 2 and 1 must still be released, and the panic go on.
+fn lock_many_releases_every_key_and_keeps_their_entries_for_reuse() {
+    // A release runs no user code: the entries stay, idle, and the keys are
+    // dropped only when a sweep (or the map's drop) frees them.
     let locks = KeyedLocks::<PanickyKey>::new();
     let guard = locks.lock_many(&[PanickyKey(1), PanickyKey(2), PanickyKey(3)]);
     assert_eq!(locks.len(), 3);
     PANICKY_ARMED.store(true, SeqCst);
-    let payload = catch_unwind(AssertUnwindSafe(|| drop(guard)))
-        .expect_err("the key's panic propagates out of the guard's drop");
-    assert!(!PANICKY_ARMED.load(SeqCst), "key 3's drop ran");
-    assert_eq!(panic_message(payload), "PanickyKey(3) panics on drop");
-    assert_eq!(locks.len(), 0, "keys 1 and 2 were released too");
+    drop(guard);
+    assert!(
+        PANICKY_ARMED.swap(false, SeqCst),
+        "no key was dropped by a release"
+    );
+    assert_eq!(locks.len(), 0, "every key was released");
     for k in 1..=3 {
         assert!(locks.try_lock(&PanickyKey(k)).is_some(), "key {k} is free");
     }
-    assert!(locks.is_empty());
+}
+
+/// A key whose value 3 panics when dropped while armed (its own flag, so
+/// that tests running at once do not arm each other's keys).
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct SweptKey(u32);
+
+static SWEPT_ARMED: AtomicBool = AtomicBool::new(false);
+
+impl Drop for SweptKey {
+    fn drop(&mut self) {
+        if self.0 == 3 && SWEPT_ARMED.swap(false, SeqCst) {
+            panic!("SweptKey(3) panics on drop");
+        }
+    }
+}
+
+#[test]
+fn a_key_whose_drop_panics_in_a_sweep_leaves_the_sweeping_call_holding_nothing() {
+    // Key 3's entry is idle; new keys make its shard sweep it, which drops
+    // the key, which panics. The panic reaches the `lock` call that swept,
+    // and that call holds nothing: its key is free, and every other entry
+    // the sweep took is freed all the same.
+    let locks = KeyedLocks::<SweptKey>::new();
+    drop(locks.lock(&SweptKey(3)));
+    SWEPT_ARMED.store(true, SeqCst);
+    let limit = if cfg!(miri) { 20_000 } else { 1_000_000 };
+    let mut swept_by = None;
+    for k in 4..limit {
+        match catch_unwind(AssertUnwindSafe(|| drop(locks.lock(&SweptKey(k))))) {
+            Ok(()) => {}
+            Err(payload) => {
+                assert_eq!(panic_message(payload), "SweptKey(3) panics on drop");
+                swept_by = Some(k);
+                break;
+            }
+        }
+    }
+    let k = swept_by.expect("new keys sweep key 3's idle entry");
+    assert!(!SWEPT_ARMED.load(SeqCst), "key 3's drop ran once");
+    assert_eq!(locks.len(), 0, "the sweeping call holds nothing");
+    assert!(locks.try_lock(&SweptKey(k)).is_some(), "key {k} is free");
+    assert!(
+        locks.try_lock(&SweptKey(3)).is_some(),
+        "key 3 can be locked again"
+    );
 }
 
 #[test]

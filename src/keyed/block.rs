@@ -60,6 +60,8 @@ impl<T> Block<T> {
     ///
     /// `ptr` came from `write` on a `Block<T>`, its value is no longer
     /// used, and nothing else will free it.
+    // Under loom, freed slots are leaked (see `free_slot` in `core.rs`).
+    #[cfg_attr(toctou_loom, allow(dead_code))]
     pub(crate) unsafe fn from_raw(ptr: NonNull<T>) -> Self {
         Self { ptr: ptr.cast() }
     }

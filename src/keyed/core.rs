@@ -1,46 +1,77 @@
-//! The entry lifecycle shared by every keyed lock: entries that exist exactly
-//! while somebody holds or waits for their key.
+//! The entry lifecycle shared by every keyed lock: a key's entry is *live*
+//! exactly while somebody holds, waits or spins for the key, and a live
+//! entry is never removed.
+//!
+//! # Layout
+//!
+//! Each shard has an [`Index`] of heap-allocated [`Slot`]s, which lookups
+//! read without a lock (pinned: see [`super::reclaim`]), and a lock (the
+//! shard lock) that serialises inserts and unlinks, and guards each slot's
+//! waiter queue and spinner counts. A slot holds the key, its hash, the
+//! *state word* and the queue.
+//!
+//! # State word
+//!
+//! One atomic word per slot: `DEAD | SLOW | holders`. The holders are
+//! recorded by the [`LockKind`] in the low bits.
+//!
+//! - `SLOW` is set, under the shard lock, exactly while the slot's queue is
+//!   not empty or a thread spins for the key. Then every change of the word
+//!   happens under the shard lock (the fast paths below refuse a `SLOW`
+//!   word), so the queue and the holders are looked at together.
+//! - `DEAD` is set by a sweep (below), on an idle word (zero: no holder,
+//!   not `SLOW`) only, by compare-exchange; a dead word never changes again.
 //!
 //! # Protocol
 //!
-//! Each shard of the [`Table`] maps keys to heap-allocated [`Slot`]s. A slot
-//! holds the key, its hash, the key's lock state (a [`LockKind`]) and the
-//! queue of its waiters. **Every read or write of a slot's state happens
-//! under its shard's write lock**, and no reference to a slot is handed out
-//! except to a holder or a waiter of its key. That is what rules out the
-//! removal race by construction: there is no reference count that a lookup
-//! could bump on a slot that a releaser is about to free, because lookup,
-//! acquisition, release and removal are each one critical section.
-//!
-//! - **Acquire** ([`Core::begin`]). Find the key's slot or create it, already
-//!   held. If it exists, take it if the kind allows and nobody queued may
-//!   object (see *fairness*), or else append a waiter to its queue.
-//! - **Spin** ([`Core::acquire_blocking`]). A blocking caller that finds
-//!   the key taken tries again a few times before it queues, counted in the
-//!   slot (`spinning`) from its first failed try until it takes the key or
-//!   queues. It holds no reference to the slot meanwhile (each try looks the
-//!   key up), but the count keeps the slot in the table, so a key somebody
-//!   spins for is not freed and re-created, and a holder can tell that a
-//!   thread is about to take it ([`Core::release_if_exclusive_thread_waits`],
-//!   for `FileLocks`' hand-over). A caller that unwinds while counted (a
-//!   panic in the key's `Eq`) gives its count back on the way out.
-//! - **Release** ([`Core::release`]). Drop the holder from the lock state,
-//!   then [`dispatch`] the queue. If the slot is now free, its queue empty
-//!   and nobody spins for it, remove it from the table (by identity) and
-//!   free it after unlocking.
+//! - **Fast acquire** ([`Core::fast_acquire`]). Pinned, find the key's
+//!   slot, and compare-exchange its word from one that is neither `DEAD`
+//!   nor `SLOW` and whose holders admit the mode to the same word with one
+//!   more holder. No lock, and no write to anything but the slot: a key
+//!   locked over and over keeps its slot, and threads on different keys
+//!   share no cache line. Any other outcome falls back to the slow path.
+//! - **Fast release** ([`Core::release`]). Compare-exchange the word to one
+//!   holder less if it is not `SLOW`. The slot stays in the index, idle.
+//! - **Slow acquire** ([`Core::begin`], under the shard lock). Find the
+//!   key's live slot (dead ones are skipped) or insert a new one, already
+//!   held. Take it if the kind allows and nobody queued may object (see
+//!   *Fairness*); otherwise set `SLOW` by compare-exchange *from the word
+//!   just judged*, re-judging if it changed (a fast release may have freed
+//!   the key in between), then queue or count the caller as a spinner.
+//! - **Slow release** (a `SLOW` word). Under the shard lock, drop the
+//!   holder, [`dispatch`] the queue, and clear `SLOW` if the queue is empty
+//!   and nobody spins.
+//! - **Spin** ([`Core::acquire_blocking`]). A blocking caller that finds the
+//!   key taken tries again a few times before it queues, counted in the
+//!   slot (`spinning`, which sets `SLOW`) from its first failed try until it
+//!   takes the key or queues, so the slot stays live, and a holder can tell
+//!   that a thread is about to take it
+//!   ([`Core::release_if_exclusive_thread_waits`], for `FileLocks`'
+//!   hand-over). A caller that unwinds while counted (a panic in the key's
+//!   `Eq`) gives its count back on the way out.
 //! - **Wait** ([`Core::check`]). A queued waiter that is unparked (or polled)
 //!   looks at its queue entry under the lock. Gone: the lock was handed to
 //!   it. Marked woken: the lock was free when it was woken, so it tries to
 //!   take it. Its deadline passed, or its future was dropped: it removes its
-//!   entry, dispatches the queue in its stead, and removes the slot if that
-//!   left it idle.
+//!   entry and dispatches the queue in its stead.
+//! - **Sweep** ([`Core::sweep`]). Idle slots stay in the index, so that a
+//!   key locked again reuses its slot without a table write. When a shard's
+//!   slots exceed its sweep mark (inserting a new key finds out), the
+//!   inserting thread, after unlocking, compare-exchanges each idle word of
+//!   the shard to `DEAD`, then under the shard lock unlinks exactly those
+//!   slots, *by identity* (a new slot for the same key may already be in
+//!   the index beside a dead one), and retires them: they are freed once
+//!   no pinned lookup can still hold them. The mark is then set to the
+//!   shard's live slots plus the larger of [`SLACK`] and those live slots,
+//!   so a shard keeps at most that many idle slots between sweeps, and
+//!   sweeping costs O(1) per insert, amortised.
 //!
-//! The invariant the protocol keeps, checked after every step: **an entry
-//! exists iff its lock is held, its queue is non-empty or a thread spins
-//! for it**, and **if the
-//! queue is non-empty and its front is not marked woken, the front's mode
-//! cannot be granted** (so a later release will dispatch it; no wake-up is
-//! lost).
+//! The invariants: **a slot whose key is held, waited or spun for is never
+//! dead** (its word is not idle), so it is never unlinked or freed while
+//! somebody relies on it; **under the shard lock, each key has at most one
+//! live slot in the index**; and **if the queue is non-empty and its front
+//! is not marked woken, the front's mode cannot be granted** (so a later
+//! release, which is a slow one, will dispatch it: no wake-up is lost).
 //!
 //! # Fairness
 //!
@@ -59,26 +90,49 @@
 //!
 //! So handoff is eventually fair, like parking_lot's: a waiter at the front
 //! of the queue waits for newcomers at most about 0.5 ms. A newcomer never
-//! overtakes a queued waiter that has not been woken; in particular a new
-//! reader queues behind a waiting writer, so writers do not starve.
+//! overtakes a queued waiter that has not been woken (the queue keeps the
+//! word `SLOW`, so newcomers take the slow path and see the queue); in
+//! particular a new reader queues behind a waiting writer, so writers do
+//! not starve.
 
+use std::alloc::Layout;
 use std::borrow::Borrow;
 use std::future::poll_fn;
 use std::hash::{BuildHasher, Hash};
-use std::panic::Location;
+use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, Location, catch_unwind, resume_unwind};
 use std::ptr::NonNull;
 use std::task::{Poll, Waker};
 
-use hashbrown::HashTable;
-
 use super::block::Block;
+use super::index::{self, Cells, Index, Occupancy};
 use super::kind::LockKind;
+use super::reclaim::{self, Free, Reclaim};
 use crate::sync::{
-    self, AtomicUsize, Deadline, Ordering, ParkingRwLock, PerExecution, ShardLock, SpinWait,
-    UnsafeCell, WaitStart,
+    self, AtomicU64, AtomicUsize, Deadline, LazyInit, Ordering, ParkingRwLock, PerExecution,
+    ShardLock, SpinWait, UnsafeCell, WaitStart,
 };
-use crate::table::Table;
+use crate::table::{self, Table};
 use crate::wait::{Unpark, WaitList, Waiter};
+
+/// Set by a sweep on an idle word: the slot is being unlinked, never to be
+/// used again.
+const DEAD: usize = 1 << (usize::BITS - 1);
+/// Set while the slot's queue is not empty or a thread spins for its key:
+/// every change then happens under the shard lock.
+const SLOW: usize = 1 << (usize::BITS - 2);
+/// The holder bits, the [`LockKind`]'s.
+const HOLDERS: usize = SLOW - 1;
+
+/// Idle slots a shard may keep beyond its live ones before a sweep (at
+/// least; a shard with more live slots at its last sweep keeps as many idle
+/// ones as it had live ones). Enough that a thread cycling over a few
+/// hundred keys per shard never sweeps them.
+#[cfg(not(toctou_loom))]
+pub(crate) const SLACK: usize = 256;
+/// Under loom, one: a model with two keys in one shard sweeps.
+#[cfg(toctou_loom)]
+pub(crate) const SLACK: usize = 1;
 
 /// What a waiter wants, and how its wait has gone so far.
 struct Waiting<M> {
@@ -91,54 +145,44 @@ struct Waiting<M> {
     since: WaitStart,
 }
 
-/// A key's lock state and waiters. Only touched under the shard's write lock.
-struct SlotState<L: LockKind> {
-    lock: L,
-    queue: Queue<L::Mode>,
+/// A key's waiters and spinners. Only touched under the shard's write lock.
+struct SlotState<M> {
+    queue: Queue<M>,
     /// Blocking callers that found the key taken and are spinning before
-    /// they queue (see *Spin* in the module docs): they keep the slot.
+    /// they queue (see *Spin* in the module docs): they keep the slot live.
     spinning: u32,
     /// How many of them want it exclusively.
     spinning_exclusive: u32,
 }
 
-impl<L: LockKind> SlotState<L> {
-    /// A new state, held in `mode`.
-    fn held(mode: L::Mode) -> Self {
-        let mut state = Self {
-            lock: L::default(),
+impl<M> SlotState<M> {
+    fn new() -> Self {
+        Self {
             queue: Queue::new(),
             spinning: 0,
             spinning_exclusive: 0,
-        };
-        state.grant(mode);
-        state
+        }
     }
 
-    /// Records a new holder in `mode`.
-    fn grant(&mut self, mode: L::Mode) {
-        self.lock.acquire(mode);
+    /// Whether the word must be `SLOW`: somebody waits or spins.
+    fn needs_slow(&self) -> bool {
+        !self.queue.is_empty() || self.spinning > 0
     }
 
-    /// Removes a holder in `mode`.
-    fn revoke(&mut self, mode: L::Mode) {
-        self.lock.release(mode);
-    }
-
-    /// Counts a blocking caller that spins for the key in `mode`, and
-    /// copies the count of exclusive spinners into `hint` (the slot's
-    /// `spinning_hint`).
-    fn start_spinning(&mut self, mode: L::Mode, hint: &AtomicUsize) {
+    /// Counts a blocking caller that spins for the key (`exclusive`ly or
+    /// not), and copies the count of exclusive spinners into `hint` (the
+    /// slot's `spinning_hint`).
+    fn start_spinning(&mut self, exclusive: bool, hint: &AtomicUsize) {
         self.spinning += 1;
-        self.spinning_exclusive += u32::from(L::is_exclusive(mode));
+        self.spinning_exclusive += u32::from(exclusive);
         Self::publish(self.spinning_exclusive, hint);
     }
 
     /// Uncounts a spinner that now holds the key or queues for it, as
     /// [`start_spinning`](Self::start_spinning) counted it.
-    fn stop_spinning(&mut self, mode: L::Mode, hint: &AtomicUsize) {
+    fn stop_spinning(&mut self, exclusive: bool, hint: &AtomicUsize) {
         self.spinning -= 1;
-        self.spinning_exclusive -= u32::from(L::is_exclusive(mode));
+        self.spinning_exclusive -= u32::from(exclusive);
         Self::publish(self.spinning_exclusive, hint);
     }
 
@@ -146,11 +190,6 @@ impl<L: LockKind> SlotState<L> {
         // Relaxed: a hint, read without the lock by a holder deciding
         // whether to look again (under the lock) for a waiter.
         hint.store(spinning_exclusive as usize, Ordering::Relaxed);
-    }
-
-    /// Whether nobody holds, waits or spins for the key.
-    fn is_idle(&self) -> bool {
-        self.lock.is_free() && self.queue.is_empty() && self.spinning == 0
     }
 }
 
@@ -201,22 +240,32 @@ impl<M> Queue<M> {
     }
 }
 
-/// One live key: allocated when the key is first acquired, freed when it is
-/// neither held, waited for nor spun for.
+/// One key's entry: allocated when the key is first acquired (or first
+/// acquired again after a sweep), freed after a sweep unlinks it.
 pub(crate) struct Slot<K, L: LockKind> {
-    key: K,
-    /// The key's hash under the map's hasher: finds the shard on release and
-    /// rehashes without calling user code when the table grows.
+    /// `DEAD | SLOW | holders`: see *State word* in the module docs.
+    word: AtomicUsize,
+    /// Acquisitions by the fast path, for [`Core::counters`]; folded into
+    /// the shard's counters when the slot is swept.
+    fast_acquisitions: AtomicU64,
+    /// The key's hash under the map's hasher: finds the shard on release,
+    /// and rebuilds the index without calling user code.
     hash: u64,
-    state: UnsafeCell<SlotState<L>>,
+    key: K,
+    state: UnsafeCell<SlotState<L::Mode>>,
     /// A copy of `state.spinning_exclusive`, stored under the shard lock
     /// whenever that changes, so that a holder can look without the lock
     /// (a hint: [`Core::exclusive_spinner_hint`]).
     spinning_hint: AtomicUsize,
+    /// Under loom: written when the slot is freed and read by every lock-free
+    /// look at it, so that a look not ordered before the free (a slot freed
+    /// too early) is a causality violation that loom reports.
+    #[cfg(toctou_loom)]
+    freed: UnsafeCell<bool>,
+    _kind: PhantomData<L>,
 }
 
-/// A pointer to a live slot, held by the slot's table entry, its holders'
-/// guards and its waiters.
+/// A pointer to a live slot, held by its holders' guards and its waiters.
 pub(crate) struct SlotRef<K, L: LockKind>(NonNull<Slot<K, L>>);
 
 impl<K, L: LockKind> Clone for SlotRef<K, L> {
@@ -229,26 +278,27 @@ impl<K, L: LockKind> Copy for SlotRef<K, L> {}
 
 // SAFETY: a `SlotRef` is a shared reference to a `Slot` whose lifetime the
 // protocol manages (see `Slot::get`). Through it, other threads read the
-// key (`K: Sync`) and drop it when they free the slot (`K: Send`); the lock
-// state and waker queue are only touched under the shard lock, which
-// serialises those accesses across threads (`L: Send` for the state moving
-// between threads with the lock; wakers and thread handles are `Send`).
-unsafe impl<K: Send + Sync, L: LockKind + Send> Send for SlotRef<K, L> {}
-// SAFETY: as for `Send`: every access through a shared `SlotRef` is either a
-// read of the immutable key and hash, or is serialised by the shard lock.
-unsafe impl<K: Send + Sync, L: LockKind + Send> Sync for SlotRef<K, L> {}
+// key (`K: Sync`) and drop it when they free the slot (`K: Send`); the
+// waiter queue is only touched under the shard lock, which serialises those
+// accesses across threads (`L::Mode` is plain data; wakers and thread
+// handles are `Send`), and the word is atomic.
+unsafe impl<K: Send + Sync, L: LockKind> Send for SlotRef<K, L> {}
+// SAFETY: as for `Send`: every access through a shared `SlotRef` is a read
+// of the immutable key and hash, atomic, or serialised by the shard lock.
+unsafe impl<K: Send + Sync, L: LockKind> Sync for SlotRef<K, L> {}
 
 impl<K, L: LockKind> SlotRef<K, L> {
     /// The slot.
     ///
     /// # Safety
     ///
-    /// The slot must be live: the caller holds its key, waits in its queue,
-    /// or holds its shard lock and found it in the table. A slot is freed
-    /// only by [`Core::remove_if_idle`], under the shard lock, when it is
-    /// neither held, waited for nor spun for.
+    /// The slot must be allocated: the caller holds its key, waits in its
+    /// queue or is counted as spinning for it (its word is not idle, so no
+    /// sweep can kill it), or is pinned and found it in the index (a freed
+    /// slot is retired first, and freed after every pin that could reach
+    /// it), or holds its shard lock and found it in the index.
     unsafe fn get<'a>(self) -> &'a Slot<K, L> {
-        // SAFETY: live, per this function's contract.
+        // SAFETY: allocated, per this function's contract.
         unsafe { self.0.as_ref() }
     }
 
@@ -268,7 +318,7 @@ impl<K, L: LockKind> SlotRef<K, L> {
 }
 
 impl<K, L: LockKind> Slot<K, L> {
-    /// The lock state.
+    /// The waiters and spinners.
     ///
     /// # Safety
     ///
@@ -276,29 +326,59 @@ impl<K, L: LockKind> Slot<K, L> {
     /// returned reference go before unlocking. That lock is what makes the
     /// access exclusive.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn state(&self) -> &mut SlotState<L> {
+    unsafe fn state(&self) -> &mut SlotState<L::Mode> {
         // SAFETY: exclusive per this function's contract.
         self.state.with_mut(|state| unsafe { &mut *state })
     }
-}
 
-impl<K, L: LockKind> Slot<K, L> {
-    /// The lock state, for reading.
-    ///
-    /// # Safety
-    ///
-    /// The caller holds a lock (read or write) of this slot's shard, and
-    /// lets the returned reference go before unlocking.
-    unsafe fn state_ref(&self) -> &SlotState<L> {
-        // SAFETY: writes need the shard's write lock, which the caller's
-        // lock excludes.
-        self.state.with(|state| unsafe { &*state })
+    /// Under loom, checks that this look at the slot is ordered before its
+    /// free (see `freed`); nothing otherwise.
+    #[inline]
+    fn check_not_freed(&self) {
+        #[cfg(toctou_loom)]
+        // SAFETY: a plain read; loom reports it if a free is not ordered
+        // with it, which is the bug this checks for.
+        self.freed
+            .with(|freed| assert!(!unsafe { *freed }, "a freed slot was read"));
+    }
+
+    /// Whether the key is held, waited or spun for (the word is neither
+    /// idle nor dead).
+    fn is_live(&self) -> bool {
+        // Relaxed: a snapshot for `len()` and statistics.
+        let word = self.word.load(Ordering::Relaxed);
+        word & DEAD == 0 && word != 0
+    }
+
+    /// Counts an acquisition by the fast path.
+    #[inline]
+    fn count_fast(&self, mode: L::Mode) {
+        // Relaxed: a statistic. An exclusive holder is the only writer
+        // until it releases (its release orders this before the next
+        // holder's), so a load and a store do; readers may share the key,
+        // so they add.
+        if L::is_exclusive(mode) {
+            let n = self.fast_acquisitions.load(Ordering::Relaxed);
+            self.fast_acquisitions.store(n + 1, Ordering::Relaxed);
+        } else {
+            self.fast_acquisitions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Clears `SLOW` if nobody waits or spins any more. Called under the
+    /// shard lock after every change to the queue or the spinners.
+    fn settle(&self, state: &SlotState<L::Mode>) {
+        if !state.needs_slow() {
+            // Release: the changes made under the shard lock (a grant, a
+            // release) are published to the fast paths that read the word
+            // without it (their Acquire compare-exchange).
+            self.word.fetch_and(!SLOW, Ordering::Release);
+        }
     }
 }
 
-/// Counters kept per shard, under the shard lock, so that they add no shared
-/// cache line to any path: the shard's line is already owned by whoever
-/// holds its write lock.
+/// Counters kept per shard, under the shard lock (the slow path's
+/// acquisitions and waits, and the fast path's of swept slots).
 #[derive(Default, Clone, Copy)]
 pub(crate) struct Counters {
     pub(crate) acquisitions: u64,
@@ -309,27 +389,74 @@ pub(crate) struct Counters {
     peak: usize,
 }
 
-/// One shard: the live slots of its keys, and its counters.
-pub(crate) struct Shard<K, L: LockKind> {
-    slots: HashTable<SlotRef<K, L>>,
+/// What a shard's lock protects.
+pub(crate) struct Shard {
+    occupancy: Occupancy,
     counters: Counters,
+    /// A sweep runs when an insert takes `occupancy.live` past this.
+    sweep_at: usize,
+    /// A sweep of this shard is running (its thread sweeps again if needed).
+    sweeping: bool,
 }
 
-impl<K, L: LockKind> Default for Shard<K, L> {
+impl Default for Shard {
     fn default() -> Self {
         Self {
-            slots: HashTable::new(),
+            occupancy: Occupancy::default(),
             counters: Counters::default(),
+            sweep_at: SLACK,
+            sweeping: false,
         }
     }
 }
 
-/// What is left of a removed slot: dropped after the shard is unlocked.
-struct Freed<K, L: LockKind> {
-    _key: K,
-    _state: UnsafeCell<SlotState<L>>,
-    /// The slot's memory, returned to this thread's block cache on drop.
-    _memory: Block<Slot<K, L>>,
+/// A shard's index on its own cache lines: read by every lookup, written
+/// only by an insert that rebuilds it.
+#[repr(align(128))]
+struct PaddedIndex<T>(Index<T>);
+
+/// The parts that lookups read without a lock: the shards' indices, and
+/// the readers' stripes that keep what they read allocated.
+struct LockFree<K, L: LockKind> {
+    indices: Box<[PaddedIndex<Slot<K, L>>]>,
+    reclaim: Reclaim,
+}
+
+/// The lock-free parts for `table::shard_count()` shards.
+fn make_lock_free<K, L: LockKind>() -> LockFree<K, L> {
+    let shards = table::shard_count();
+    LockFree {
+        indices: (0..shards).map(|_| PaddedIndex(Index::default())).collect(),
+        reclaim: Reclaim::new(shards),
+    }
+}
+
+/// Frees a slot retired by a sweep.
+///
+/// # Safety
+///
+/// `ptr` is a `Slot<K, L>` from `Block::write` in `begin`, unlinked, dead,
+/// and no longer reachable by any lookup; freed once.
+unsafe fn free_slot<K, L: LockKind>(ptr: NonNull<u8>) {
+    let slot = ptr.cast::<Slot<K, L>>();
+    #[cfg(not(toctou_loom))]
+    // SAFETY: per this function's contract, a valid slot nobody else uses:
+    // dropped once, then its memory returned once.
+    unsafe {
+        std::ptr::drop_in_place(slot.as_ptr());
+        drop(Block::from_raw(slot));
+    }
+    // Under loom only the key and the queue are dropped, and the rest is
+    // leaked: a read after the free (the bug that `freed` reports) must
+    // find the slot still there to report it.
+    #[cfg(toctou_loom)]
+    // SAFETY: as above; the fields dropped are dropped once.
+    unsafe {
+        let raw = slot.as_ptr();
+        (*raw).freed.with_mut(|freed| *freed = true);
+        std::ptr::drop_in_place(&raw mut (*raw).key);
+        std::ptr::drop_in_place(&raw mut (*raw).state);
+    }
 }
 
 /// Wake-ups collected under the shard lock and delivered after unlocking.
@@ -355,13 +482,36 @@ impl Wakes {
     }
 }
 
+/// Changes `word` by `change` (a grant or a release) under the shard lock,
+/// by compare-exchange: while the word is not `SLOW`, the fast paths may
+/// change it meanwhile. Returns the new word.
+fn update(word: &AtomicUsize, change: impl Fn(usize) -> usize) -> usize {
+    // Relaxed: the compare-exchange below reads the latest value.
+    let mut current = word.load(Ordering::Relaxed);
+    loop {
+        let new = change(current);
+        // AcqRel: a grant acquires the last release (which may have been a
+        // fast one, not ordered by the shard lock); a release publishes the
+        // holder's writes to the next fast acquire.
+        match word.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return new,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
 /// Hands the key on after its state changed (a release, a cancelled waiter, a
-/// woken waiter that took it): see *Fairness* in the module docs.
-fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
+/// woken waiter that took it): see *Fairness* in the module docs. Called
+/// under the shard lock; while the queue is not empty the word is `SLOW`, so
+/// nobody else changes it.
+fn dispatch<L: LockKind>(word: &AtomicUsize, state: &mut SlotState<L::Mode>, wakes: &mut Wakes) {
+    // Relaxed: stable under the shard lock while the queue is not empty
+    // (the word is `SLOW`), and ordered by it.
+    let holders = || word.load(Ordering::Relaxed) & HOLDERS;
     let Some(front) = state.queue.front_mut() else {
         return;
     };
-    if front.data.woken || !state.lock.can_acquire(front.data.mode) {
+    if front.data.woken || !L::can_acquire(holders(), front.data.mode) {
         // Already on its way, or a holder will dispatch again on release.
         return;
     }
@@ -372,13 +522,13 @@ fn dispatch<L: LockKind>(state: &mut SlotState<L>, wakes: &mut Wakes) {
     }
     // Handoff, in arrival order, to as many as the kind allows together.
     while let Some(front) = state.queue.front() {
-        if !state.lock.can_acquire(front.data.mode) {
+        if !L::can_acquire(holders(), front.data.mode) {
             break;
         }
         let Some(waiter) = state.queue.pop_front() else {
             break;
         };
-        state.grant(waiter.data.mode);
+        update(word, |w| L::acquire(w, waiter.data.mode));
         wakes.push(waiter.unpark);
     }
 }
@@ -419,6 +569,18 @@ enum Begin<K, L: LockKind> {
     Spinning(SlotRef<K, L>),
 }
 
+/// What [`Core::fast_acquire`] found.
+enum Fast<K, L: LockKind> {
+    /// The caller holds the key.
+    Held(SlotRef<K, L>),
+    /// The key's live slot has holders that exclude the mode (and nobody
+    /// waits for it): a `try_*` call fails without the slow path.
+    Taken,
+    /// Anything else (no slot, a dead one, or a `SLOW` word): take the
+    /// slow path.
+    Slow,
+}
+
 /// What [`Core::check`] found.
 enum Check {
     Granted,
@@ -426,11 +588,12 @@ enum Check {
     GaveUp,
 }
 
-/// A keyed lock map: the table of slots, and the lifecycle operations that
-/// every front-end (`KeyedLocks`, `KeyedRwLocks`) shares.
+/// A keyed lock map: the shards and their indices, and the lifecycle
+/// operations that every front-end (`KeyedLocks`, `KeyedRwLocks`) shares.
 pub(crate) struct Core<K, L: LockKind, S> {
-    table: Table<ParkingRwLock<Shard<K, L>>, S>,
-    /// The largest total of live keys seen when some shard reached a new
+    table: Table<ParkingRwLock<Shard>, S>,
+    lock_free: LazyInit<LockFree<K, L>>,
+    /// The largest total of slots seen when some shard reached a new
     /// high; written only then, so it stays out of every hot path.
     peak: PerExecution<AtomicUsize>,
     /// Where the map was created (`#[track_caller]`), for `Debug`.
@@ -439,6 +602,13 @@ pub(crate) struct Core<K, L: LockKind, S> {
     /// (see [`SpinWait`]).
     pause_rounds: u32,
 }
+
+// SAFETY: the map owns its slots (keys, queues) through raw pointers; it is
+// `Send` and `Sync` exactly when a `SlotRef` is, plus the hasher's bounds.
+unsafe impl<K: Send + Sync, L: LockKind, S: Send> Send for Core<K, L, S> {}
+// SAFETY: as for `Send`: shared access goes through `SlotRef`s, atomics
+// and the shard locks.
+unsafe impl<K: Send + Sync, L: LockKind, S: Sync> Sync for Core<K, L, S> {}
 
 sync::loom_const_fn! {
     /// A zero counter (`const` in std builds, for `per_execution!`).
@@ -457,6 +627,7 @@ impl<K, L: LockKind, S> Core<K, L, S> {
     ) -> Self {
         Self {
             table: Table::with_hasher(hasher, name),
+            lock_free: LazyInit::new(make_lock_free::<K, L>),
             peak: sync::per_execution!(zero),
             created_at,
             pause_rounds: SpinWait::PAUSE_ROUNDS,
@@ -480,25 +651,48 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         self.table.hasher()
     }
 
-    /// The number of live keys (held or waited for), summed shard by shard.
+    #[inline]
+    fn lock_free(&self) -> &LockFree<K, L> {
+        self.lock_free.get(make_lock_free::<K, L>)
+    }
+
+    /// Runs `f` on every slot in every index, pinned; none if the map was
+    /// never used.
+    fn for_each_slot(&self, mut f: impl FnMut(&Slot<K, L>)) {
+        let Some(lock_free) = self.lock_free.try_get() else {
+            return;
+        };
+        let _pin = lock_free.reclaim.pin();
+        for index in lock_free.indices.iter() {
+            // SAFETY: pinned; `f`'s reference does not outlive the closure.
+            unsafe { index.0.for_each(|slot| f(slot.as_ref())) };
+        }
+    }
+
+    /// The number of live keys (held, waited or spun for): a count of the
+    /// live slots, index by index (O(slots), idle ones included).
     pub(crate) fn len(&self) -> usize {
         let mut len = 0;
-        self.table.for_each_shard(|shard| len += shard.slots.len());
+        self.for_each_slot(|slot| len += usize::from(slot.is_live()));
         len
     }
 
-    /// The counters of every shard, summed, with the live keys and the
-    /// sampled peak.
+    /// The counters of every shard and slot, summed, with the live keys and
+    /// the sampled peak.
     pub(crate) fn counters(&self) -> (Counters, usize, usize) {
         let mut sum = Counters::default();
-        let mut live = 0;
         self.table.for_each_shard(|shard| {
             let c = &shard.counters;
             sum.acquisitions += c.acquisitions;
             sum.contended += c.contended;
             sum.timeouts += c.timeouts;
             sum.cancelled += c.cancelled;
-            live += shard.slots.len();
+        });
+        let mut live = 0;
+        self.for_each_slot(|slot| {
+            live += usize::from(slot.is_live());
+            // Relaxed: a statistic.
+            sum.acquisitions += slot.fast_acquisitions.load(Ordering::Relaxed);
         });
         // Relaxed: a statistic; no other memory is published through it.
         let peak = self.peak.fetch_max(live, Ordering::Relaxed).max(live);
@@ -513,82 +707,67 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         let mut live = held_len;
         for index in (0..self.table.shards()).filter(|&i| i != held) {
             if let Some(shard) = self.table.try_read_at(index) {
-                live += shard.slots.len();
+                live += shard.occupancy.live;
             }
         }
         // Relaxed: a statistic; no other memory is published through it.
         self.peak.fetch_max(live, Ordering::Relaxed);
     }
 
-    /// Removes `slot` if it is neither held, waited for nor spun for. Its key, state
-    /// and memory are moved out, to be dropped after unlocking (dropping a
-    /// key runs user code, which must not run under our lock; the memory goes
-    /// back to this thread's [`Block`] cache).
-    fn remove_if_idle(shard: &mut Shard<K, L>, slot: SlotRef<K, L>) -> Option<Freed<K, L>> {
-        // SAFETY: the caller holds the shard's write lock, and `slot` is live
-        // (it is still in the table: only this function removes it).
-        let (idle, hash) = unsafe {
-            let s = slot.get();
-            let state = s.state();
-            (state.is_idle(), s.hash)
-        };
-        if !idle {
-            return None;
-        }
-        // Found by identity, not by key: no user `Eq` runs, and a slot can
-        // never be confused with another for an equal key.
-        let entry = shard.slots.find_entry(hash, |s| s.0 == slot.0).ok()?;
-        entry.remove();
-        let raw = slot.0.as_ptr();
-        // SAFETY: the table entry just removed was the slot's last
-        // reference: it is idle, so no guard or waiter points to it, and we
-        // hold the shard lock, so no lookup is reading it. Its fields are
-        // moved out exactly once, and its memory (from `Block::write` in
-        // `begin`) is handed back to a `Block`, which frees it once.
-        unsafe {
-            Some(Freed {
-                _key: std::ptr::read(&raw const (*raw).key),
-                _state: std::ptr::read(&raw const (*raw).state),
-                _memory: Block::from_raw(slot.0),
-            })
-        }
-    }
-
-    /// Releases a hold in `mode` and hands the key on.
+    /// Releases a hold in `mode`: one compare-exchange if nobody waits or
+    /// spins for the key (the slot stays, idle if that was the last hold),
+    /// else the slow release under the shard lock.
     ///
     /// # Safety
     ///
     /// The caller holds `slot`'s key in `mode` and gives up that hold.
+    #[inline]
     pub(crate) unsafe fn release(&self, slot: SlotRef<K, L>, mode: L::Mode) {
         // SAFETY: we hold the key, so the slot is live.
-        let hash = unsafe { slot.get().hash };
-        let shard = self.table.write(hash);
+        let s = unsafe { slot.get() };
+        s.check_not_freed();
+        // Relaxed: the compare-exchange reads the latest value.
+        let mut word = s.word.load(Ordering::Relaxed);
+        while word & SLOW == 0 {
+            // Release: publishes the holder's writes to the next holder
+            // (the Acquire side of every grant). After this the slot may be
+            // swept and freed: it is not touched again.
+            match s.word.compare_exchange_weak(
+                word,
+                L::release(word, mode),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(seen) => word = seen,
+            }
+        }
+        let shard = self.table.write(s.hash);
         // SAFETY: we hold the shard lock and the key.
         unsafe { Self::release_locked(shard, slot, mode) }
     }
 
-    /// The release itself, under the shard lock `shard`: drop the holder,
-    /// then hand the key on, or free the slot if that left it idle (after
-    /// unlocking).
+    /// The release under the shard lock `shard`: drop the holder, then hand
+    /// the key on, and wake whoever it was handed to after unlocking.
     ///
     /// # Safety
     ///
     /// `shard` is `slot`'s shard, locked; the caller holds `slot`'s key in
     /// `mode` and gives up that hold.
+    #[cold]
     unsafe fn release_locked(
-        mut shard: <ParkingRwLock<Shard<K, L>> as ShardLock>::Write<'_>,
+        shard: <ParkingRwLock<Shard> as ShardLock>::Write<'_>,
         slot: SlotRef<K, L>,
         mode: L::Mode,
     ) {
-        // SAFETY: we hold the shard lock, and the key keeps the slot live.
-        let state = unsafe { slot.get().state() };
-        state.revoke(mode);
-        if !state.queue.is_empty() {
-            return Self::release_contended(shard, slot);
-        }
-        let freed = Self::remove_if_idle(&mut shard, slot);
+        // SAFETY: we hold the key, so the slot is live; and the shard lock.
+        let (s, state) = unsafe { (slot.get(), slot.get().state()) };
+        update(&s.word, |w| L::release(w, mode));
+        let mut wakes = Wakes::default();
+        dispatch::<L>(&s.word, state, &mut wakes);
+        s.settle(state);
         drop(shard);
-        drop(freed);
+        wakes.wake();
     }
 
     /// Whether a thread spun for the key held through `slot` exclusively
@@ -623,10 +802,16 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         mode: L::Mode,
     ) -> bool {
         // SAFETY: we hold the key, so the slot is live.
-        let hash = unsafe { slot.get().hash };
-        let shard = self.table.write(hash);
+        let s = unsafe { slot.get() };
+        // Relaxed: a word without `SLOW` means nobody waits or spins now;
+        // one that starts to after this look is told the key is taken,
+        // exactly as if it had come a moment later.
+        if s.word.load(Ordering::Relaxed) & SLOW == 0 {
+            return false;
+        }
+        let shard = self.table.write(s.hash);
         // SAFETY: we hold the shard lock, and our hold keeps the slot live.
-        let state = unsafe { slot.get().state_ref() };
+        let state = unsafe { s.state() };
         let waits = match state.queue.front() {
             Some(front) => {
                 matches!(front.unpark, Unpark::Thread(_)) && L::is_exclusive(front.data.mode)
@@ -640,28 +825,41 @@ impl<K, L: LockKind, S> Core<K, L, S> {
         unsafe { Self::release_locked(shard, slot, mode) };
         true
     }
-
-    /// The rest of a release when waiters are queued, still under the shard
-    /// lock: dispatch them, and wake them after unlocking.
-    #[cold]
-    fn release_contended(
-        mut shard: <ParkingRwLock<Shard<K, L>> as ShardLock>::Write<'_>,
-        slot: SlotRef<K, L>,
-    ) {
-        let mut wakes = Wakes::default();
-        // SAFETY: we hold the shard lock, and the slot is live: its queue is
-        // not empty.
-        dispatch(unsafe { slot.get().state() }, &mut wakes);
-        let freed = Self::remove_if_idle(&mut shard, slot);
-        drop(shard);
-        wakes.wake();
-        drop(freed);
-    }
 }
 
 impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
         self.table.hash(key)
+    }
+
+    /// The key's live slot in its index (dead ones are skipped), found by
+    /// a lookup that takes no lock.
+    ///
+    /// # Safety
+    ///
+    /// The caller is pinned (or holds the shard lock) and lets the slot go
+    /// before unpinning (unlocking), unless it has made its word non-idle.
+    #[inline]
+    unsafe fn find<Q>(&self, hash: u64, key: &Q) -> Option<SlotRef<K, L>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        let index = &self.lock_free().indices[self.table.index(hash)].0;
+        // SAFETY: forwarded to the caller, which keeps every slot the index
+        // gives us allocated while we look.
+        let found = unsafe {
+            index.find(hash, |slot| {
+                let slot = slot.as_ref();
+                slot.check_not_freed();
+                // Relaxed: a dead slot is skipped; one killed after this
+                // look is caught by the caller's compare-exchange.
+                slot.hash == hash
+                    && slot.word.load(Ordering::Relaxed) & DEAD == 0
+                    && slot.key.borrow() == key
+            })
+        };
+        found.map(SlotRef)
     }
 
     /// Whether `key` is held right now.
@@ -671,27 +869,65 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hash(key);
-        let shard = self.table.read(hash);
-        // SAFETY: slots in the table are live while we hold its lock.
-        let found = shard
-            .slots
-            .find(hash, |s| unsafe { s.get() }.key.borrow() == key);
-        // SAFETY: we hold the shard lock for reading, and the state is only
-        // written under its write lock.
-        found.is_some_and(|slot| !unsafe { slot.get().state_ref() }.lock.is_free())
+        let _pin = self.lock_free().reclaim.pin();
+        // SAFETY: pinned, and the slot is only read while pinned.
+        let found = unsafe { self.find(hash, key) };
+        // SAFETY: as above.
+        found.is_some_and(|slot| unsafe { slot.get() }.word.load(Ordering::Acquire) & HOLDERS != 0)
     }
 
-    /// One acquisition attempt: the check and the act in one critical
-    /// section. `enqueue`: how to wake the caller if it must wait; without
-    /// it, a taken key returns [`Begin::Busy`] and nothing changes.
+    /// The fast acquire: pinned, find the key's slot and take it with one
+    /// compare-exchange if it is neither dead nor `SLOW` and its holders
+    /// admit `mode`. See *Fast acquire* in the module docs.
+    #[inline]
+    fn fast_acquire<Q>(&self, hash: u64, key: &Q, mode: L::Mode) -> Fast<K, L>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        let _pin = self.lock_free().reclaim.pin();
+        // SAFETY: pinned; the slot is only used after unpinning if we took
+        // it (a held slot is never swept).
+        let Some(slot) = (unsafe { self.find(hash, key) }) else {
+            return Fast::Slow;
+        };
+        // SAFETY: as above.
+        let s = unsafe { slot.get() };
+        // Relaxed: the compare-exchange reads the latest value.
+        let mut word = s.word.load(Ordering::Relaxed);
+        loop {
+            if word & (DEAD | SLOW) != 0 {
+                return Fast::Slow;
+            }
+            if !L::can_acquire(word & HOLDERS, mode) {
+                return Fast::Taken;
+            }
+            // Acquire: pairs with the Release of the last release (fast or
+            // slow), so the previous holder's writes are visible to us.
+            match s.word.compare_exchange_weak(
+                word,
+                L::acquire(word, mode),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    s.count_fast(mode);
+                    return Fast::Held(slot);
+                }
+                Err(seen) => word = seen,
+            }
+        }
+    }
+
+    /// The slow acquire, under the shard lock: the check and the act in one
+    /// critical section. `enqueue`: how to wake the caller if it must wait;
+    /// without it, a taken key returns [`Begin::Busy`] and nothing changes.
     /// A caller may take a free key while waiters are queued if the front
     /// one was woken and has not come back yet (see *Fairness*). `spin`:
-    /// `None` for a
-    /// caller that does not spin; for a blocking caller, whether it is
-    /// counted as spinning for the key already. One that is not is counted
-    /// on [`Begin::Busy`]; one that is stops being counted when it takes the
-    /// key or queues.
-    #[inline]
+    /// `None` for a caller that does not spin; for a blocking caller,
+    /// whether it is counted as spinning for the key already. One that is
+    /// not is counted on [`Begin::Busy`]; one that is stops being counted
+    /// when it takes the key or queues.
     fn begin<A: KeyArg<K>>(
         &self,
         hash: u64,
@@ -704,65 +940,182 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let mut shard = self.table.write(hash);
-        let Shard { slots, counters } = &mut *shard;
-        let entry = {
-            let q = key.get();
-            slots.entry(
-                hash,
-                // SAFETY: slots in the table are live while we hold its lock
-                // (`shard` above).
-                |s| unsafe { s.get() }.key.borrow() == q,
-                // SAFETY: the same; a resize calls this inside this critical
-                // section.
-                |s| unsafe { s.get() }.hash,
-            )
-        };
-        let slot = match entry {
-            hashbrown::hash_table::Entry::Occupied(occupied) => *occupied.get(),
-            hashbrown::hash_table::Entry::Vacant(vacant) => {
-                // A counted spinner keeps its slot.
-                assert_ne!(spin, Some(true), "a spinner's slot was removed");
-                let value = Slot {
-                    key: key.take(),
-                    hash,
-                    state: UnsafeCell::new(SlotState::held(mode)),
-                    spinning_hint: AtomicUsize::new(0),
-                };
-                // The pointer owns the block; `remove_if_idle` (or the
-                // map's drop) takes it back.
-                let slot = SlotRef(Block::new().write(value));
-                vacant.insert(slot);
-                counters.acquisitions += 1;
-                let len = slots.len();
-                if len > counters.peak {
-                    counters.peak = len;
-                    self.sample_peak(self.table.index(hash), len);
+        let mut replaced = None;
+        let slot = loop {
+            // SAFETY: we hold the shard lock, so no slot in the index is
+            // unlinked (let alone freed) meanwhile.
+            match unsafe { self.find(hash, key.get()) } {
+                Some(slot) => {
+                    // SAFETY: found under the shard lock, which we hold.
+                    match unsafe { self.begin_on(&mut shard, slot, mode, spin, enqueue) } {
+                        Some(begun) => return begun,
+                        // Killed by a sweep as we looked: look again.
+                        None => continue,
+                    }
                 }
-                return Begin::Held(slot);
+                None => {
+                    // A counted spinner keeps its slot live.
+                    assert_ne!(spin, Some(true), "a spinner's slot was removed");
+                    break self.insert(&mut shard, hash, key.take(), mode, &mut replaced);
+                }
             }
         };
-        // SAFETY: we hold the shard lock, and the slot is in the table.
-        let (state, hint) = unsafe { (slot.get().state(), &slot.get().spinning_hint) };
+        let sweep = shard.occupancy.live > shard.sweep_at && !shard.sweeping;
+        if sweep {
+            shard.sweeping = true;
+        }
+        drop(shard);
+        if replaced.is_some() || sweep {
+            // Freeing retired slots drops their keys, which may panic: then
+            // the panic goes on to our caller, holding nothing.
+            let tidy = || {
+                if let Some(old) = replaced {
+                    let cells = (old.cast(), index::free_cells::<Slot<K, L>> as Free);
+                    // SAFETY: replaced by the rebuild in `insert`; retired
+                    // once.
+                    unsafe { self.lock_free().reclaim.retire([cells]) };
+                }
+                if sweep {
+                    self.sweep(hash);
+                }
+            };
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(tidy)) {
+                // SAFETY: we hold the key through `slot` in `mode` (just
+                // inserted) and give it back.
+                unsafe { self.release(slot, mode) };
+                resume_unwind(panic);
+            }
+        }
+        Begin::Held(slot)
+    }
+
+    /// Inserts a new slot for `key`, held in `mode`, under the shard lock.
+    /// A cell array that a rebuild replaced is left in `replaced`, to be
+    /// retired after unlocking.
+    fn insert(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        key: K,
+        mode: L::Mode,
+        replaced: &mut Option<NonNull<Cells<Slot<K, L>>>>,
+    ) -> SlotRef<K, L> {
+        assert!(
+            Layout::new::<Slot<K, L>>().align() > 1,
+            "a slot's alignment leaves room for the index's tombstone"
+        );
+        let value = Slot {
+            word: AtomicUsize::new(L::acquire(0, mode)),
+            fast_acquisitions: AtomicU64::new(0),
+            hash,
+            key,
+            state: UnsafeCell::new(SlotState::new()),
+            spinning_hint: AtomicUsize::new(0),
+            #[cfg(toctou_loom)]
+            freed: UnsafeCell::new(false),
+            _kind: PhantomData,
+        };
+        // The pointer owns the block; a sweep (or the map's drop) frees it.
+        let slot = Block::new().write(value);
+        let lock_free = self.lock_free();
+        let index = &lock_free.indices[self.table.index(hash)].0;
+        // SAFETY: we hold the shard lock; the slot is initialised and new.
+        unsafe {
+            index.insert(
+                &mut shard.occupancy,
+                hash,
+                slot,
+                |s| s.as_ref().hash,
+                |old| *replaced = Some(old),
+            );
+        }
+        shard.counters.acquisitions += 1;
+        let len = shard.occupancy.live;
+        if len > shard.counters.peak {
+            shard.counters.peak = len;
+            self.sample_peak(self.table.index(hash), len);
+        }
+        SlotRef(slot)
+    }
+
+    /// [`begin`](Self::begin) on the key's live slot `slot`; `None` if a
+    /// sweep killed it before we could change its word.
+    ///
+    /// # Safety
+    ///
+    /// `shard` is `slot`'s shard, locked, and `slot` was found in its index.
+    unsafe fn begin_on(
+        &self,
+        shard: &mut Shard,
+        slot: SlotRef<K, L>,
+        mode: L::Mode,
+        spin: Option<bool>,
+        enqueue: Option<&dyn Fn() -> Unpark>,
+    ) -> Option<Begin<K, L>> {
+        // SAFETY: we hold the shard lock and found the slot in the index.
+        let (s, state) = unsafe { (slot.get(), slot.get().state()) };
         // A newcomer may take a grantable lock unless somebody queued has
         // not yet been offered it (then the front waiter is owed it).
         let may_take = state.queue.front().is_none_or(|front| front.data.woken);
-        if may_take && state.lock.can_acquire(mode) {
-            if spin == Some(true) {
-                state.stop_spinning(mode, hint);
+        // Relaxed: every change below is a compare-exchange on this value.
+        let mut word = s.word.load(Ordering::Relaxed);
+        loop {
+            if word & DEAD != 0 {
+                // A counted spinner keeps its slot `SLOW`, never idle.
+                assert_ne!(spin, Some(true), "a spinner's slot was killed");
+                return None;
             }
-            state.grant(mode);
-            counters.acquisitions += 1;
-            return Begin::Held(slot);
+            if may_take && L::can_acquire(word & HOLDERS, mode) {
+                // Acquire: the previous holder's release may have been a
+                // fast one, not ordered with us by the shard lock.
+                match s.word.compare_exchange_weak(
+                    word,
+                    L::acquire(word, mode),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        if spin == Some(true) {
+                            state.stop_spinning(L::is_exclusive(mode), &s.spinning_hint);
+                            s.settle(state);
+                        }
+                        shard.counters.acquisitions += 1;
+                        return Some(Begin::Held(slot));
+                    }
+                    Err(seen) => {
+                        word = seen;
+                        continue;
+                    }
+                }
+            }
+            let waits = enqueue.is_some() || spin == Some(false);
+            if !waits {
+                return Some(Begin::Busy);
+            }
+            if word & SLOW != 0 {
+                break;
+            }
+            // Set `SLOW` from the word we judged, so that a fast release
+            // since then (which would dispatch nobody) makes us judge again
+            // instead of waiting for a release that already happened.
+            // Relaxed: no data is published; the shard lock orders the rest.
+            match s.word.compare_exchange_weak(
+                word,
+                word | SLOW,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => word = seen,
+            }
         }
+        // The word is `SLOW` now: only the shard lock's holders change it.
         let Some(make_unpark) = enqueue else {
-            if spin == Some(false) {
-                state.start_spinning(mode, hint);
-                return Begin::Spinning(slot);
-            }
-            return Begin::Busy;
+            state.start_spinning(L::is_exclusive(mode), &s.spinning_hint);
+            return Some(Begin::Spinning(slot));
         };
         if spin == Some(true) {
-            state.stop_spinning(mode, hint);
+            state.stop_spinning(L::is_exclusive(mode), &s.spinning_hint);
         }
         let id = state.queue.push(
             make_unpark(),
@@ -773,8 +1126,73 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 since: WaitStart::now(),
             },
         );
-        counters.contended += 1;
-        Begin::Queued(slot, id)
+        shard.counters.contended += 1;
+        Some(Begin::Queued(slot, id))
+    }
+
+    /// Sweeps the shard of `hash`: kills its idle slots, unlinks them by
+    /// identity and retires them. See *Sweep* in the module docs.
+    #[cold]
+    fn sweep(&self, hash: u64) {
+        let lock_free = self.lock_free();
+        let index = &lock_free.indices[self.table.index(hash)].0;
+        let mut dead = Vec::new();
+        {
+            let _pin = lock_free.reclaim.pin();
+            // SAFETY: pinned; a slot we kill is ours to unlink and retire,
+            // so it stays allocated after unpinning until we do.
+            unsafe {
+                index.for_each(|slot| {
+                    // Acquire: the last release's writes (and the fast
+                    // acquisition count) happen before we free the slot.
+                    if slot
+                        .as_ref()
+                        .word
+                        .compare_exchange(0, DEAD, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        dead.push(slot);
+                    }
+                });
+            }
+        }
+        let mut shard = self.table.write(hash);
+        let Shard {
+            occupancy,
+            counters,
+            sweep_at,
+            sweeping,
+        } = &mut *shard;
+        let mut retired_cells: Option<NonNull<Cells<Slot<K, L>>>> = None;
+        for &slot in &dead {
+            // SAFETY: we hold the shard lock; we killed the slot, so only we
+            // unlink it, and it is allocated until we retire it.
+            let s = unsafe { slot.as_ref() };
+            // Relaxed: ordered by our Acquire kill above.
+            counters.acquisitions += s.fast_acquisitions.load(Ordering::Relaxed);
+            // SAFETY: we hold the shard lock.
+            let unlinked = unsafe { index.unlink(occupancy, s.hash, slot) };
+            debug_assert!(unlinked, "a killed slot was not in the index");
+        }
+        // SAFETY: we hold the shard lock.
+        unsafe {
+            index.shrink(
+                occupancy,
+                |s| s.as_ref().hash,
+                |old| retired_cells = Some(old),
+            );
+        }
+        *sweep_at = occupancy.live + occupancy.live.max(SLACK);
+        *sweeping = false;
+        drop(shard);
+        let slots = dead
+            .into_iter()
+            .map(|slot| (slot.cast(), free_slot::<K, L> as Free));
+        let cells = retired_cells.map(|old| (old.cast(), index::free_cells::<Slot<K, L>> as Free));
+        // SAFETY: the slots were unlinked above (unreachable for lookups
+        // that start now), and are dead; the cell array was replaced by the
+        // shrink. Each is retired once.
+        unsafe { lock_free.reclaim.retire(slots.chain(cells)) };
     }
 
     /// A queued waiter's look at its entry, after it was unparked or polled.
@@ -795,11 +1213,12 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     ) -> Check {
         let mut wakes = Wakes::default();
         // SAFETY: we hold or wait for the key, so the slot is live.
-        let hash = unsafe { slot.get().hash };
-        let mut shard = self.table.write(hash);
+        let s = unsafe { slot.get() };
+        s.check_not_freed();
+        let mut shard = self.table.write(s.hash);
         // SAFETY: we hold the shard lock, and our hold or wait keeps the
         // slot live.
-        let state = unsafe { slot.get().state() };
+        let state = unsafe { s.state() };
         let Some(at) = state.queue.position(id) else {
             // Handed to us by `dispatch`.
             shard.counters.acquisitions += 1;
@@ -811,11 +1230,15 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let mode = waiter.data.mode;
         if waiter.data.woken {
             waiter.data.woken = false;
-            if !cancelled && state.lock.can_acquire(mode) {
+            // Relaxed: while we are queued the word is `SLOW`, changed only
+            // under the shard lock, which we hold.
+            let holders = s.word.load(Ordering::Relaxed) & HOLDERS;
+            if !cancelled && L::can_acquire(holders, mode) {
                 state.queue.remove(at);
-                state.grant(mode);
+                update(&s.word, |w| L::acquire(w, mode));
                 // The waiters behind may be compatible (readers).
-                dispatch(state, &mut wakes);
+                dispatch::<L>(&s.word, state, &mut wakes);
+                s.settle(state);
                 shard.counters.acquisitions += 1;
                 drop(shard);
                 wakes.wake();
@@ -830,16 +1253,16 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             state.queue.remove(at);
             // We may have been the front, or a writer blocking readers
             // behind us, or woken to take a free lock: pass it on.
-            dispatch(state, &mut wakes);
+            dispatch::<L>(&s.word, state, &mut wakes);
+            // The slot stays, idle if that was the last interest in it.
+            s.settle(state);
             if cancelled {
                 shard.counters.cancelled += 1;
             } else {
                 shard.counters.timeouts += 1;
             }
-            let freed = Self::remove_if_idle(&mut shard, slot);
             drop(shard);
             wakes.wake();
-            drop(freed);
             return Check::GaveUp;
         }
         if let (Some(waker), Some(waiter)) = (waker, state.queue.get_mut(at)) {
@@ -860,6 +1283,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
+        if let Fast::Held(slot) = self.fast_acquire(hash, key.get(), mode) {
+            return Some(slot);
+        }
         let unpark = || Unpark::current_thread();
         let mut spin = SpinWait::new(self.pause_rounds);
         // Set while we are counted as spinning in a slot.
@@ -938,6 +1364,11 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     {
         let mut key = key;
         let hash = self.hash(key.get());
+        match self.fast_acquire(hash, key.get(), mode) {
+            Fast::Held(slot) => return Some(slot),
+            Fast::Taken => return None,
+            Fast::Slow => {}
+        }
         match self.begin(hash, &mut key, mode, None, None) {
             Begin::Held(slot) => Some(slot),
             Begin::Queued(..) | Begin::Busy | Begin::Spinning(_) => None,
@@ -956,6 +1387,9 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
+        if let Fast::Held(slot) = self.fast_acquire(hash, key.get(), mode) {
+            return slot;
+        }
         let mut queued: Option<Queued<'_, K, L, S>> = None;
         poll_fn(|cx| match &queued {
             None => {
@@ -1000,8 +1434,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
 /// A blocking caller's count in a slot while it spins for the key. If the
 /// caller unwinds before it takes the key or queues (a panic in the key's
 /// `Eq` or `Borrow`, which each try runs), dropping this gives the count
-/// back, by the slot's identity (no user code), and frees the slot if that
-/// left it idle. Disarmed once `begin` has uncounted the caller.
+/// back, through the slot it holds (no user code runs). Disarmed once
+/// `begin` has uncounted the caller.
 struct SpinCount<'a, K: Hash + Eq, L: LockKind, S: BuildHasher> {
     core: &'a Core<K, L, S>,
     slot: SlotRef<K, L>,
@@ -1018,15 +1452,14 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> SpinCount<'_, K, L, S> {
 impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Drop for SpinCount<'_, K, L, S> {
     fn drop(&mut self) {
         // SAFETY: we are counted in the slot, which keeps it live.
-        let hash = unsafe { self.slot.get().hash };
-        let mut shard = self.core.table.write(hash);
-        // SAFETY: we hold the shard lock, and our count keeps the slot live.
         let slot = unsafe { self.slot.get() };
-        // SAFETY: the same.
-        unsafe { slot.state() }.stop_spinning(self.mode, &slot.spinning_hint);
-        let freed = Core::<K, L, S>::remove_if_idle(&mut shard, self.slot);
+        let shard = self.core.table.write(slot.hash);
+        // SAFETY: we hold the shard lock, and our count keeps the slot live.
+        let state = unsafe { slot.state() };
+        state.stop_spinning(L::is_exclusive(self.mode), &slot.spinning_hint);
+        // The slot stays, idle if that was the last interest in it.
+        slot.settle(state);
         drop(shard);
-        drop(freed);
     }
 }
 
@@ -1055,18 +1488,23 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Drop for Queued<'_, K, L, S> {
 impl<K, L: LockKind, S> Drop for Core<K, L, S> {
     fn drop(&mut self) {
         // Every guard and waiter borrows the map (or an `Arc` of it), so none
-        // is left and every slot is gone already; free any left anyway.
-        for index in 0..self.table.shards() {
-            let mut shard = self.table.write_at(index);
-            for slot in shard.slots.drain() {
-                // SAFETY: written by `Block::write` in `begin`; the table
-                // held its only reference, and `&mut self` excludes every
-                // access. The value is dropped once, then its memory freed.
-                unsafe {
-                    std::ptr::drop_in_place(slot.0.as_ptr());
-                    drop(Block::from_raw(slot.0));
-                }
-            }
+        // is left, and no lookup is pinned: free every slot in the indices
+        // (retired ones are freed by `Reclaim`'s drop).
+        let Some(lock_free) = self.lock_free.try_get() else {
+            return;
+        };
+        let mut slots = Vec::new();
+        for index in lock_free.indices.iter() {
+            // SAFETY: `&mut self` excludes every other access to the index.
+            unsafe {
+                index
+                    .0
+                    .drain(|slot| slots.push((slot.cast(), free_slot::<K, L> as Free)))
+            };
         }
+        // SAFETY: written by `Block::write` in `insert`; the index held
+        // their only references, and `&mut self` excludes every access.
+        // Freed once (the indices forgot them).
+        unsafe { reclaim::free_all(slots) };
     }
 }

@@ -1,66 +1,62 @@
 //! The kinds of per-key lock the entry lifecycle can manage.
 //!
-//! A [`LockKind`] is the state of one key's lock, stored in the key's entry
-//! and changed only under the shard lock: it never needs atomics of its own.
-//! The lifecycle in [`super::core`] decides when entries appear and vanish,
-//! who waits and who is woken; a kind only answers "may this mode be granted
-//! now?" and keeps its holder counts.
+//! A [`LockKind`] says how one key's holders are recorded in the low bits of
+//! the key's state word (see *State word* in [`super::core`]): the lifecycle
+//! changes the word with compare-exchanges, and a kind only answers "may
+//! this mode be granted with these holders?" and computes the word with one
+//! holder more or less. The word's two top bits belong to the lifecycle; a
+//! kind adds and removes holders without touching them.
 //!
 //! A cross-process backend (file locks, advisory locks) plugs in at the same
 //! place: its kind would take the external lock once the in-process protocol
 //! has granted the key, so the process still holds each key at most once.
 
-/// The state of one key's lock.
-pub(crate) trait LockKind: Default {
+/// How one key's holders are recorded in the low bits of its state word.
+pub(crate) trait LockKind {
     /// How a caller wants the key: `()` for a mutex, read or write for a
     /// reader-writer lock.
     type Mode: Copy + Eq;
 
-    /// Whether `mode` could be granted with the current holders.
-    fn can_acquire(&self, mode: Self::Mode) -> bool;
+    /// Whether `mode` could be granted with the holders recorded in
+    /// `holders` (the word's holder bits, the lifecycle's bits masked off).
+    fn can_acquire(holders: usize, mode: Self::Mode) -> bool;
 
-    /// Records a new holder in `mode`. Only called after `can_acquire`.
-    fn acquire(&mut self, mode: Self::Mode);
+    /// `word` with one more holder in `mode`. Only called after
+    /// `can_acquire` accepted the word's holders.
+    fn acquire(word: usize, mode: Self::Mode) -> usize;
 
-    /// Removes a holder in `mode`.
-    fn release(&mut self, mode: Self::Mode);
-
-    /// Whether nobody holds the key.
-    fn is_free(&self) -> bool;
+    /// `word` with one holder in `mode` less.
+    fn release(word: usize, mode: Self::Mode) -> usize;
 
     /// Whether `mode` excludes every other holder.
     fn is_exclusive(mode: Self::Mode) -> bool;
 }
 
-/// A mutex: one holder at a time.
-#[derive(Default)]
-pub(crate) struct Exclusive {
-    held: bool,
-}
+/// A mutex: one holder at a time, recorded in bit 0.
+pub(crate) struct Exclusive;
+
+/// The holder bit of an [`Exclusive`] key, and a [`ReadWrite`] key's
+/// writer bit.
+const HELD: usize = 1;
 
 impl LockKind for Exclusive {
     type Mode = ();
 
     #[inline]
-    fn can_acquire(&self, (): ()) -> bool {
-        !self.held
+    fn can_acquire(holders: usize, (): ()) -> bool {
+        holders == 0
     }
 
     #[inline]
-    fn acquire(&mut self, (): ()) {
-        debug_assert!(!self.held);
-        self.held = true;
+    fn acquire(word: usize, (): ()) -> usize {
+        debug_assert_eq!(word & HELD, 0);
+        word | HELD
     }
 
     #[inline]
-    fn release(&mut self, (): ()) {
-        debug_assert!(self.held);
-        self.held = false;
-    }
-
-    #[inline]
-    fn is_free(&self) -> bool {
-        !self.held
+    fn release(word: usize, (): ()) -> usize {
+        debug_assert_eq!(word & HELD, HELD);
+        word & !HELD
     }
 
     #[inline]
@@ -76,51 +72,46 @@ pub(crate) enum Access {
     Write,
 }
 
-/// A reader-writer lock: any number of readers, or one writer.
-#[derive(Default)]
-pub(crate) struct ReadWrite {
-    readers: usize,
-    writer: bool,
-}
+/// A reader-writer lock: any number of readers, or one writer. The writer is
+/// bit 0; the reader count is the bits above it (a reader adds [`READER`]).
+pub(crate) struct ReadWrite;
+
+/// One reader.
+const READER: usize = 2;
 
 impl LockKind for ReadWrite {
     type Mode = Access;
 
     #[inline]
-    fn can_acquire(&self, mode: Access) -> bool {
+    fn can_acquire(holders: usize, mode: Access) -> bool {
         match mode {
-            Access::Read => !self.writer,
-            Access::Write => !self.writer && self.readers == 0,
+            Access::Read => holders & HELD == 0,
+            Access::Write => holders == 0,
         }
     }
 
     #[inline]
-    fn acquire(&mut self, mode: Access) {
-        debug_assert!(self.can_acquire(mode));
+    fn acquire(word: usize, mode: Access) -> usize {
         match mode {
-            // A reader count cannot overflow: each reader is a live guard.
-            Access::Read => self.readers += 1,
-            Access::Write => self.writer = true,
-        }
-    }
-
-    #[inline]
-    fn release(&mut self, mode: Access) {
-        match mode {
-            Access::Read => {
-                debug_assert!(self.readers > 0);
-                self.readers -= 1;
-            }
+            // A reader count cannot reach the lifecycle's bits: each reader
+            // is a live guard, and 2^61 guards do not fit in memory.
+            Access::Read => word + READER,
             Access::Write => {
-                debug_assert!(self.writer);
-                self.writer = false;
+                debug_assert_eq!(word & HELD, 0);
+                word | HELD
             }
         }
     }
 
     #[inline]
-    fn is_free(&self) -> bool {
-        !self.writer && self.readers == 0
+    fn release(word: usize, mode: Access) -> usize {
+        match mode {
+            Access::Read => word - READER,
+            Access::Write => {
+                debug_assert_eq!(word & HELD, HELD);
+                word & !HELD
+            }
+        }
     }
 
     #[inline]

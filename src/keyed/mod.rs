@@ -140,8 +140,10 @@ macro_rules! keyed_map_common {
 
 mod block;
 mod core;
+mod index;
 mod kind;
 mod locks;
+mod reclaim;
 mod rwlocks;
 mod stats;
 
