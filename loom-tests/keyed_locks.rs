@@ -559,3 +559,74 @@ fn a_sweep_beside_a_spinner_or_waiter_spares_its_entry() {
     });
     toctou::__loom_spin_rounds(0);
 }
+
+/// `FileLocks`' map: a reader-writer map whose blocking callers are counted
+/// in the entry while they spin.
+fn new_counting_rw_locks() -> std::sync::Arc<RwLocks> {
+    std::sync::Arc::new(KeyedRwLocks::with_hasher(Hasher::default()).__loom_counting_spinners())
+}
+
+/// As `spinning_callers_keep_the_entry_until_they_take_the_key_or_queue`,
+/// with writers on `FileLocks`' map, whose spinners are counted in the
+/// entry (through the shard lock). Bounded to two preemptions.
+///
+/// Catches: a spinner that takes the key without uncounting itself, or
+/// that queues without uncounting itself (the entry never goes idle:
+/// `len()` stays 1).
+#[test]
+fn counted_spinners_keep_the_entry_until_they_take_the_key_or_queue() {
+    toctou::__loom_spin_rounds(1);
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let locks = new_counting_rw_locks();
+        let data = Guarded::new();
+        let other = {
+            let (locks, data) = (locks.clone(), data.clone());
+            thread::spawn(move || {
+                let _guard = locks.write(&1);
+                data.bump();
+            })
+        };
+        {
+            let _guard = locks.write(&1);
+            data.bump();
+        }
+        other.join().unwrap();
+        assert_eq!(data.read(), 2);
+        assert_eq!(locks.len(), 0, "entry left behind");
+    });
+    toctou::__loom_spin_rounds(0);
+}
+
+/// As `a_sweep_beside_a_spinner_or_waiter_spares_its_entry`, on `FileLocks`'
+/// map, whose spinners are counted in the entry. Bounded to two
+/// preemptions.
+///
+/// Catches: a release that lets the entry a counted spinner relies on go
+/// idle (a sweep kills it, and the spinner's next try finds it gone).
+#[test]
+fn a_sweep_beside_a_counted_spinner_spares_its_entry() {
+    toctou::__loom_spin_rounds(1);
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let (a, b) = same_shard_keys();
+        let locks = new_counting_rw_locks();
+        let data = Guarded::new();
+        let held = locks.write(&a);
+        let other = {
+            let (locks, data) = (locks.clone(), data.clone());
+            thread::spawn(move || {
+                let _guard = locks.write(&a);
+                data.bump();
+            })
+        };
+        drop(held);
+        drop(locks.write(&b));
+        other.join().unwrap();
+        assert_eq!(data.read(), 1);
+        assert_eq!(locks.len(), 0, "entry left behind");
+    });
+    toctou::__loom_spin_rounds(0);
+}

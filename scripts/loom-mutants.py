@@ -600,7 +600,7 @@ MUTANTS = [
         "        !self.queue.is_empty() || self.spinning > 0\n",
         "        !self.queue.is_empty()\n",
         "loom_keyed_locks",
-        "a_sweep_beside_a_spinner_or_waiter_spares_its_entry",
+        "a_sweep_beside_a_counted_spinner_spares_its_entry",
     ),
     (
         "keyed spinning: a spinner takes the key without uncounting itself",
@@ -611,7 +611,7 @@ MUTANTS = [
         "                        }\n",
         "",
         "loom_keyed_locks",
-        "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
+        "counted_spinners_keep_the_entry_until_they_take_the_key_or_queue",
     ),
     (
         "keyed spinning: a spinner queues without uncounting itself",
@@ -622,7 +622,7 @@ MUTANTS = [
         "        let id = state.queue.push(\n",
         "        let id = state.queue.push(\n",
         "loom_keyed_locks",
-        "spinning_callers_keep_the_entry_until_they_take_the_key_or_queue",
+        "counted_spinners_keep_the_entry_until_they_take_the_key_or_queue",
     ),
     (
         # A fresh subscription before each wait: what was announced between
@@ -663,8 +663,8 @@ MUTANTS = [
     (
         "keyed rw: a writer is granted while readers hold the key",
         "src/keyed/kind.rs",
-        "            Access::Write => !self.writer && self.readers == 0,",
-        "            Access::Write => !self.writer,",
+        "            Access::Write => holders == 0,",
+        "            Access::Write => holders & HELD == 0,",
         "loom_keyed_locks",
         "readers_and_a_writer",
     ),

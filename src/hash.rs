@@ -18,6 +18,12 @@ use crate::sync::OnceValue;
 /// hash draws them (racing first uses draw them once); after that, a hash
 /// costs one `Acquire` load and a branch more than `RandomState`'s.
 ///
+/// Under `--cfg toctou_loom` the keys are fixed (those of
+/// `DefaultHasher::new()`): loom replays a model many times and requires
+/// every execution to make the same choices, and where a key lands in a
+/// map (its shard, its probe sequence, which keys share a shard and sweep
+/// each other) decides which loom objects an operation touches.
+///
 /// ```
 /// use std::hash::BuildHasher;
 /// use toctou::LazyRandomState;
@@ -42,6 +48,7 @@ impl LazyRandomState {
         }
     }
 
+    #[cfg_attr(toctou_loom, allow(dead_code))]
     #[inline]
     fn keys(&self) -> &RandomState {
         self.keys.get(RandomState::new)
@@ -53,7 +60,14 @@ impl BuildHasher for LazyRandomState {
 
     #[inline]
     fn build_hasher(&self) -> DefaultHasher {
-        self.keys().build_hasher()
+        #[cfg(toctou_loom)]
+        {
+            DefaultHasher::new()
+        }
+        #[cfg(not(toctou_loom))]
+        {
+            self.keys().build_hasher()
+        }
     }
 }
 

@@ -879,8 +879,8 @@ impl<T> ShardLock for RwLock<T> {
 /// A reader-writer lock with adaptive spinning: parking_lot's in std builds,
 /// loom's under `toctou_loom`.
 ///
-/// Used by the keyed locks, whose every acquisition and release writes its
-/// shard: under contention, parking_lot's lock (spin, then park, with
+/// Used by the keyed locks, whose contended acquisitions and releases (and
+/// inserts and sweeps) write their shard: under contention, parking_lot's lock (spin, then park, with
 /// eventual fairness) keeps the holder running where std's futex lock makes
 /// threads sleep on the shard (measured: 2 threads on one hot key ran 2-3x
 /// faster). std's lock stays under the read-mostly `SingletonMap`, whose hit

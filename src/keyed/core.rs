@@ -42,13 +42,16 @@
 //!   holder, [`dispatch`] the queue, and clear `SLOW` if the queue is empty
 //!   and nobody spins.
 //! - **Spin** ([`Core::acquire_blocking`]). A blocking caller that finds the
-//!   key taken tries again a few times before it queues, counted in the
-//!   slot (`spinning`, which sets `SLOW`) from its first failed try until it
-//!   takes the key or queues, so the slot stays live, and a holder can tell
-//!   that a thread is about to take it
-//!   ([`Core::release_if_exclusive_thread_waits`], for `FileLocks`'
-//!   hand-over). A caller that unwinds while counted (a panic in the key's
-//!   `Eq`) gives its count back on the way out.
+//!   key taken tries again a few times before it queues. In the keyed maps
+//!   it retries the fast acquire, as long as the holders exclude it and
+//!   nobody waits (a `SLOW` word sends it to the queue): two threads on one
+//!   hot key then trade it with compare-exchanges alone. In `FileLocks`'
+//!   map it is instead counted in the slot (`spinning`, which sets `SLOW`),
+//!   trying through the slow path, from its first failed try until it takes
+//!   the key or queues, so that a holder can tell that a thread is about to
+//!   take it ([`Core::release_if_exclusive_thread_waits`], for the
+//!   hand-over of the OS lock). A caller that unwinds while counted (a
+//!   panic in the key's `Eq`) gives its count back on the way out.
 //! - **Wait** ([`Core::check`]). A queued waiter that is unparked (or polled)
 //!   looks at its queue entry under the lock. Gone: the lock was handed to
 //!   it. Marked woken: the lock was free when it was woken, so it tries to
@@ -601,6 +604,9 @@ pub(crate) struct Core<K, L: LockKind, S> {
     /// How many of a blocking caller's spins pause before the rest yield
     /// (see [`SpinWait`]).
     pause_rounds: u32,
+    /// Whether blocking callers are counted in the entry while they spin
+    /// (through the shard lock), or spin on the lock-free path uncounted.
+    count_spinners: bool,
 }
 
 // SAFETY: the map owns its slots (keys, queues) through raw pointers; it is
@@ -631,14 +637,17 @@ impl<K, L: LockKind, S> Core<K, L, S> {
             peak: sync::per_execution!(zero),
             created_at,
             pause_rounds: SpinWait::PAUSE_ROUNDS,
+            count_spinners: false,
         }
     }
 
     /// The same map, whose blocking callers spin longer before they yield
-    /// ([`SpinWait::LONG_PAUSE_ROUNDS`], for `FileLocks`).
-    #[cfg(target_os = "linux")]
+    /// ([`SpinWait::LONG_PAUSE_ROUNDS`]), and are counted in the key's entry
+    /// while they spin (see *Spin*), for `FileLocks`' hand-over.
+    #[cfg(any(target_os = "linux", toctou_loom))]
     pub(crate) fn spinning_longer(mut self) -> Self {
         self.pause_rounds = SpinWait::LONG_PAUSE_ROUNDS;
+        self.count_spinners = true;
         self
     }
 
@@ -1283,17 +1292,32 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        if let Fast::Held(slot) = self.fast_acquire(hash, key.get(), mode) {
-            return Some(slot);
+        let mut spin = SpinWait::new(self.pause_rounds);
+        if self.count_spinners {
+            if let Fast::Held(slot) = self.fast_acquire(hash, key.get(), mode) {
+                return Some(slot);
+            }
+        } else {
+            // Spin on the lock-free path while the key's holders exclude us
+            // and nobody waits for it, then queue (see *Spin*).
+            loop {
+                match self.fast_acquire(hash, key.get(), mode) {
+                    Fast::Held(slot) => return Some(slot),
+                    Fast::Taken if !spin.exhausted() => spin.spin(),
+                    Fast::Taken | Fast::Slow => break,
+                }
+            }
         }
         let unpark = || Unpark::current_thread();
-        let mut spin = SpinWait::new(self.pause_rounds);
         // Set while we are counted as spinning in a slot.
         let mut spinning: Option<SpinCount<'_, K, L, S>> = None;
         let (slot, id) = loop {
-            // Spin while the budget lasts (counted in the slot), then queue.
-            let enqueue = spin.exhausted().then_some(&unpark as &dyn Fn() -> Unpark);
-            let begun = self.begin(hash, &mut key, mode, Some(spinning.is_some()), enqueue);
+            // Counted spinners spin while the budget lasts (counted in the
+            // slot), then queue; the others have spun already.
+            let counted = self.count_spinners;
+            let enqueue = (!counted || spin.exhausted()).then_some(&unpark as &dyn Fn() -> Unpark);
+            let spin_state = counted.then_some(spinning.is_some());
+            let begun = self.begin(hash, &mut key, mode, spin_state, enqueue);
             if matches!(begun, Begin::Held(_) | Begin::Queued(..)) {
                 // `begin` uncounted us.
                 if let Some(count) = spinning.take() {

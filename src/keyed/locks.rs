@@ -1,5 +1,5 @@
-//! [`KeyedLocks<K>`]: a mutex per key, created on demand and removed when
-//! nobody holds or waits for it.
+//! [`KeyedLocks<K>`]: a mutex per key, created on demand, live while
+//! somebody holds or waits for it, and swept once idle.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -11,16 +11,16 @@ use super::core::{Core, SlotRef};
 use super::kind::Exclusive;
 use crate::LazyRandomState;
 
-/// A map of per-key mutexes whose entries exist exactly while somebody holds
-/// or waits for their key.
+/// A map of per-key mutexes whose keys count as entries ([`len`](Self::len))
+/// exactly while somebody holds or waits for them.
 ///
 /// This is the fix for the lock-dictionary pattern
 /// `if key not in locks: locks[key] = Lock()` (or `setdefault`), which can
 /// create two locks for one key and never frees any. Here the lookup, the
-/// creation and the acquisition are one step, and so are the release and
-/// the removal: no two parties ever hold the same key, and once every guard
-/// is dropped and every waiter has finished or given up, [`len`](Self::len)
-/// is 0.
+/// creation and the acquisition are one step: no two parties ever hold the
+/// same key, and once every guard is dropped and every waiter has finished
+/// or given up, [`len`](Self::len) is 0, and the memory of idle keys is
+/// bounded (see *Memory*).
 ///
 /// ```
 /// use toctou::KeyedLocks;
@@ -45,7 +45,7 @@ use crate::LazyRandomState;
 ///   and leaves nothing behind. For async timeouts, wrap `lock_async` in
 ///   your runtime's timeout: it is cancellation-safe.
 /// - **Cancellation.** Dropping a `lock_async` future removes its waiter
-///   (and the entry, if nobody else needs it). If the key had just been
+///   (and the key from [`len`](Self::len), if nobody else needs it). If the key had just been
 ///   handed to it, it is released to the next waiter.
 /// - **Panics.** Guards release on drop, also during unwinding. There is no
 ///   poisoning: the lock protects no data of its own.
@@ -72,6 +72,17 @@ use crate::LazyRandomState;
 ///   waited 0.5 ms gets the key handed to it directly on the next release.
 /// - **Deadlock freedom for several keys.** [`lock_many`](Self::lock_many)
 ///   sorts and deduplicates its keys and takes them in order.
+/// - **Memory.** A released key's entry is kept, idle, so that locking the
+///   key again writes nothing but the entry itself (no table write, no
+///   allocation, and threads on different keys share no cache line). Each
+///   of the map's shards (four per core) sweeps its idle entries, and frees
+///   them (and drops their keys) once no lookup can still be reading them,
+///   whenever inserting a new key takes its entries past its live keys plus
+///   the larger of 256 and those live keys. So memory is the keys in use
+///   plus at most 256 idle entries per shard, or as many idle entries as
+///   the shard had live keys at its last sweep if that was more. A key's
+///   `Drop` runs in the call that sweeps it (a panic there reaches that
+///   caller, which then holds nothing), or when the map is dropped.
 ///
 /// # Compared with
 ///

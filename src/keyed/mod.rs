@@ -1,9 +1,13 @@
 //! Per-key locks: [`KeyedLocks`] (a mutex per key) and [`KeyedRwLocks`] (a
 //! reader-writer lock per key), two front-ends on one entry lifecycle.
 //!
-//! - [`core`]: the lifecycle. An entry exists exactly while somebody holds or
-//!   waits for its key; acquisition, release, waiting, timeouts and
-//!   cancellation, and fairness. It is generic over the kind of lock.
+//! - [`core`]: the lifecycle. An entry is live exactly while somebody holds,
+//!   waits or spins for its key, and is kept idle afterwards until a sweep;
+//!   acquisition (lock-free when uncontended), release, waiting, timeouts,
+//!   cancellation, fairness and sweeping. It is generic over the kind of
+//!   lock.
+//! - [`index`]: a shard's index of entries, read without a lock.
+//! - [`reclaim`]: frees swept entries once no lock-free lookup can hold them.
 //! - [`kind`]: the kinds of lock it manages (mutex, reader-writer).
 //! - [`locks`] and [`rwlocks`]: the public types and their guards.
 

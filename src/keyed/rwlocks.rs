@@ -10,8 +10,8 @@ use super::core::{Core, SlotRef};
 use super::kind::{Access, ReadWrite};
 use crate::LazyRandomState;
 
-/// A map of per-key reader-writer locks whose entries exist exactly while
-/// somebody holds or waits for their key: any number of readers of a key,
+/// A map of per-key reader-writer locks whose keys count as entries exactly
+/// while somebody holds or waits for them: any number of readers of a key,
 /// or one writer.
 ///
 /// Everything said on [`KeyedLocks`](crate::KeyedLocks) holds here too
@@ -302,9 +302,21 @@ rw_guard!(KeyReadGuard, Access::Read);
 
 impl<K, S> KeyedRwLocks<K, S> {
     /// The same map, whose blocking callers spin longer before they yield
-    /// (for `FileLocks`' in-process map: see `SpinWait` in `sync.rs`).
+    /// and are counted in the key's entry while they spin (for `FileLocks`'
+    /// in-process map: see *Spin* in `src/keyed/core.rs`).
     #[cfg(target_os = "linux")]
     pub(crate) fn spinning_longer(self) -> Self {
+        Self {
+            core: self.core.spinning_longer(),
+        }
+    }
+
+    /// `FileLocks`' configuration of the map (see `spinning_longer`), for
+    /// the loom models of the counted spinners. Not part of the API.
+    #[cfg(toctou_loom)]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn __loom_counting_spinners(self) -> Self {
         Self {
             core: self.core.spinning_longer(),
         }

@@ -6,10 +6,11 @@ use super::core::Counters;
 /// [`KeyedRwLocks`](crate::KeyedRwLocks) map, from
 /// [`KeyedLocks::stats`](crate::KeyedLocks::stats).
 ///
-/// The counters are kept per shard, under the shard lock that every
-/// acquisition takes anyway, so keeping them adds no shared cache line to
-/// the uncontended path. Reading them locks each shard for reading in turn,
-/// so the sums are not one atomic snapshot of a map in use.
+/// The counters are kept where each operation already writes: an
+/// uncontended acquisition counts in the key's own entry, the rest in the
+/// key's shard, under the shard lock they take anyway. So keeping them adds
+/// no shared cache line to any path. Reading them visits every shard and
+/// entry in turn, so the sums are not one atomic snapshot of a map in use.
 ///
 /// ```
 /// use toctou::KeyedLocks;
@@ -39,8 +40,10 @@ pub struct LockStats {
     /// Keys held or waited for now, as [`len`](crate::KeyedLocks::len).
     pub live_keys: usize,
     /// The most live keys seen at once. Sampled, not exact: a sample is
-    /// taken whenever one shard reaches a new high, and at each `stats()`
-    /// call, so a short-lived peak spread over many shards may be missed.
+    /// taken whenever one shard's entries reach a new high, and at each
+    /// `stats()` call, so a short-lived peak spread over many shards may be
+    /// missed; and a shard's sample counts its idle entries kept for reuse
+    /// (see *Memory* on [`KeyedLocks`](crate::KeyedLocks)) with its live ones.
     pub peak_live_keys: usize,
 }
 
