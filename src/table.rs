@@ -295,6 +295,11 @@ fn shard_addr<L>(shard: &L) -> usize {
 /// Four shards per core, rounded up to a power of two (as dashmap does), so
 /// that unrelated keys rarely share a lock. Under loom, two: the models use
 /// few keys, and every shard is a loom object.
+///
+/// Decided once per process: the cores available can differ from thread to
+/// thread (CPU affinity) and over time (cgroups), and the keyed maps size
+/// their shards and their shards' indices with separate calls, which must
+/// agree.
 pub(crate) fn shard_count() -> usize {
     #[cfg(toctou_loom)]
     {
@@ -302,7 +307,10 @@ pub(crate) fn shard_count() -> usize {
     }
     #[cfg(not(toctou_loom))]
     {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores * 4).next_power_of_two()
+        static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *COUNT.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores * 4).next_power_of_two()
+        })
     }
 }

@@ -85,6 +85,101 @@ fn stress_mutual_exclusion_over_64_keys() {
     assert_eq!(locks.stats().acquisitions, (threads * rounds) as u64);
 }
 
+/// One hot key's "inside" flag: a second holder finds it already set.
+fn enter(inside: &AtomicBool, violations: &AtomicUsize) {
+    if inside.swap(true, SeqCst) {
+        violations.fetch_add(1, SeqCst);
+    }
+    std::hint::spin_loop();
+    inside.store(false, SeqCst);
+}
+
+#[test]
+fn stress_every_acquisition_form_on_four_keys_while_sweeps_run() {
+    // 8 threads on 4 hot keys, each acquisition by a form picked at random:
+    // lock, try_lock, try_lock_for (short timeouts), lock_async to the end,
+    // lock_async cancelled after one poll, lock_owned and lock_many. A ninth
+    // thread locks fresh keys all along, so every shard keeps sweeping its
+    // idle entries, the hot keys' among them, while the others look them
+    // up. No two holders of a key, and nothing left behind.
+    let (threads, rounds) = if cfg!(miri) { (3, 40) } else { (8, 20_000) };
+    let locks = Arc::new(KeyedLocks::<u64>::new());
+    let inside: Vec<AtomicBool> = (0..4).map(|_| AtomicBool::new(false)).collect();
+    let violations = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let (locks_ref, done_ref) = (&locks, &done);
+        s.spawn(move || {
+            let mut key = 1_000u64;
+            while !done_ref.load(SeqCst) {
+                drop(locks_ref.lock(&key));
+                key += 1;
+            }
+        });
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (locks, inside, violations) = (&locks, &inside, &violations);
+                s.spawn(move || {
+                    let mut x = t as u64 * 7 + 1;
+                    for _ in 0..rounds {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let key = x % 4;
+                        let inside_key = &inside[key as usize];
+                        match (x >> 8) % 7 {
+                            0 => {
+                                let _guard = locks.lock(&key);
+                                enter(inside_key, violations);
+                            }
+                            1 => {
+                                if let Some(_guard) = locks.try_lock(&key) {
+                                    enter(inside_key, violations);
+                                }
+                            }
+                            2 => {
+                                let timeout = Duration::from_micros(x % 50);
+                                if let Some(_guard) = locks.try_lock_for(&key, timeout) {
+                                    enter(inside_key, violations);
+                                }
+                            }
+                            3 => {
+                                let _guard = block_on(locks.lock_async(&key));
+                                enter(inside_key, violations);
+                            }
+                            4 => {
+                                let mut fut = Box::pin(locks.lock_async(&key));
+                                let mut cx = Context::from_waker(Waker::noop());
+                                if let Poll::Ready(_guard) = fut.as_mut().poll(&mut cx) {
+                                    enter(inside_key, violations);
+                                }
+                                // Dropped while queued, or just after a
+                                // hand-over: either leaves nothing behind.
+                            }
+                            5 => {
+                                let _guard = locks.lock_owned(&key);
+                                enter(inside_key, violations);
+                            }
+                            _ => {
+                                let other = (key + 1 + (x >> 16) % 3) % 4;
+                                let _guard = locks.lock_many([&key, &other]);
+                                enter(inside_key, violations);
+                                enter(&inside[other as usize], violations);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        done.store(true, SeqCst);
+    });
+    assert_eq!(violations.load(SeqCst), 0, "two holders of one key");
+    assert_eq!(locks.len(), 0, "entries left behind");
+}
+
 #[test]
 fn a_million_distinct_keys_leave_nothing_behind() {
     let keys: u64 = if cfg!(miri) { 500 } else { 1_000_000 };

@@ -36,11 +36,14 @@
 //!   that is woken takes the key even if its deadline has passed, and a
 //!   spinner takes it or queues; whoever takes the key first takes the
 //!   lock (a reader gives it up). So a parked lock is always taken. As a
-//!   safety net it lives in the key's entry, which is freed by a sweep
-//!   some time after nobody holds, waits or spins for its key (see
-//!   `src/keyed/core.rs`): were the entry freed with a lock still parked in
-//!   it, freeing it would release the lock through the protocol (in the
-//!   deleting mode, unlink first), and nothing would leak.
+//!   safety net it lives in the key's entry: were the entry freed with a
+//!   lock still parked in it, freeing it would release the lock through the
+//!   protocol (in the deleting mode, unlink first), and nothing would leak.
+//!   The net is slow to close: an idle entry is freed only once a sweep of
+//!   its shard (run by inserts of new keys) kills it and a later
+//!   retirement frees it (see `src/keyed/core.rs`), so a lock orphaned
+//!   there would keep the name locked until then. The protocol above is
+//!   what keeps that from happening.
 //! - **Kept descriptors** (keeping mode only). A release that gives the
 //!   OS lock up unlocks the descriptor and keeps it open in `idle` (at most
 //!   `cap`, the oldest closed first); the next OS acquisition of the name

@@ -1,6 +1,6 @@
 //! The entry lifecycle shared by every keyed lock: a key's entry is *live*
-//! exactly while somebody holds, waits or spins for the key, and a live
-//! entry is never removed.
+//! exactly while somebody holds or waits for the key (or, in `FileLocks`'
+//! map, spins for it: see *Spin*), and a live entry is never removed.
 //!
 //! # Layout
 //!
@@ -16,7 +16,8 @@
 //! recorded by the [`LockKind`] in the low bits.
 //!
 //! - `SLOW` is set, under the shard lock, exactly while the slot's queue is
-//!   not empty or a thread spins for the key. Then every change of the word
+//!   not empty or a counted spinner (see *Spin*) spins for the key. Then
+//!   every change of the word
 //!   happens under the shard lock (the fast paths below refuse a `SLOW`
 //!   word), so the queue and the holders are looked at together.
 //! - `DEAD` is set by a sweep (below), on an idle word (zero: no holder,
@@ -69,9 +70,10 @@
 //!   so a shard keeps at most that many idle slots between sweeps, and
 //!   sweeping costs O(1) per insert, amortised.
 //!
-//! The invariants: **a slot whose key is held, waited or spun for is never
-//! dead** (its word is not idle), so it is never unlinked or freed while
-//! somebody relies on it; **under the shard lock, each key has at most one
+//! The invariants: **a slot whose key is held, waited for or spun for by a
+//! counted spinner is never dead** (its word is not idle), so it is never
+//! unlinked or freed while somebody relies on it (an uncounted spinner
+//! relies on nothing: each try looks the key up afresh); **under the shard lock, each key has at most one
 //! live slot in the index**; and **if the queue is non-empty and its front
 //! is not marked woken, the front's mode cannot be granted** (so a later
 //! release, which is a slow one, will dispatch it: no wake-up is lost).
@@ -398,7 +400,8 @@ pub(crate) struct Shard {
     counters: Counters,
     /// A sweep runs when an insert takes `occupancy.live` past this.
     sweep_at: usize,
-    /// A sweep of this shard is running (its thread sweeps again if needed).
+    /// A sweep of this shard is running: no second one starts (the next
+    /// insert past the mark after it ends sweeps again).
     sweeping: bool,
 }
 
@@ -444,10 +447,12 @@ unsafe fn free_slot<K, L: LockKind>(ptr: NonNull<u8>) {
     let slot = ptr.cast::<Slot<K, L>>();
     #[cfg(not(toctou_loom))]
     // SAFETY: per this function's contract, a valid slot nobody else uses:
-    // dropped once, then its memory returned once.
+    // dropped once, and its memory returned once, by the `Block` made
+    // first, so that a key's `Drop` that panics does not leak it.
     unsafe {
+        let memory = Block::from_raw(slot);
         std::ptr::drop_in_place(slot.as_ptr());
-        drop(Block::from_raw(slot));
+        drop(memory);
     }
     // Under loom only the key and the queue are dropped, and the rest is
     // leaked: a read after the free (the bug that `freed` reports) must
@@ -812,10 +817,13 @@ impl<K, L: LockKind, S> Core<K, L, S> {
     ) -> bool {
         // SAFETY: we hold the key, so the slot is live.
         let s = unsafe { slot.get() };
-        // Relaxed: a word without `SLOW` means nobody waits or spins now;
-        // one that starts to after this look is told the key is taken,
-        // exactly as if it had come a moment later.
-        if s.word.load(Ordering::Relaxed) & SLOW == 0 {
+        // A read-modify-write (that changes nothing) reads the latest word,
+        // where a plain load might miss a waiter that has just set `SLOW`.
+        // Without `SLOW` nobody waits or spins now; one that starts to after
+        // this look is told the key is taken, as if it had come a moment
+        // later. Acquire: pairs with the waiter's setting of `SLOW` (its
+        // queue entry, made under the shard lock, is read under that lock).
+        if s.word.fetch_or(0, Ordering::Acquire) & SLOW == 0 {
             return false;
         }
         let shard = self.table.write(s.hash);
@@ -976,19 +984,22 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         drop(shard);
         if replaced.is_some() || sweep {
             // Freeing retired slots drops their keys, which may panic: then
-            // the panic goes on to our caller, holding nothing.
-            let tidy = || {
+            // the panic goes on to our caller, holding nothing. Each step
+            // runs even if the other panicked (the sweep resets `sweeping`).
+            let swept = catch_unwind(AssertUnwindSafe(|| {
+                if sweep {
+                    self.sweep(hash);
+                }
+            }));
+            let retired = catch_unwind(AssertUnwindSafe(|| {
                 if let Some(old) = replaced {
                     let cells = (old.cast(), index::free_cells::<Slot<K, L>> as Free);
                     // SAFETY: replaced by the rebuild in `insert`; retired
                     // once.
                     unsafe { self.lock_free().reclaim.retire([cells]) };
                 }
-                if sweep {
-                    self.sweep(hash);
-                }
-            };
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(tidy)) {
+            }));
+            if let Err(panic) = swept.and(retired) {
                 // SAFETY: we hold the key through `slot` in `mode` (just
                 // inserted) and give it back.
                 unsafe { self.release(slot, mode) };

@@ -106,8 +106,8 @@ impl<T> Index<T> {
         // in `rebuild`, so its cells are initialised.
         let cells = self.cells.load(Ordering::Acquire);
         // SAFETY: non-null pointers here come from `Box::into_raw` and are
-        // freed only after the grace period of every pinned reader, or by
-        // the writer (holding the lock) after replacing them.
+        // retired when replaced (under the lock), and freed only after the
+        // grace period of every reader pinned then, or by the map's drop.
         unsafe { cells.as_ref() }
     }
 

@@ -80,9 +80,12 @@ use crate::LazyRandomState;
 ///   whenever inserting a new key takes its entries past its live keys plus
 ///   the larger of 256 and those live keys. So memory is the keys in use
 ///   plus at most 256 idle entries per shard, or as many idle entries as
-///   the shard had live keys at its last sweep if that was more. A key's
-///   `Drop` runs in the call that sweeps it (a panic there reaches that
-///   caller, which then holds nothing), or when the map is dropped.
+///   the shard had live keys at its last sweep if that was more; plus the
+///   entries of the last sweeps, which wait to be freed until the lookups
+///   that were in progress at the sweep have finished (usually the next
+///   sweep, in any shard, frees them). A key's `Drop` runs in the call that
+///   frees its entry: one that inserts a new key and sweeps (a panic there
+///   reaches that caller, which then holds nothing), or the map's drop.
 ///
 /// # Compared with
 ///
@@ -537,10 +540,10 @@ impl<K, S> MultiKeyGuard<'_, K, S> {
 impl<K, S> Drop for MultiKeyGuard<'_, K, S> {
     fn drop(&mut self) {
         // Release in reverse order of acquisition, as nested guards would.
-        // A release can panic: freeing a key's entry drops the key, which
-        // runs user code. The keys not yet released then sit in `rest`,
-        // whose drop, during the unwinding, releases them and lets the panic
-        // go on (a second panic among them aborts, as in `Vec`'s drop).
+        // A release runs no user code today (entries are freed by sweeps),
+        // but should one ever panic, the keys not yet released sit in
+        // `rest`, whose drop, during the unwinding, releases them and lets
+        // the panic go on (a second panic among them aborts).
         let mut rest = ReleaseRest {
             core: &self.locks.core,
             slots: std::mem::take(&mut self.slots),

@@ -213,6 +213,7 @@ impl Drop for Reclaim {
 ///
 /// Calling each item's function on it is sound, once.
 pub(crate) unsafe fn free_all(items: impl IntoIterator<Item = (NonNull<u8>, Free)>) {
+    /// The items not freed yet: freed by its drop if a free panics.
     struct Rest<I: Iterator<Item = (NonNull<u8>, Free)>>(I);
     impl<I: Iterator<Item = (NonNull<u8>, Free)>> Drop for Rest<I> {
         fn drop(&mut self) {
@@ -222,8 +223,12 @@ pub(crate) unsafe fn free_all(items: impl IntoIterator<Item = (NonNull<u8>, Free
             }
         }
     }
-    // Dropping `Rest` frees them all, on the normal path or while unwinding.
-    drop(Rest(items.into_iter()));
+    let mut rest = Rest(items.into_iter());
+    for (ptr, free) in rest.0.by_ref() {
+        // SAFETY: per this function's contract. If it panics, `rest` frees
+        // the items after it while unwinding.
+        unsafe { free(ptr) };
+    }
 }
 
 /// The calling thread's stripe number (before masking): each thread takes
