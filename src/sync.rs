@@ -29,7 +29,9 @@ use std::ops::{Deref, DerefMut};
 
 #[cfg(not(toctou_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering, fence,
+    };
     pub(crate) use std::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use std::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use std::thread::{Thread, current, park};
@@ -38,7 +40,9 @@ mod imp {
 
 #[cfg(toctou_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering, fence,
+    };
     pub(crate) use loom::sync::{Mutex as RawMutex, MutexGuard};
     pub(crate) use loom::sync::{RwLock as RawRwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use loom::thread::{Thread, current, park};
@@ -47,7 +51,7 @@ mod imp {
 
 pub(crate) use imp::{
     AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, MutexGuard, Ordering, RwLockReadGuard,
-    RwLockWriteGuard, Thread, current, park, thread_local,
+    RwLockWriteGuard, Thread, current, fence, park, thread_local,
 };
 
 /// Declares a function that is `const fn` in std builds and a plain `fn`
