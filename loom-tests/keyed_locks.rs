@@ -97,17 +97,11 @@ fn two_threads_exclude_each_other_on_one_key() {
 }
 
 /// Blocking callers that spin before they queue (one spin under loom):
-/// two threads lock one key while a third locks it with a timeout. A
-/// spinner is counted in the entry from its first failed try until it
-/// takes the key or queues, and the count keeps the entry. Never two
-/// holders, no lost wake-up, and `len() == 0` at the end (a count that is
-/// not given back would keep the entry forever). Bounded to two
-/// preemptions.
-///
-/// Catches: a release that frees the entry a thread spins for (the
-/// spinner's next try finds its entry gone); a spinner that takes the key
-/// without uncounting itself, or that queues without uncounting itself
-/// (the entry is never freed).
+/// two threads lock one key while a third locks it with a timeout. The
+/// keyed maps' spinners retry the lock-free acquire, counted nowhere, then
+/// queue. Never two holders, no lost wake-up, and `len() == 0` at the end.
+/// Bounded to two preemptions. (`FileLocks`' spinners, counted in the
+/// entry, have their own models below, which catch the counting's bugs.)
 #[test]
 fn spinning_callers_keep_the_entry_until_they_take_the_key_or_queue() {
     toctou::__loom_spin_rounds(1);

@@ -508,6 +508,22 @@ fn update(word: &AtomicUsize, change: impl Fn(usize) -> usize) -> usize {
     }
 }
 
+/// Adds a holder in `mode` to `word` if it still reads `seen` (whose holders
+/// admit `mode`); otherwise returns what it reads now.
+#[inline]
+fn grant<L: LockKind>(word: &AtomicUsize, seen: usize, mode: L::Mode) -> Result<(), usize> {
+    // Acquire: pairs with the Release of the last release, fast or slow
+    // (a fast one is not ordered with us by the shard lock), so the
+    // previous holder's writes are visible to the new one.
+    word.compare_exchange_weak(
+        seen,
+        L::acquire(seen, mode),
+        Ordering::Acquire,
+        Ordering::Relaxed,
+    )
+    .map(drop)
+}
+
 /// Hands the key on after its state changed (a release, a cancelled waiter, a
 /// woken waiter that took it): see *Fairness* in the module docs. Called
 /// under the shard lock; while the queue is not empty the word is `SLOW`, so
@@ -919,15 +935,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             if !L::can_acquire(word & HOLDERS, mode) {
                 return Fast::Taken;
             }
-            // Acquire: pairs with the Release of the last release (fast or
-            // slow), so the previous holder's writes are visible to us.
-            match s.word.compare_exchange_weak(
-                word,
-                L::acquire(word, mode),
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
+            match grant::<L>(&s.word, word, mode) {
+                Ok(()) => {
                     s.count_fast(mode);
                     return Fast::Held(slot);
                 }
@@ -1086,15 +1095,8 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
                 return None;
             }
             if may_take && L::can_acquire(word & HOLDERS, mode) {
-                // Acquire: the previous holder's release may have been a
-                // fast one, not ordered with us by the shard lock.
-                match s.word.compare_exchange_weak(
-                    word,
-                    L::acquire(word, mode),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => {
+                match grant::<L>(&s.word, word, mode) {
+                    Ok(()) => {
                         if spin == Some(true) {
                             state.stop_spinning(L::is_exclusive(mode), &s.spinning_hint);
                             s.settle(state);
