@@ -462,7 +462,7 @@ MUTANTS = [
         "keyed lock-free: a sweep unlinks the key's live entry (by key) instead of the dead one (by identity)",
         "src/keyed/core.rs",
         "            let unlinked = unsafe { index.unlink(occupancy, s.hash, slot) };\n",
-        "            let by_key = unsafe { self.find(s.hash, &s.key) }.map_or(slot, |f| f.0);\n"
+        "            let by_key = unsafe { Self::find(lock_free, s.hash, &s.key) }.map_or(slot, |f| f.0);\n"
         "            let unlinked = unsafe { index.unlink(occupancy, s.hash, by_key) };\n",
         "loom_keyed_locks",
         "a_sweep_races_a_lookup_of_the_key_it_kills",

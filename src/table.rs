@@ -231,7 +231,7 @@ impl<L: ShardLock, S> Table<L, S> {
     /// The index in `shards` (a power of two long) of the shard for `hash`.
     #[inline]
     fn index_in(shards: &[Padded<L>], hash: u64) -> usize {
-        (hash >> 32) as usize & (shards.len() - 1)
+        shard_index(hash, shards.len())
     }
 
     /// Locks shard number `index` for reading if that needs no waiting.
@@ -286,6 +286,14 @@ impl<L, S: BuildHasher> Table<L, S> {
     pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
         self.hasher.hash_one(key)
     }
+}
+
+/// The number of the shard for `hash` among `shards` (a power of two, from
+/// [`shard_count`]); arrays kept beside the table, one entry per shard (the
+/// keyed maps' indices), are indexed by it too.
+#[inline]
+pub(crate) fn shard_index(hash: u64, shards: usize) -> usize {
+    (hash >> 32) as usize & (shards - 1)
 }
 
 fn shard_addr<L>(shard: &L) -> usize {

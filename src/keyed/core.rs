@@ -428,6 +428,14 @@ struct LockFree<K, L: LockKind> {
     reclaim: Reclaim,
 }
 
+impl<K, L: LockKind> LockFree<K, L> {
+    /// The index of the shard for `hash` (the table's shard of that number).
+    #[inline]
+    fn index(&self, hash: u64) -> &Index<Slot<K, L>> {
+        &self.indices[table::shard_index(hash, self.indices.len())].0
+    }
+}
+
 /// The lock-free parts for `table::shard_count()` shards.
 fn make_lock_free<K, L: LockKind>() -> LockFree<K, L> {
     let shards = table::shard_count();
@@ -873,12 +881,12 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     /// The caller is pinned (or holds the shard lock) and lets the slot go
     /// before unpinning (unlocking), unless it has made its word non-idle.
     #[inline]
-    unsafe fn find<Q>(&self, hash: u64, key: &Q) -> Option<SlotRef<K, L>>
+    unsafe fn find<Q>(lock_free: &LockFree<K, L>, hash: u64, key: &Q) -> Option<SlotRef<K, L>>
     where
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        let index = &self.lock_free().indices[self.table.index(hash)].0;
+        let index = lock_free.index(hash);
         // SAFETY: forwarded to the caller, which keeps every slot the index
         // gives us allocated while we look.
         let found = unsafe {
@@ -902,9 +910,10 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hash(key);
-        let _pin = self.lock_free().reclaim.pin();
+        let lock_free = self.lock_free();
+        let _pin = lock_free.reclaim.pin();
         // SAFETY: pinned, and the slot is only read while pinned.
-        let found = unsafe { self.find(hash, key) };
+        let found = unsafe { Self::find(lock_free, hash, key) };
         // SAFETY: as above.
         found.is_some_and(|slot| unsafe { slot.get() }.word.load(Ordering::Acquire) & HOLDERS != 0)
     }
@@ -918,10 +927,11 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        let _pin = self.lock_free().reclaim.pin();
+        let lock_free = self.lock_free();
+        let _pin = lock_free.reclaim.pin();
         // SAFETY: pinned; the slot is only used after unpinning if we took
         // it (a held slot is never swept).
-        let Some(slot) = (unsafe { self.find(hash, key) }) else {
+        let Some(slot) = (unsafe { Self::find(lock_free, hash, key) }) else {
             return Fast::Slow;
         };
         // SAFETY: as above.
@@ -970,7 +980,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         let slot = loop {
             // SAFETY: we hold the shard lock, so no slot in the index is
             // unlinked (let alone freed) meanwhile.
-            match unsafe { self.find(hash, key.get()) } {
+            match unsafe { Self::find(self.lock_free(), hash, key.get()) } {
                 Some(slot) => {
                     // SAFETY: found under the shard lock, which we hold.
                     match unsafe { self.begin_on(&mut shard, slot, mode, spin, enqueue) } {
@@ -1047,7 +1057,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         // The pointer owns the block; a sweep (or the map's drop) frees it.
         let slot = Block::new().write(value);
         let lock_free = self.lock_free();
-        let index = &lock_free.indices[self.table.index(hash)].0;
+        let index = lock_free.index(hash);
         // SAFETY: we hold the shard lock; the slot is initialised and new.
         unsafe {
             index.insert(
@@ -1157,7 +1167,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
     #[cold]
     fn sweep(&self, hash: u64) {
         let lock_free = self.lock_free();
-        let index = &lock_free.indices[self.table.index(hash)].0;
+        let index = lock_free.index(hash);
         let mut dead = Vec::new();
         {
             let _pin = lock_free.reclaim.pin();

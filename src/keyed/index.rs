@@ -45,9 +45,12 @@ impl<T> Cells<T> {
         }
     }
 
+    /// `hash`'s probe sequence: every cell once, from its home cell on
+    /// (linear probing, wrapping around).
     #[inline]
-    fn mask(&self) -> usize {
-        self.cells.len() - 1
+    fn probe(&self, hash: u64) -> impl Iterator<Item = &AtomicPtr<T>> {
+        let mask = self.cells.len() - 1;
+        (0..=mask).map(move |step| &self.cells[(hash as usize).wrapping_add(step) & mask])
     }
 }
 
@@ -126,12 +129,10 @@ impl<T> Index<T> {
     ) -> Option<NonNull<T>> {
         // SAFETY: forwarded to the caller.
         let array = unsafe { self.array() }?;
-        let mask = array.mask();
-        let mut at = hash as usize & mask;
-        for _ in 0..=mask {
+        for cell in array.probe(hash) {
             // Acquire: pairs with the Release store in `insert`, so the
             // slot's fields are initialised when we read them.
-            let cell = array.cells[at].load(Ordering::Acquire);
+            let cell = cell.load(Ordering::Acquire);
             if cell.is_null() {
                 return None;
             }
@@ -140,7 +141,6 @@ impl<T> Index<T> {
             {
                 return Some(slot);
             }
-            at = (at + 1) & mask;
         }
         None
     }
@@ -190,17 +190,12 @@ impl<T> Index<T> {
         let Some(array) = (unsafe { self.array() }) else {
             unreachable!("rebuild() leaves an array");
         };
-        let mask = array.mask();
-        let mut at = hash as usize & mask;
-        loop {
-            let cell = &array.cells[at];
+        for cell in array.probe(hash) {
             // Relaxed: only writers (under our lock) store cells.
             let old = cell.load(Ordering::Relaxed);
             if old.is_null() || old == tombstone() {
-                if old.is_null() {
-                    occupancy.live += 1;
-                } else {
-                    occupancy.live += 1;
+                occupancy.live += 1;
+                if !old.is_null() {
                     occupancy.tombstones -= 1;
                 }
                 // Release: publishes the slot's initialised fields to
@@ -208,8 +203,8 @@ impl<T> Index<T> {
                 cell.store(slot.as_ptr(), Ordering::Release);
                 return;
             }
-            at = (at + 1) & mask;
         }
+        unreachable!("the array has room: at most three quarters are used");
     }
 
     /// Removes `slot` (by identity: no key is compared) from the index;
@@ -228,10 +223,7 @@ impl<T> Index<T> {
         let Some(array) = (unsafe { self.array() }) else {
             return false;
         };
-        let mask = array.mask();
-        let mut at = hash as usize & mask;
-        for _ in 0..=mask {
-            let cell = &array.cells[at];
+        for cell in array.probe(hash) {
             // Relaxed: only writers (under our lock) store cells.
             let old = cell.load(Ordering::Relaxed);
             if old.is_null() {
@@ -245,7 +237,6 @@ impl<T> Index<T> {
                 occupancy.tombstones += 1;
                 return true;
             }
-            at = (at + 1) & mask;
         }
         false
     }
@@ -288,7 +279,6 @@ impl<T> Index<T> {
     ) {
         let len = (live_after * 2).next_power_of_two().max(MIN_CELLS);
         let new = Cells::<T>::new(len);
-        let mask = new.mask();
         // Relaxed: only writers (under our lock) store the array pointer.
         let old = NonNull::new(self.cells.load(Ordering::Relaxed));
         if let Some(old) = old {
@@ -296,12 +286,15 @@ impl<T> Index<T> {
             for cell in unsafe { old.as_ref() }.cells.iter() {
                 // Relaxed: cells are only stored under our lock.
                 if let Some(slot) = live(cell.load(Ordering::Relaxed)) {
-                    let mut at = hash_of(slot) as usize & mask;
-                    // Relaxed: `new` is not published yet.
-                    while !new.cells[at].load(Ordering::Relaxed).is_null() {
-                        at = (at + 1) & mask;
-                    }
-                    new.cells[at].store(slot.as_ptr(), Ordering::Relaxed);
+                    // Relaxed: `new` is not published yet; it is at most
+                    // half full, so an empty cell is found.
+                    let Some(empty) = new
+                        .probe(hash_of(slot))
+                        .find(|c| c.load(Ordering::Relaxed).is_null())
+                    else {
+                        unreachable!("a rebuilt array is at most half full");
+                    };
+                    empty.store(slot.as_ptr(), Ordering::Relaxed);
                 }
             }
         }
