@@ -30,10 +30,12 @@ for the current build of the real crate.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -697,13 +699,16 @@ ENTRIES = ("Cargo.toml", "Cargo.lock", "README.md", "src", "loom-tests", "benche
 # The package directory of each package a mutant's test can name, for the
 # working directory of its run (as `cargo test` would set it).
 PACKAGE_DIRS = {"": ".", "toctou-postgres": "postgres"}
-# The packages a mutant edits: built at opt-level 0 (see build()).
-OUR_PACKAGES = ("toctou", "toctou-postgres")
+# The packages a mutant edits, by the folder their sources are in: built at
+# opt-level 0 (see build()), and the edited one must be rebuilt every time.
+OUR_PACKAGES = {"toctou-postgres": "postgres/", "toctou": ""}
 # The models whose runs take longest (over a minute at opt-level 0, against a
-# few seconds for the others): their mutants build first, so that all the
+# few seconds for the others): they build and run first, so that all the
 # other builds overlap their runs.
 LONG_MODELS = ("a_reader_handed_an_exclusive_lock_gives_it_up",)
-RUN_TIMEOUT = 900
+TIMEOUT = 900
+# The version suffix that makes the scratch copy a package of its own.
+SUFFIX = "+loom-mutant"
 
 
 def make_scratch(scratch):
@@ -725,28 +730,46 @@ def make_scratch(scratch):
     # crate would share our artifacts, and a mutant would then pass for the
     # current build of the real crate. Build metadata in the version makes
     # the copy a package of its own, and every package that depends on it.
+    # The lock file says the same, so that the copy builds `--locked`: with
+    # exactly the dependencies the loom suite built.
     manifest = os.path.join(scratch, "Cargo.toml")
-    text = open(manifest).read()
-    package = text.index("\n[package]\n")
-    version = text.index('\nversion = "', package) + len('\nversion = "')
-    end = text.index('"', version)
-    open(manifest, "w").write(text[:end] + "+loom-mutant" + text[end:])
+    version = tomllib.load(open(manifest, "rb"))["package"]["version"]
+    replace_once(manifest, f'\n[package]\nname = "toctou"\nversion = "{version}"\n',
+                 f'\n[package]\nname = "toctou"\nversion = "{version}{SUFFIX}"\n')
+    replace_once(os.path.join(scratch, "Cargo.lock"),
+                 f'\nname = "toctou"\nversion = "{version}"\n',
+                 f'\nname = "toctou"\nversion = "{version}{SUFFIX}"\n')
+
+
+def replace_once(path, old, new):
+    text = open(path).read()
+    if text.count(old) != 1:
+        sys.exit(f"{path}: {old!r} is not found exactly once")
+    open(path, "w").write(text.replace(old, new))
 
 
 def group_mutants(mutants):
-    """One group per distinct edit and package: [(edit, package, [mutant])]."""
+    """One group per distinct edit and package: [((path, old, new, package), [mutant])]."""
     groups = {}
     for mutant in mutants:
         _name, path, old, new, test, _filt = mutant
         package = test.rpartition(":")[0]
         groups.setdefault((path, old, new, package), []).append(mutant)
-
     # sorted() is stable: the others keep the order of MUTANTS.
     return sorted(groups.items(), key=lambda item: not any(m[5] in LONG_MODELS for m in item[1]))
 
 
-def build(scratch, target_dir, package, tests):
-    """Builds the named test targets; returns ({test: executable}, error text)."""
+def edited_package(path):
+    return next(name for name, folder in OUR_PACKAGES.items() if path.startswith(folder))
+
+
+def build(scratch, target_dir, package, tests, edited):
+    """Builds the named test targets; returns ({test: executable}, error text).
+
+    `edited` names the package whose source the edit changed (None for the
+    unedited control build): cargo must have rebuilt its library and every
+    test, or what runs would be an earlier build.
+    """
     # The loom suite's profile, made incremental: between two mutants only one
     # source file changes, so a rebuild redoes only what that file feeds.
     env = dict(os.environ, RUSTFLAGS="--cfg toctou_loom", CARGO_TARGET_DIR=target_dir,
@@ -754,56 +777,90 @@ def build(scratch, target_dir, package, tests):
     # Our packages at opt-level 0 (their dependencies, loom included, stay as
     # the loom suite optimized them): loom explores the same executions at
     # any optimization level, and a rebuild takes about a second, not five.
-    cmd = ["cargo", "test", "--release", "--no-run", "--message-format=json-render-diagnostics"]
-    cmd += [arg for package in OUR_PACKAGES
-            for arg in ("--config", f"profile.release.package.{package}.opt-level=0")]
+    # The control run (main()) checks that every model passes when built so.
+    cmd = ["cargo", "test", "--release", "--locked", "--no-run",
+           "--message-format=json-render-diagnostics"]
+    cmd += [arg for name in OUR_PACKAGES
+            for arg in ("--config", f"profile.release.package.{name}.opt-level=0")]
     cmd += ["-p", package] if package else []
     for test in sorted(set(tests)):
         cmd += ["--test", test]
-    proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT)
-    exes = {}
-    for line in proc.stdout.splitlines():
+    # A session of its own: on a timeout, cargo and its rustc processes stop together.
+    proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, f"the build ran past {TIMEOUT} s"
+    exes, rebuilt = {}, set()
+    for line in stdout.splitlines():
         try:
             msg = json.loads(line)
         except ValueError:
             continue
-        if msg.get("reason") == "compiler-artifact" and msg.get("executable") \
-                and "test" in msg["target"]["kind"]:
-            if msg["fresh"]:
-                # Every edit feeds the test, so cargo must have rebuilt it:
-                # a fresh binary would be the previous mutant's.
-                return None, f"cargo did not rebuild {msg['target']['name']} after the edit"
-            exes[msg["target"]["name"]] = msg["executable"]
+        if msg.get("reason") != "compiler-artifact":
+            continue
+        target = msg["target"]
+        if not msg["fresh"]:
+            rebuilt.add((msg["package_id"], target["name"], tuple(target["kind"])))
+        if msg.get("executable") and "test" in target["kind"]:
+            if edited and msg["fresh"]:
+                return None, f"cargo did not rebuild test {target['name']} after the edit"
+            exes[target["name"]] = msg["executable"]
     if proc.returncode != 0 or not set(tests) <= set(exes):
-        return None, proc.stderr[-3000:]
+        return None, stderr[-3000:]
+    lib = edited.replace("-", "_") if edited else None
+    if lib and not any(name == lib and "lib" in kind for _id, name, kind in rebuilt):
+        return None, f"cargo did not rebuild the library {lib} after the edit"
     return exes, None
 
 
 def run(exe, cwd, filt):
-    """Runs one model of a built test binary; returns (passed, output, seconds)."""
+    """Runs one model of a built test binary; returns (exit code, output, seconds)."""
     start = time.monotonic()
     try:
-        proc = subprocess.run([exe, "--exact", filt], cwd=cwd, capture_output=True,
-                              text=True, timeout=RUN_TIMEOUT)
-        passed, out = proc.returncode == 0, proc.stdout + proc.stderr
+        # --nocapture: a panic's message is printed when it happens, not by
+        # the harness at the end, which a crash after it would never reach.
+        proc = subprocess.run([exe, "--exact", filt, "--nocapture"], cwd=cwd, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        code, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
-        # A model that runs past the limit has not failed: it is not caught.
-        passed, out = True, f"ran past {RUN_TIMEOUT} s"
-    finally:
-        os.remove(exe)
-    return passed, out, time.monotonic() - start
+        code, out = None, f"ran past {TIMEOUT} s"
+    return code, out, time.monotonic() - start
 
 
-def verdict(mutant, passed, out, secs):
+def model_failed(code, out, filt):
+    """Whether the model itself failed: a panic in the test (a loom failure is
+    one), reported by the test harness, or followed by an abort (a second
+    panic while unwinding). A crash, a stack overflow (loom's threads run on
+    small stacks) or a time-out is not the model catching anything."""
+    if "overflowed its stack" in out or "panicked at" not in out:
+        return False
+    return (code == 101 and f"test {filt} ... FAILED" in out) or code == -signal.SIGABRT
+
+
+def verdict(mutant, code, out, secs):
     name, _path, _old, _new, test, filt = mutant
     test = test.rpartition(":")[2]
-    if passed:
-        return False, f"SURVIVED {name}: {test}::{filt} passed on broken code ({out[-200:].strip()})"
+    if code == 0:
+        return False, f"SURVIVED {name}: {test}::{filt} passed on broken code"
+    if not model_failed(code, out, filt):
+        return False, (f"BROKEN   {name}: {test}::{filt} ended with exit {code} without "
+                       f"failing the model\n{out[-2000:]}")
     lines = out.splitlines()
     at = next((i for i, line in enumerate(lines) if "panicked at" in line), None)
     reason = lines[at + 1].strip() if at is not None and at + 1 < len(lines) else "test failed"
     return True, f"caught   {name}\n         by {test}::{filt} in {secs:.1f} s: {reason[:160]}"
+
+
+def stamp(path, after_ns):
+    """Sets `path`'s modification time to now, and at least 2 s after `after_ns`
+    (when the last build started), so that cargo sees it changed even on a
+    file system with coarse timestamps."""
+    when = max(time.time_ns(), after_ns + 2_000_000_000)
+    os.utime(path, ns=(when, when))
 
 
 def main():
@@ -821,23 +878,63 @@ def main():
     lanes = os.cpu_count() or 1
     started = time.monotonic()
     build_secs = 0.0
+    groups = group_mutants(mutants)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(lanes) as pool:
         scratch = os.path.join(tmp, "crate")
         make_scratch(scratch)
+
+        def build_and_copy(index, package, tests, edited):
+            """Builds; copies each test binary aside (the next build overwrites it)."""
+            nonlocal build_secs
+            began = time.monotonic()
+            exes, error = build(scratch, target_dir, package, tests, edited)
+            build_secs += time.monotonic() - began
+            if exes is None:
+                return None, error
+            copies = {}
+            for test, exe in exes.items():
+                copies[test] = os.path.join(tmp, f"{index}-{test}")
+                shutil.copy2(exe, copies[test])
+            return copies, None
+
+        # The control: every model a mutant names must pass on the unedited
+        # copy, built exactly as the mutants are. Its runs start first.
+        controls = []
+        models = {}
+        for _, group in groups:
+            for mutant in group:
+                package, _, test = mutant[4].rpartition(":")
+                models.setdefault((package, test, mutant[5]), None)
+        for package in dict.fromkeys(package for package, _, _ in models):
+            tests = [test for p, test, _ in models if p == package]
+            exes, error = build_and_copy(f"control{package}", package, tests, None)
+            if exes is None:
+                sys.exit(f"BROKEN   the unedited copy does not build\n{error}")
+            cwd = os.path.join(scratch, PACKAGE_DIRS[package])
+            for p, test, filt in sorted(models, key=lambda m: m[2] not in LONG_MODELS):
+                if p == package:
+                    controls.append((test, filt, pool.submit(run, exes[test], cwd, filt)))
+        print(f"built    the unedited copy; its {len(controls)} models run first", flush=True)
+
         runs = []
-        for index, ((path, old, new, package), group) in enumerate(group_mutants(mutants)):
+        last_build_ns = 0
+        for index, ((path, old, new, package), group) in enumerate(groups):
             file = os.path.join(scratch, path)
             text = open(file).read()
+            if text.count(old) != 1:
+                sys.exit(f"{file}: the edit of {group[0][0]!r} does not apply to the copy")
             open(file, "w").write(text.replace(old, new))
+            stamp(file, last_build_ns)
+            last_build_ns = time.time_ns()
             began = time.monotonic()
             try:
-                exes, error = build(scratch, target_dir, package,
-                                    [m[4].rpartition(":")[2] for m in group])
+                exes, error = build_and_copy(index, package,
+                                             [m[4].rpartition(":")[2] for m in group],
+                                             edited_package(path))
             finally:
-                # Undone before the next edit. The restored file is newer than
-                # this build, so the next build recompiles it.
+                # Undone before the next edit; the next build recompiles it.
                 open(file, "w").write(text)
-            build_secs += time.monotonic() - began
+                stamp(file, last_build_ns)
             print(f"built    {len(group)} mutant(s) of {path} in {time.monotonic() - began:.1f} s",
                   flush=True)
             if exes is None:
@@ -846,18 +943,22 @@ def main():
                 ok = False
                 continue
             cwd = os.path.join(scratch, PACKAGE_DIRS[package])
-            for number, mutant in enumerate(group):
-                test = mutant[4].rpartition(":")[2]
-                # A copy per run: the next build overwrites the original.
-                exe = os.path.join(tmp, f"{index}-{number}-{test}")
-                shutil.copy2(exes[test], exe)
+            for mutant in group:
+                exe = exes[mutant[4].rpartition(":")[2]]
                 runs.append((mutant, pool.submit(run, exe, cwd, mutant[5])))
+        for test, filt, future in controls:
+            code, out, secs = future.result()
+            if code != 0:
+                ok = False
+                print(f"BROKEN   control: {test}::{filt} fails on the unedited copy "
+                      f"(exit {code})\n{out[-2000:]}")
         for mutant, future in runs:
             caught, line = verdict(mutant, *future.result())
             ok &= caught
             print(line, flush=True)
-    print(f"{len(mutants)} mutants in {time.monotonic() - started:.0f} s "
-          f"({build_secs:.0f} s of builds, runs overlapping them in {lanes} lanes)")
+    print(f"{len(mutants)} mutants and {len(controls)} control models in "
+          f"{time.monotonic() - started:.0f} s ({build_secs:.0f} s of builds, "
+          f"runs overlapping them in {lanes} lanes)")
     print("all mutants caught" if ok else "some mutants were NOT caught")
     sys.exit(0 if ok else 1)
 
