@@ -578,6 +578,19 @@ impl Deadline {
         }
     }
 
+    /// Whether the deadline has passed. Under loom there is no clock: a
+    /// timed wait expires only through its parks ([`park`](Self::park)).
+    pub(crate) fn passed(&self) -> bool {
+        #[cfg(not(toctou_loom))]
+        {
+            self.at.is_some_and(|at| std::time::Instant::now() >= at)
+        }
+        #[cfg(toctou_loom)]
+        {
+            false
+        }
+    }
+
     /// Parks the current thread until it is unparked or the deadline passes,
     /// and says whether the deadline has passed. Spurious returns with
     /// `false` are possible; callers re-check their condition.
@@ -668,6 +681,10 @@ pub(crate) struct SpinWait {
     round: u32,
     #[cfg_attr(toctou_loom, allow(dead_code))]
     pause_rounds: u32,
+    /// Whether the budget ends with its pause rounds, before the first
+    /// yield (see [`SpinWait::timed`]).
+    #[cfg_attr(toctou_loom, allow(dead_code))]
+    no_yields: bool,
 }
 
 #[cfg(toctou_loom)]
@@ -713,6 +730,19 @@ impl SpinWait {
         Self {
             round: 0,
             pause_rounds,
+            no_yields: false,
+        }
+    }
+
+    /// A fresh budget for a wait with a deadline: its `pause_rounds` spins
+    /// pause (a microsecond or so), and then it is spent, without yielding.
+    /// A yield returns when the scheduler runs the thread again: with more
+    /// busy threads than cores, after other threads' time slices, which is
+    /// milliseconds past a short deadline.
+    pub(crate) fn timed(pause_rounds: u32) -> Self {
+        Self {
+            no_yields: true,
+            ..Self::new(pause_rounds)
         }
     }
 
@@ -720,7 +750,12 @@ impl SpinWait {
     pub(crate) fn exhausted(&self) -> bool {
         #[cfg(not(toctou_loom))]
         {
-            self.round >= Self::ROUNDS
+            self.round
+                >= if self.no_yields {
+                    self.pause_rounds
+                } else {
+                    Self::ROUNDS
+                }
         }
         #[cfg(toctou_loom)]
         {

@@ -274,6 +274,77 @@ fn try_lock_for_times_out_and_leaves_nothing_behind() {
     assert_eq!(locks.len(), 0);
 }
 
+/// Busy threads on every core, twice over, until the returned guard drops.
+struct Oversubscribed {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+fn oversubscribe() -> Oversubscribed {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cores = thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = (0..2 * cores)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    Oversubscribed { stop, threads }
+}
+
+impl Drop for Oversubscribed {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// The median of how far past `timeout` a `try_lock_for` of a held key
+/// returns, over 100 tries, with busy threads on every core.
+fn median_overshoot(try_lock_for: impl Fn(Duration) -> bool, timeout: Duration) -> Duration {
+    let _busy = oversubscribe();
+    let mut overshoots: Vec<Duration> = (0..100)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            assert!(!try_lock_for(timeout), "the key is held");
+            start.elapsed().saturating_sub(timeout)
+        })
+        .collect();
+    overshoots.sort();
+    overshoots[overshoots.len() / 2]
+}
+
+/// A timed acquisition returns on time with more busy threads than cores:
+/// its spin never yields (a yield returns only after other threads' time
+/// slices) and stops at the deadline. Before, `try_lock_for(ZERO)` took
+/// 16-27 ms at the median here, spinning through its yields.
+#[test]
+#[cfg_attr(miri, ignore = "wall-clock check; miri's clock is not the machine's")]
+fn try_lock_for_returns_on_time_under_oversubscription() {
+    let locks = KeyedLocks::<u64>::new();
+    let rw = KeyedRwLocks::<u64>::new();
+    let _held = (locks.lock(&1), rw.write(&1));
+    for timeout in [Duration::ZERO, Duration::from_micros(10)] {
+        let late = median_overshoot(|t| locks.try_lock_for(&1, t).is_some(), timeout);
+        assert!(
+            late < Duration::from_millis(2),
+            "KeyedLocks::try_lock_for({timeout:?}) returned {late:?} late at the median"
+        );
+        let late = median_overshoot(|t| rw.try_read_for(&1, t).is_some(), timeout);
+        assert!(
+            late < Duration::from_millis(2),
+            "KeyedRwLocks::try_read_for({timeout:?}) returned {late:?} late at the median"
+        );
+    }
+    assert_eq!(locks.stats().timeouts, 200);
+}
+
 #[test]
 fn a_waiter_gets_the_key_when_the_holder_releases() {
     let locks = Arc::new(KeyedLocks::<String>::new());

@@ -43,7 +43,10 @@
 //!   holder, [`dispatch`] the queue, and clear `SLOW` if the queue is empty
 //!   and nobody spins.
 //! - **Spin** ([`Core::acquire_blocking`]). A blocking caller that finds the
-//!   key taken tries again a few times before it queues. In the keyed maps
+//!   key taken tries again a few times before it queues. A timed caller
+//!   only pauses between its tries, never yields (a yield can return
+//!   milliseconds later when threads outnumber cores), and stops once its
+//!   deadline has passed. In the keyed maps
 //!   it retries the fast acquire, as long as the holders exclude it and
 //!   nobody waits (a `SLOW` word sends it to the queue): two threads on one
 //!   hot key then trade it with compare-exchanges alone. In `FileLocks`'
@@ -1315,7 +1318,14 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
         K: Borrow<A::Q>,
     {
         let hash = self.hash(key.get());
-        let mut spin = SpinWait::new(self.pause_rounds);
+        // A timed wait spins without yielding, and stops spinning once its
+        // deadline has passed: it then queues, and its first park finds the
+        // deadline passed and gives up (see *Spin*).
+        let mut spin = match deadline {
+            Some(_) => SpinWait::timed(self.pause_rounds),
+            None => SpinWait::new(self.pause_rounds),
+        };
+        let spun_out = |spin: &SpinWait| spin.exhausted() || deadline.is_some_and(Deadline::passed);
         if self.count_spinners {
             if let Fast::Held(slot) = self.fast_acquire(hash, key.get(), mode) {
                 return Some(slot);
@@ -1326,7 +1336,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             loop {
                 match self.fast_acquire(hash, key.get(), mode) {
                     Fast::Held(slot) => return Some(slot),
-                    Fast::Taken if !spin.exhausted() => spin.spin(),
+                    Fast::Taken if !spun_out(&spin) => spin.spin(),
                     Fast::Taken | Fast::Slow => break,
                 }
             }
@@ -1338,7 +1348,7 @@ impl<K: Hash + Eq, L: LockKind, S: BuildHasher> Core<K, L, S> {
             // Counted spinners spin while the budget lasts (counted in the
             // slot), then queue; the others have spun already.
             let counted = self.count_spinners;
-            let enqueue = (!counted || spin.exhausted()).then_some(&unpark as &dyn Fn() -> Unpark);
+            let enqueue = (!counted || spun_out(&spin)).then_some(&unpark as &dyn Fn() -> Unpark);
             let spin_state = counted.then_some(spinning.is_some());
             let begun = self.begin(hash, &mut key, mode, spin_state, enqueue);
             if matches!(begun, Begin::Held(_) | Begin::Queued(..)) {
