@@ -794,6 +794,11 @@ def build(scratch, target_dir, package, tests, edited):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return None, f"the build ran past {TIMEOUT} s"
+    except BaseException:
+        # Interrupted (Ctrl-C): the build of a mutant must not go on without us.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     exes, rebuilt = {}, set()
     for line in stdout.splitlines():
         try:
@@ -841,9 +846,17 @@ def model_failed(code, out, filt):
     return (code == 101 and f"test {filt} ... FAILED" in out) or code == -signal.SIGABRT
 
 
+def ran_one_model(out):
+    """Whether the run found exactly one test to run (a filter with a typo
+    finds none, and passes)."""
+    return "\nrunning 1 test\n" in out
+
+
 def verdict(mutant, code, out, secs):
     name, _path, _old, _new, test, filt = mutant
     test = test.rpartition(":")[2]
+    if not ran_one_model(out):
+        return False, f"BROKEN   {name}: no model of {test} is named {filt}"
     if code == 0:
         return False, f"SURVIVED {name}: {test}::{filt} passed on broken code"
     if not model_failed(code, out, filt):
@@ -948,7 +961,7 @@ def main():
                 runs.append((mutant, pool.submit(run, exe, cwd, mutant[5])))
         for test, filt, future in controls:
             code, out, secs = future.result()
-            if code != 0:
+            if code != 0 or not ran_one_model(out) or "test result: ok. 1 passed" not in out:
                 ok = False
                 print(f"BROKEN   control: {test}::{filt} fails on the unedited copy "
                       f"(exit {code})\n{out[-2000:]}")
