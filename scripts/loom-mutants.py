@@ -799,7 +799,7 @@ def build(scratch, target_dir, package, tests, edited):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
-    exes, rebuilt = {}, set()
+    exes, rebuilt_libs = {}, set()
     for line in stdout.splitlines():
         try:
             msg = json.loads(line)
@@ -808,8 +808,8 @@ def build(scratch, target_dir, package, tests, edited):
         if msg.get("reason") != "compiler-artifact":
             continue
         target = msg["target"]
-        if not msg["fresh"]:
-            rebuilt.add((msg["package_id"], target["name"], tuple(target["kind"])))
+        if not msg["fresh"] and "lib" in target["kind"]:
+            rebuilt_libs.add(target["name"])
         if msg.get("executable") and "test" in target["kind"]:
             if edited and msg["fresh"]:
                 return None, f"cargo did not rebuild test {target['name']} after the edit"
@@ -817,7 +817,7 @@ def build(scratch, target_dir, package, tests, edited):
     if proc.returncode != 0 or not set(tests) <= set(exes):
         return None, stderr[-3000:]
     lib = edited.replace("-", "_") if edited else None
-    if lib and not any(name == lib and "lib" in kind for _id, name, kind in rebuilt):
+    if lib and lib not in rebuilt_libs:
         return None, f"cargo did not rebuild the library {lib} after the edit"
     return exes, None
 

@@ -681,10 +681,10 @@ pub(crate) struct SpinWait {
     round: u32,
     #[cfg_attr(toctou_loom, allow(dead_code))]
     pause_rounds: u32,
-    /// Whether the budget ends with its pause rounds, before the first
-    /// yield (see [`SpinWait::timed`]).
+    /// How many spins the budget holds: [`ROUNDS`](Self::ROUNDS), or only
+    /// the pause rounds for a timed wait (see [`SpinWait::timed`]).
     #[cfg_attr(toctou_loom, allow(dead_code))]
-    no_yields: bool,
+    rounds: u32,
 }
 
 #[cfg(toctou_loom)]
@@ -717,7 +717,6 @@ pub fn loom_spin_rounds(rounds: u32) {
 }
 
 impl SpinWait {
-    #[cfg(not(toctou_loom))]
     const ROUNDS: u32 = 10;
     /// The keyed maps' pause rounds.
     pub(crate) const PAUSE_ROUNDS: u32 = 3;
@@ -730,7 +729,7 @@ impl SpinWait {
         Self {
             round: 0,
             pause_rounds,
-            no_yields: false,
+            rounds: Self::ROUNDS,
         }
     }
 
@@ -741,7 +740,7 @@ impl SpinWait {
     /// milliseconds past a short deadline.
     pub(crate) fn timed(pause_rounds: u32) -> Self {
         Self {
-            no_yields: true,
+            rounds: pause_rounds,
             ..Self::new(pause_rounds)
         }
     }
@@ -750,12 +749,7 @@ impl SpinWait {
     pub(crate) fn exhausted(&self) -> bool {
         #[cfg(not(toctou_loom))]
         {
-            self.round
-                >= if self.no_yields {
-                    self.pause_rounds
-                } else {
-                    Self::ROUNDS
-                }
+            self.round >= self.rounds
         }
         #[cfg(toctou_loom)]
         {
